@@ -1,0 +1,158 @@
+"""The ``distill`` command line: a thin layer that turns flags and YAML into config dataclasses
+and calls the library. Each command is ``module.function(config) -> exit code``; command modules
+keep heavy imports (torch, transformers, lm_eval) inside functions so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import typing
+
+from distill import __version__
+from distill.config import build, config_section, field_types, load_yaml
+from distill.errors import DistillError
+
+# name -> (module, config class, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "generate": ("distill.generate", "GenerateConfig", "generate",
+                 "have a teacher write chain-of-thought traces for a prompt set"),
+    "verify": ("distill.verify", "VerifyConfig", "verify_file",
+               "grade traces against reference answers and keep the correct ones"),
+    "logits": ("distill.train.logits_cache", "LogitsConfig", "cache_logits",
+               "run a teacher once over traces and cache its top-k log-probs for offline KD"),
+    "train": ("distill.train.config", "TrainConfig", "train",
+              "fine-tune a student on traces: SFT or logit distillation (KD)"),
+    "eval": ("distill.eval.config", "EvalConfig", "evaluate",
+             "score a model on AIME/MATH-500/AMC/GSM8K with lm-eval: pass@1 over k, cons@k"),
+    "compare": ("distill.report", "CompareConfig", "compare",
+                "table of evaluated students side by side (Markdown, CSV, HTML)"),
+}
+
+
+def _config_class(name: str):
+    module, cls, _, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, cls) -> None:
+    types_ = field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = types_[f.name]
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, "", [], {}) and tp is not bool:
+            help_ += f" (default: {default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", default=None, help=help_)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict = {"dest": f.name, "default": None, "help": help_}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            if default is not None:
+                kwargs["help"] = help_ + f" (default: {'on' if default else 'off'})"
+        elif typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = typing.get_args(tp)
+        elif typing.get_origin(tp) is dict:
+            kwargs["type"] = _parse_mapping
+            kwargs["metavar"] = "K=V,..."
+        else:
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
+        parser.add_argument(flag, **kwargs)
+
+
+def _parse_mapping(text: str) -> dict:
+    import yaml
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {part!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Distill large reasoning models into small ones: generate teacher traces, "
+                    "verify them, train students (SFT or KD), evaluate, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, _, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", metavar="FILE.yaml",
+                       help=f"recipe whose '{name}:' section sets any of the options below; flags override it")
+        _add_field_flags(p, _config_class(name))
+    p = sub.add_parser("run", help="run every step of a recipe's 'pipeline:' in order",
+                       description="Run the steps of a recipe's 'pipeline:' list in order, "
+                                   "e.g. distill run configs/quickstart.yaml")
+    p.add_argument("recipe", metavar="FILE.yaml")
+    p.add_argument("--only", metavar="STEP", help="run only the steps whose name or command is STEP")
+    return parser
+
+
+def run_command(name: str, options: dict, source: str = "flags", config_file: str | None = None) -> int:
+    """Build the command's config from an optional recipe section plus options, then run it."""
+    module, cls_name, func, _ = COMMANDS[name]
+    mod = importlib.import_module(module)
+    layers = []
+    if config_file:
+        layers.append((f"{config_file} [{name}]", config_section(config_file, name)))
+    layers.append((source, options))
+    cfg = build(getattr(mod, cls_name), *layers)
+    return getattr(mod, func)(cfg) or 0
+
+
+def run_pipeline(recipe: str, only: str | None = None) -> int:
+    data = load_yaml(recipe)
+    steps = data.get("pipeline")
+    if not isinstance(steps, list) or not steps:
+        raise DistillError(f"{recipe}: no 'pipeline:' list of steps")
+    for i, step in enumerate(steps, 1):
+        if not isinstance(step, dict) or len(step) != 1:
+            raise DistillError(f"{recipe}: pipeline step {i} must be one 'command: {{options}}' mapping")
+        (name, options), = step.items()
+        if name not in COMMANDS:
+            raise DistillError(f"{recipe}: pipeline step {i}: unknown command '{name}' "
+                               f"(known: {', '.join(COMMANDS)})")
+        options = dict(options or {})
+        label = options.pop("step", name)
+        if only and only not in (label, name):
+            continue
+        print(f"\n== step {i}/{len(steps)}: {label} ({name})", flush=True)
+        rc = run_command(name, options, source=f"{recipe} [pipeline step {i}: {label}]")
+        if rc:
+            print(f"distill run: step '{label}' exited with {rc}; fix it and rerun (finished work is kept)",
+                  file=sys.stderr)
+            return rc
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            return run_pipeline(args.recipe, args.only)
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+        return run_command(args.command, options, config_file=args.config)
+    except DistillError as e:
+        print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distill {args.command}: interrupted; finished work is saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

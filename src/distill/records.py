@@ -1,0 +1,141 @@
+"""The trace record and the JSONL files that carry it between stages.
+
+A trace is one (prompt, sample) from a teacher. ``generate`` writes it, ``verify`` adds
+``correct``, ``train`` renders it into the student's chat template. Files are appended a whole
+line per ``write`` so that a crash (even SIGKILL) never leaves a half record behind, and a
+partial tail from a power loss is cut off before the next append.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from distill.errors import DistillError
+
+# Fields every trace has; ``correct`` is added by verify, ``top_logprobs`` only when asked for.
+TRACE_FIELDS = (
+    "id",
+    "prompt_id",
+    "sample",
+    "messages",
+    "reasoning",
+    "answer",
+    "reference",
+    "finish_reason",
+    "usage",
+    "teacher",
+    "created_at",
+)
+
+
+def trace_id(prompt_id: str, sample: int) -> str:
+    return f"{prompt_id}#{sample}"
+
+
+def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    """Yield records, failing with 'file:line: ...' on bad JSON or a missing required field.
+
+    A final line without a newline is a torn write and is skipped (it is cut by the next append).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"{path}: file not found")
+    required = tuple(required)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                return
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DistillError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise DistillError(f"{path}:{lineno}: expected a JSON object")
+            for key in required:
+                if key not in rec:
+                    raise DistillError(f"{path}:{lineno}: missing field '{key}'")
+            yield rec
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    return list(iter_jsonl(path, required))
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """If the file does not end in a newline, truncate back to the last complete line."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    if os.pread(fd, 1, size - 1) == b"\n":
+        return
+    pos, chunk = size, 65536
+    while pos > 0:
+        start = max(0, pos - chunk)
+        buf = os.pread(fd, pos - start, start)
+        nl = buf.rfind(b"\n")
+        if nl >= 0:
+            os.ftruncate(fd, start + nl + 1)
+            return
+        pos = start
+    os.ftruncate(fd, 0)
+
+
+class JsonlAppender:
+    """Append records to a JSONL file, one ``os.write`` per line, O_APPEND, fsync'd.
+
+    Usable from one thread/task at a time (the async generator appends from the event loop).
+    """
+
+    def __init__(self, path: str | Path, fsync: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fsync = fsync
+        _cut_torn_tail(self._fd)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        view = memoryview(line)
+        while view:  # os.write on a regular file writes everything or raises; loop is for safety
+            n = os.write(self._fd, view)
+            view = view[n:]
+        if self._fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Write a whole file atomically (temp file + rename): used for filtered outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)

