@@ -1,0 +1,148 @@
+"""``distill compare`` on hand-made results files: the exact table, refusals, CSV, HTML + PNG."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+
+from distill.cli import main
+from distill.errors import DistillError
+from distill.report import CompareConfig, compare, load_result
+
+GEN = {"temperature": 0.6, "top_p": 0.95, "max_gen_tokens": 256, "seed": 1234,
+       "chat_template": True, "system_prompt": None}
+
+
+def result(label, tasks, training=None, teacher=None, **gen):
+    return {
+        "schema_version": 1, "run_name": label, "label": label, "created_at": "2025-01-01T00:00:00Z",
+        "model": {"name_or_path": f"runs/{label}/model", "base": None, "teacher": teacher, "training": training},
+        "backend": "hf",
+        "generation": {**GEN, **gen},
+        "versions": {"distill": "0.1.0"},
+        "tasks": tasks,
+    }
+
+
+def task(pass1, stderr, cons, finished, k=4, n=16, sha="a" * 64):
+    return {"k": k, "n_problems": n, "data": {"path": "data/gsm8k.jsonl", "sha256": sha},
+            "metrics": {"pass@1": pass1, "pass@1_stderr": stderr, "pass@k": None, "cons@k": cons,
+                        "cons@k_stderr": 0.1, "finished_rate": finished, "boxed_rate": 0.9,
+                        "mean_gen_tokens": 120.5, "timeouts": 0},
+            "per_problem": []}
+
+
+SFT = {"method": "sft", "base_model": "students/half", "teacher": "smollm2-135m-instruct",
+       "train_examples": 32, "tokens_seen": 12345, "lora": False}
+KD = {**SFT, "method": "kd", "train_examples": 1200, "tokens_seen": 4_560_000, "lora": {"r": 16}}
+
+
+def write(tmp_path, name, res):
+    d = tmp_path / name
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(res))
+    return d / "results.json"
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    """Teacher (two tasks), an SFT student and a LoRA KD student (gsm8k only), all comparable."""
+    runs = tmp_path / "runs"
+    write(runs, "a-teacher", result("teacher", {
+        "distill_gsm8k": task(0.125, 0.0625, 0.1875, 0.9375),
+        "distill_math500": task(0.05, 0.02, 0.1, 0.5, n=500, sha="b" * 64)}))
+    write(runs, "b-sft", result("student-sft", {"distill_gsm8k": task(0.0625, 0.03125, 0.0, 1.0)},
+                                training=SFT))
+    write(runs, "c-kd", result("student-kd", {"distill_gsm8k": task(0.09375, 0.05, 0.125, 0.8125)},
+                               training=KD))
+    return runs
+
+
+EXPECTED = """\
+| model       | method  | teacher               | train examples | train tokens | distill_gsm8k pass@1 | distill_gsm8k cons@4 | distill_gsm8k finished | distill_math500 pass@1 | distill_math500 cons@4 | distill_math500 finished |
+| ----------- | ------- | --------------------- | -------------- | ------------ | -------------------- | -------------------- | ---------------------- | ---------------------- | ---------------------- | ------------------------ |
+| teacher     | —       | —                     | —              | —            | 12.5 ± 6.2           | 18.8                 | 94                     | 5.0 ± 2.0              | 10.0                   | 50                       |
+| student-sft | sft     | smollm2-135m-instruct | 32             | 12.3k        | 6.2 ± 3.1            | 0.0                  | 100                    | —                      | —                      | —                        |
+| student-kd  | kd+lora | smollm2-135m-instruct | 1.2k           | 4.6M         | 9.4 ± 5.0            | 12.5                 | 81                     | —                      | —                      | —                        |
+
+Scores in %: pass@1 ± standard error over k samples per problem, cons@k = majority vote of k; \
+finished = answers that ended before the token limit (distill_gsm8k n=16, distill_math500 n=500).
+"""
+
+
+def test_markdown_table_from_a_directory(three_runs, capsys):
+    assert compare(CompareConfig(results=[str(three_runs)])) == 0
+    assert capsys.readouterr().out == EXPECTED
+
+
+def test_files_keep_the_order_given(three_runs, capsys):
+    files = [three_runs / "c-kd" / "results.json", three_runs / "a-teacher" / "results.json"]
+    assert main(["compare", *map(str, files)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:4]] == ["student-kd", "teacher"]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"generation": {"temperature": 0.0}}, "temperature 0.0 vs 0.6"),
+    ({"generation": {"system_prompt": "Be brief."}}, "system_prompt 'Be brief.' vs null"),
+    ({"k": 8}, "distill_gsm8k k 8 vs 4"),
+    ({"sha": "c" * 64}, "distill_gsm8k data sha256"),
+])
+def test_refuses_rows_with_different_settings(three_runs, capsys, change, named):
+    path = three_runs / "b-sft" / "results.json"
+    res = json.loads(path.read_text())
+    res["generation"].update(change.get("generation", {}))
+    if "k" in change:
+        res["tasks"]["distill_gsm8k"]["k"] = change["k"]
+    if "sha" in change:
+        res["tasks"]["distill_gsm8k"]["data"]["sha256"] = change["sha"]
+    path.write_text(json.dumps(res))
+
+    assert main(["compare", str(three_runs)]) == 2
+    err = capsys.readouterr().err
+    assert "not comparable" in err and "'student-sft'" in err and "'teacher'" in err and named in err
+    assert "--force" in err and "student-kd" not in err
+
+    assert main(["compare", str(three_runs), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "| student-sft ⚠ NOT COMPARABLE |" in out
+    assert f"⚠ NOT COMPARABLE: 'student-sft' differs from 'teacher' in {named}" in out
+    assert "student-kd ⚠" not in out
+
+
+def test_csv_html_and_png_written(three_runs, tmp_path, capsys):
+    out_csv, out_html = tmp_path / "out" / "table.csv", tmp_path / "out" / "table.html"
+    assert main(["compare", str(three_runs), "--csv", str(out_csv), "--html", str(out_html)]) == 0
+
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["label"] for r in rows] == ["teacher", "student-sft", "student-kd"]
+    assert rows[2]["method"] == "kd+lora" and rows[2]["tokens_seen"] == "4560000"
+    assert float(rows[1]["distill_gsm8k pass@1"]) == 0.0625 and rows[1]["distill_math500 pass@1"] == ""
+
+    page = out_html.read_text()
+    assert "<td>student-kd</td>" in page and "<td>9.4 ± 5.0</td>" in page
+    assert "data:image/png;base64," in page and "http" not in page  # nothing fetched from elsewhere
+    png = out_html.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 2000
+
+
+def test_bad_results_files_are_named(tmp_path):
+    bad = tmp_path / "results.json"
+    res = result("x", {"distill_gsm8k": task(0.1, 0.1, 0.1, 1.0)})
+    broken = copy.deepcopy(res)
+    del broken["tasks"]["distill_gsm8k"]["metrics"]["pass@1"]
+    bad.write_text(json.dumps(broken))
+    with pytest.raises(DistillError, match=r"results.json: missing field 'tasks.distill_gsm8k.metrics.pass@1'"):
+        load_result(bad)
+    bad.write_text(json.dumps({**res, "schema_version": 2}))
+    with pytest.raises(DistillError, match="schema_version"):
+        load_result(bad)
+    bad.write_text("{\n  oops")
+    with pytest.raises(DistillError, match=r"results.json:2: bad JSON"):
+        load_result(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistillError, match="empty: no results.json found"):
+        compare(CompareConfig(results=[str(tmp_path / "empty")]))
