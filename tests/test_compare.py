@@ -28,7 +28,7 @@ def result(label, tasks, training=None, teacher=None, **gen):
 
 
 def task(pass1, stderr, cons, finished, k=4, n=16, sha="a" * 64):
-    return {"k": k, "n_problems": n, "data": {"path": "data/gsm8k.jsonl", "sha256": sha},
+    return {"k": k, "n_problems": n, "max_gen_tokens": 256, "data": {"path": "data/gsm8k.jsonl", "sha256": sha},
             "metrics": {"pass@1": pass1, "pass@1_stderr": stderr, "pass@k": None, "cons@k": cons,
                         "cons@k_stderr": 0.1, "finished_rate": finished, "boxed_rate": 0.9,
                         "mean_gen_tokens": 120.5, "timeouts": 0},
@@ -138,7 +138,7 @@ def test_bad_results_files_are_named(tmp_path):
     with pytest.raises(DistillError, match=r"results.json: missing field 'tasks.distill_gsm8k.metrics.pass@1'"):
         load_result(bad)
     bad.write_text(json.dumps({**res, "schema_version": 2}))
-    with pytest.raises(DistillError, match="schema_version"):
+    with pytest.raises(DistillError, match="schema_version.*expected 1, got 2"):
         load_result(bad)
     bad.write_text("{\n  oops")
     with pytest.raises(DistillError, match=r"results.json:2: bad JSON"):

@@ -8,6 +8,7 @@ dequantised once by transformers and saved beside it as a normal model directory
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -46,14 +47,65 @@ def resolve_model(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def shrink_layers(src: str | Path, out: str | Path, keep: str | list[int] = "every_other") -> Path:
+    """A smaller student made from a bigger model of its family: the same embeddings, norms and
+    head, but only some of its decoder layers (``every_other``: 0, 2, 4, ...; or a list of
+    indices). Written once to ``out`` as a normal model directory; later calls just return it.
+    Same tokenizer as the source, so the source can teach it by logit distillation.
+    """
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src_path = resolve_model(str(src))
+    model = load_model(src_path, device="cpu", dtype=torch.float32)
+    n = model.config.num_hidden_layers
+    layers = list(range(0, n, 2)) if keep == "every_other" else [int(i) for i in keep]
+    if not layers or any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
+        raise DistillError(f"keep_layers {keep!r}: need distinct layer indices in 0..{n - 1}")
+    new_index = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in model.state_dict().items():
+        m = re.search(r"\blayers\.(\d+)\.", key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(1)) in new_index:
+            state[key[:m.start(1)] + str(new_index[int(m.group(1))]) + key[m.end(1):]] = value
+    config = model.config
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF source's marker; the new weights are plain
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    student.load_state_dict(state)
+    student.generation_config = model.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    load_tokenizer(src_path, require_chat_template=False).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
 def load_preset(kind: str, name_or_path: str) -> dict:
-    """A teacher/student preset as a dict; a bare model path/id becomes ``{'model': it}``."""
+    """A teacher/student preset as a dict; a bare model path/id becomes ``{'model': it}``.
+
+    A preset with ``init_from`` (and optional ``keep_layers``) describes a model made from another
+    by :func:`shrink_layers`; it is built into ``model`` the first time the preset is loaded.
+    """
     preset = resolve_preset(kind, name_or_path)
     if preset is None:
         return {"model": name_or_path}
     data = load_yaml(preset)
     data.setdefault("name", preset.stem)
     data["preset_file"] = str(preset)
+    if data.get("init_from"):
+        if not data.get("model"):
+            raise DistillError(f"{preset}: 'init_from' needs 'model', the directory to build the model in")
+        data["model"] = str(shrink_layers(data["init_from"], data["model"], data.get("keep_layers", "every_other")))
     return data
 
 

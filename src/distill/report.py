@@ -19,7 +19,6 @@ from typing import Any
 
 from distill.errors import DistillError
 
-SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = "runs/eval"
 # Generation settings that change scores; rows must agree on all of them (and on k and data per task).
 GENERATION_SETTINGS = ("temperature", "top_p", "max_gen_tokens", "chat_template", "system_prompt")
@@ -104,17 +103,11 @@ def _require(obj: Any, keys: str, path: Path) -> Any:
 
 
 def load_result(path: str | Path) -> dict:
-    """Read and check one results file written by ``distill eval``."""
+    """Read one results file written by ``distill eval`` and check the fields the table needs."""
+    from distill.eval.results import load_results
+
     path = Path(path)
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DistillError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
-    if not isinstance(result, dict):
-        raise DistillError(f"{path}: expected a JSON object")
-    version = _require(result, "schema_version", path)
-    if version != SCHEMA_VERSION:
-        raise DistillError(f"{path}: field 'schema_version' is {version!r}; this distill reads {SCHEMA_VERSION}")
+    result = load_results(path)
     _require(result, "model", path)
     _require(result, "generation", path)
     tasks = _require(result, "tasks", path)
@@ -137,6 +130,7 @@ def settings(result: dict) -> dict[str, Any]:
     out = {key: result["generation"].get(key) for key in GENERATION_SETTINGS}
     for name, task in result["tasks"].items():
         out[f"{name} k"] = task.get("k")
+        out[f"{name} max_gen_tokens"] = task.get("max_gen_tokens")  # the budget after clamping to the context
         out[f"{name} data sha256"] = (task.get("data") or {}).get("sha256")
     return out
 
