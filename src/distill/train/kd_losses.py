@@ -1,0 +1,198 @@
+"""Logit-distillation losses, computed a chunk of tokens at a time from final hidden states.
+
+Notation: ``p`` is the teacher's next-token distribution, ``q`` the student's, both at the loss
+temperature ``T`` (softmax(logits / T)); all maths is fp32. Per token:
+
+- ``fkl``  forward KL(p || q): mode-covering, the classic Hinton distillation loss.
+- ``rkl``  reverse KL(q || p): mode-seeking (MiniLLM).
+- ``jsd``  generalized Jensen-Shannon with ``beta`` (GKD, Agarwal et al.; TRL's convention):
+  m = beta*p + (1-beta)*q, JSD = beta*KL(p || m) + (1-beta)*KL(q || m). The divergence itself
+  vanishes at both ends, so the endpoints are defined as its normalised limits:
+  beta=0 is forward KL(p || q) (= lim JSD/beta) and beta=1 is reverse KL(q || p) (= lim JSD/(1-beta)).
+- ``skew`` skew forward KL (DistiLLM) with ``beta`` as its alpha: KL(p || beta*p + (1-beta)*q);
+  beta=0 is forward KL, larger beta is a smoother, bounded version of it.
+- ``tvd``  total variation 0.5 * sum |p - q|.
+
+Temperature: gradients of a softened loss shrink like 1/T^2, so the KD term is multiplied by
+T^2 (Hinton et al. 2015) to keep its scale comparable with the cross-entropy it is mixed with:
+loss = alpha * T^2 * KD + (1 - alpha) * CE, where CE is the usual next-token cross-entropy at
+T = 1 over the student's full vocabulary. The loss temperature has nothing to do with the
+sampling temperature the traces were generated with.
+
+Memory: with a 151,936-token vocabulary one fp32 logits tensor is 5 GB at 8k tokens. We never
+build it: ``chunked_kd_loss`` takes the final hidden states of the assistant tokens, makes the
+student's logits for ``chunk_size`` tokens at a time, and computes that chunk's gradient with
+respect to the hidden states and the output embedding right away (a fused linear + loss, as in
+Liger-Kernel), so nothing of size tokens x vocabulary outlives a chunk and backward is a copy.
+The teacher is either dense (its hidden states and output embedding, logits made per chunk
+without gradient) or sparse (cached top-k log-probs plus the remaining tail mass as one bucket).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("fkl", "rkl", "jsd", "skew", "tvd")
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dim, with 0 * log 0 = 0 (empty buckets, -inf log-probs)."""
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    return (p * diff).sum(-1)
+
+
+def _mix(logp: torch.Tensor, logq: torch.Tensor, weight: float) -> torch.Tensor:
+    """log(weight * p + (1 - weight) * q), computed in log space."""
+    return torch.logaddexp(logp + math.log(weight), logq + math.log1p(-weight))
+
+
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, loss: str = "fkl",
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence between teacher and student log-probs over the same support."""
+    s, t = student_logp.float(), teacher_logp.float()
+    if loss == "fkl" or (loss in ("jsd", "skew") and beta == 0.0):
+        return _kl(t, s)
+    if loss == "rkl" or (loss == "jsd" and beta == 1.0):
+        return _kl(s, t)
+    if loss == "jsd":
+        m = _mix(t, s, beta)
+        return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    if loss == "skew":
+        return t.new_zeros(t.shape[:-1]) if beta == 1.0 else _kl(t, _mix(t, s, beta))
+    if loss == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    raise ValueError(f"unknown KD loss '{loss}' (known: {', '.join(LOSSES)})")
+
+
+@dataclass
+class KDSettings:
+    loss: str = "fkl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.5          # weight of the KD term; 1 - alpha weights the cross-entropy
+    chunk_size: int = 1024      # tokens per chunk
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown KD loss '{self.loss}' (known: {', '.join(LOSSES)})")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+class DenseTeacher:
+    """Online teacher: its final hidden states for the same tokens and its output embedding.
+
+    Logits are made per chunk under no_grad. When the two output embeddings differ in size
+    (Qwen2.5 pads to 151,936 or 152,064 rows), both sides are cut to the shared vocabulary.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int | None = None):
+        self.hidden, self.weight = hidden, weight
+        self.vocab_size = vocab_size or weight.shape[0]
+
+    def pair(self, student_logits: torch.Tensor, rows: slice, temperature: float):
+        v = self.vocab_size
+        with torch.no_grad():
+            t_logits = self.hidden[rows] @ self.weight[:v].to(self.hidden.dtype).T
+            t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)
+        return torch.log_softmax(student_logits[:, :v] / temperature, dim=-1), t_logp
+
+
+class SparseTeacher:
+    """Offline teacher: top-k token ids and log-probs per token plus the log of the tail mass.
+
+    The distribution is k + 1 buckets: the k tokens and "everything else". The student's tail is
+    the probability it puts outside the teacher's top-k (computed exactly by log-sum-exp over the
+    other logits). With k equal to the vocabulary the tail is empty and this is the dense loss.
+    """
+
+    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor):
+        self.ids, self.logprobs, self.log_tail = ids.long(), logprobs, log_tail
+
+    def pair(self, student_logits: torch.Tensor, rows: slice, temperature: float):
+        ids = self.ids[rows]
+        s_all = torch.log_softmax(student_logits / temperature, dim=-1)
+        s_top = s_all.gather(1, ids)
+        # finfo.min, not -inf: an empty tail must not turn logsumexp's gradient into NaN.
+        others = s_all.scatter(1, ids, torch.finfo(s_all.dtype).min)
+        s_logp = torch.cat([s_top, torch.logsumexp(others, dim=-1, keepdim=True)], dim=-1)
+        t = torch.cat([self.logprobs[rows].float(), self.log_tail[rows].float()[:, None]], dim=-1)
+        # renormalise: fp16 storage leaves the k + 1 buckets summing to 1 only approximately
+        return s_logp, torch.log_softmax(t, dim=-1)
+
+
+def _chunk_sums(logits: torch.Tensor, targets: torch.Tensor, teacher, rows: slice, cfg: KDSettings):
+    """(weighted loss, KD sum, CE sum) over one chunk of fp32 student logits."""
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    s_logp, t_logp = teacher.pair(logits, rows, cfg.temperature)
+    kd = divergence(s_logp, t_logp, cfg.loss, cfg.beta).sum() * cfg.temperature ** 2
+    return cfg.alpha * kd + (1.0 - cfg.alpha) * ce, kd, ce
+
+
+def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool):
+    """Loop over token chunks; with_grads also returns d(loss)/d(hidden) and d(loss)/d(weight)."""
+    n = hidden.shape[0]
+    sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+    grad_h = torch.zeros_like(hidden) if with_grads else None
+    want_w = with_grads and weight.requires_grad
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    w = weight.detach().requires_grad_(want_w)
+    for start in range(0, n, cfg.chunk_size):
+        rows = slice(start, min(start + cfg.chunk_size, n))
+        h = hidden[rows].detach().requires_grad_(with_grads)
+        with torch.set_grad_enabled(with_grads):
+            logits = (h @ w.to(h.dtype).T).float()
+            total, kd, ce = _chunk_sums(logits, targets[rows], teacher, rows, cfg)
+        if with_grads:
+            grads = torch.autograd.grad(total, [h, w] if want_w else [h])
+            grad_h[rows] = grads[0]
+            if want_w:
+                grad_w += grads[1]
+        sums += torch.stack([total.detach(), kd.detach(), ce.detach()])
+    return sums, grad_h, grad_w
+
+
+class _FusedChunkedKD(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; backward only rescales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher, cfg):
+        sums, grad_h, grad_w = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=True)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.mark_non_differentiable(sums)
+        return sums[0].clone(), sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype),
+                grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None,
+                None, None, None)
+
+
+def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher,
+                    cfg: KDSettings):
+    """Summed loss over tokens (differentiable) and the detached (KD sum, CE sum) for logging.
+
+    hidden: (N, H) student final hidden states at the positions that predict ``targets`` (N,);
+    weight: the student's output embedding (V, H); teacher: ``DenseTeacher`` or ``SparseTeacher``
+    aligned row for row with ``hidden``. Divide by the token count for the mean.
+    """
+    if hidden.shape[0] == 0:
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+        return zero.float(), zero.new_zeros(2).detach()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total, sums = _FusedChunkedKD.apply(hidden, weight, targets, teacher, cfg)
+    else:
+        sums, _, _ = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=False)
+        total = sums[0]
+    return total, sums[1:]
