@@ -1,0 +1,229 @@
+"""``distill eval``: generate k samples per problem through lm-eval, grade, write the run folder.
+
+lm-eval does the prompting (chat template, no system prompt), batching/concurrency, the ``repeats``
+and the calls to ``process_results`` (evals/distill_tasks.py, which grades with distill's grader);
+this module picks the backend, lays the run's settings over the shipped tasks, and turns lm-eval's
+logged samples into ``generations.jsonl`` + ``results.json`` (schema in ``distill.eval.results``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from distill.config import to_dict
+from distill.errors import DistillError
+from distill.eval.config import EvalConfig
+from distill.eval.metrics import task_metrics
+from distill.eval.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
+from distill.records import read_jsonl, write_json, write_jsonl
+from distill.runinfo import run_record, versions, write_run_record
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    if cfg.rescore:
+        return rescore(cfg.rescore, cfg.timeout)
+    from distill.eval import data
+
+    tasks = data.check_tasks(cfg.tasks)
+    specs = [data.task_spec(t, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_gen_tokens=cfg.max_gen_tokens, data_dir=cfg.data_dir) for t in tasks]
+    backend = _build_backend(cfg)
+    run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
+    started = time.time()
+    out = _evaluate(backend.lm, specs, cfg)
+    rows = _generation_rows(out["samples"], backend, cfg)
+    budgets = getattr(backend.lm, "budgets", {})
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "run_name": run_dir.name,
+        "label": cfg.label or run_dir.name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": model_info(cfg.model, backend.name),
+        "backend": backend.kind,
+        "generation": {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                       "max_gen_tokens": cfg.max_gen_tokens, "seed": cfg.seed,
+                       "chat_template": True, "system_prompt": None},
+        "versions": versions(),
+        "tasks": {s.name: {"k": s.config["repeats"], "data": s.data,
+                           "max_gen_tokens": budgets.get(s.name, cfg.max_gen_tokens)} for s in specs},
+        "wall_s": round(time.time() - started, 3),
+    }
+    _write_run(run_dir, result, rows)
+    data_files = {s.name: s.data["path"] for s in specs if s.data["sha256"]}
+    write_run_record(run_dir / "run.json", run_record("eval", to_dict(cfg), data_files=data_files))
+    return 0
+
+
+def _build_backend(cfg: EvalConfig):
+    from distill.eval import backends
+
+    kind = cfg.backend or ("server" if cfg.base_url else "hf")
+    if kind == "server":
+        if not cfg.base_url:
+            raise DistillError("backend 'server' needs --base-url (e.g. http://localhost:8000/v1)")
+        return backends.build_server(cfg.base_url, cfg.model_name, cfg.api_key_env, cfg.batch_size, cfg.seed)
+    if kind not in ("hf", "vllm"):
+        raise DistillError(f"unknown backend '{kind}' (known: hf, server, vllm)")
+    if not cfg.model:
+        raise DistillError(f"backend '{kind}' needs --model PATH_OR_ID (or --base-url for a server)")
+    if kind == "vllm":
+        return backends.build_vllm(cfg.model, cfg.batch_size, cfg.seed)
+    return backends.build_hf(cfg.model, cfg.batch_size)
+
+
+def _evaluate(lm, specs, cfg: EvalConfig) -> dict:
+    """lm-eval's simple_evaluate on the task configs, with this run's grader installed."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from distill.eval.data import evals_dir
+    from distill.eval.scoring import use_grader
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    manager = TaskManager(include_path=str(evals_dir()), include_defaults=False)
+    with use_grader(cfg.timeout):
+        try:
+            return simple_evaluate(
+                model=lm, tasks=[s.config for s in specs], task_manager=manager, limit=cfg.limit,
+                apply_chat_template=True, log_samples=True, bootstrap_iters=0,
+                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                fewshot_random_seed=cfg.seed,
+            )
+        except ConnectionError as e:  # datasets' offline/hub errors derive from it
+            hub = ", ".join(s.data["path"] for s in specs)
+            raise DistillError(f"cannot load {hub} ({str(e).splitlines()[0]}); "
+                               f"pass --data-dir DIR with local JSONL files") from None
+
+
+def _generation_rows(samples: dict, backend, cfg: EvalConfig) -> list[dict]:
+    """One row per sample from lm-eval's logged samples (each holds a problem's k responses)."""
+    budgets = getattr(backend.lm, "budgets", {})
+    rows = []
+    for task, examples in samples.items():
+        for ex in sorted(examples, key=lambda e: e["doc_id"]):
+            prompt = _prompt(ex["arguments"][0][0])
+            for repeat, (response, graded) in enumerate(zip(ex["resps"][0], ex["graded"])):
+                tokens, finish = _tokens_and_finish(backend, response, budgets.get(task, cfg.max_gen_tokens))
+                rows.append({
+                    "task": task, "doc_id": ex["doc_id"], "problem_id": ex["doc"]["id"], "repeat": repeat,
+                    "seed": cfg.seed + repeat if backend.kind == "server" else None,
+                    "prompt": prompt, "gold": ex["doc"]["answer"], "response": response,
+                    **graded, "cons_correct": ex["cons@k"], "gen_tokens": tokens, "finish": finish,
+                })
+    return rows
+
+
+def _prompt(context):
+    """The templated prompt string (local models) or the chat messages (server: lm-eval carries
+    them as a JSON string in a one-field tuple)."""
+    if isinstance(context, (list, tuple)):
+        return json.loads(context[0])
+    return context
+
+
+def _tokens_and_finish(backend, response: str, budget: int) -> tuple[int | None, str | None]:
+    """As the backend reported them (finishes: text -> queue of (finish, tokens)); else counted
+    with the tokenizer, cut off when the budget was used up; else unknown."""
+    queue = getattr(backend.lm, "finishes", {}).get(response or "")
+    if queue:
+        finish, tokens = queue.popleft()
+        return tokens, finish
+    if backend.tokenizer is None:
+        return None, None
+    tokens = len(backend.tokenizer(response, add_special_tokens=False)["input_ids"])
+    return tokens, "length" if tokens >= budget else "stop"
+
+
+def summarize(result: dict, rows: list[dict]) -> dict:
+    """Fill ``result['tasks'][*]`` metrics and per-problem counts from the sample rows."""
+    by_task: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_task[row["task"]][row["doc_id"]].append(row)
+    for task, problems in by_task.items():
+        per_problem = [{"doc_id": doc_id, "n": len(s), "correct": sum(r["correct"] for r in s),
+                        "cons_correct": s[0]["cons_correct"]} for doc_id, s in sorted(problems.items())]
+        samples = [{"finished": r["finish"] != "length", "boxed": r["boxed"],
+                    "gen_tokens": r["gen_tokens"], "timeout": r["timeout"]} for s in problems.values() for r in s]
+        entry = result["tasks"].setdefault(task, {})
+        entry.update(n_problems=len(per_problem), metrics=task_metrics(per_problem, samples),
+                     per_problem=per_problem)
+    return result
+
+
+def _write_run(run_dir: Path, result: dict, rows: list[dict]) -> None:
+    summarize(result, rows)
+    write_jsonl(run_dir / GENERATIONS_FILE, rows)
+    write_json(run_dir / RESULTS_FILE, result)
+    _print_summary(run_dir, result)
+
+
+def rescore(run_dir: str, timeout: float) -> int:
+    """Grade saved generations again (new grader, same responses) and rewrite the run's results."""
+    from distill.eval.scoring import score_problem, use_grader
+
+    run = Path(run_dir)
+    result = load_results(run)
+    rows = read_jsonl(run / GENERATIONS_FILE, required=("task", "doc_id", "repeat", "gold", "response"))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["doc_id"])].append(row)
+    with use_grader(timeout) as grader:
+        for group in groups.values():
+            group.sort(key=lambda r: r["repeat"])
+            scored = score_problem([r["response"] for r in group], group[0]["gold"], grader)
+            for row, graded in zip(group, scored["samples"]):
+                row.update(graded, cons_correct=scored["cons_correct"])
+    result["rescored_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["versions"] = versions()
+    _write_run(run, result, rows)
+    return 0
+
+
+def model_info(model: str | None, served_name: str | None = None) -> dict:
+    """Path/name, base and teacher of the evaluated model, from its adapter and distill_run.json.
+
+    ``model`` may name the local directory of a served model, to record where it came from.
+    """
+    info = {"name_or_path": model or served_name, "base": None, "teacher": None, "training": None}
+    if not model or not Path(model).is_dir():
+        return info
+    run_file = Path(model) / "distill_run.json"
+    if run_file.is_file():
+        try:
+            summary = json.loads(run_file.read_text()).get("summary")
+        except (json.JSONDecodeError, AttributeError):
+            raise DistillError(f"{run_file}: not a distill run record (bad JSON)") from None
+        if isinstance(summary, dict):
+            info.update(training=summary, base=summary.get("base_model"), teacher=summary.get("teacher"))
+    adapter = Path(model) / "adapter_config.json"
+    if adapter.is_file() and not info["base"]:
+        info["base"] = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    return info
+
+
+def _default_run_name(cfg: EvalConfig) -> str:
+    name = Path(cfg.model.rstrip("/")).name if cfg.model else (cfg.model_name or "server")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _print_summary(run_dir: Path, result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"distill eval: {result['label']}")
+    for col in ("task", "k", "problems", "pass@1", "pass@k", "cons@k", "finished", "boxed", "tokens"):
+        table.add_column(col)
+    for task, entry in result["tasks"].items():
+        m = entry["metrics"]
+        table.add_row(task, str(entry["k"]), str(entry["n_problems"]),
+                      f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}", f"{m['pass@k']:.3f}",
+                      f"{m['cons@k']:.3f}", f"{m['finished_rate']:.2f}", f"{m['boxed_rate']:.2f}",
+                      "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}")
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"results: {run_dir / RESULTS_FILE}")
