@@ -32,12 +32,20 @@ def ensure_hf_dir(gguf_path: str | Path) -> Path:
     # GGUF-loaded models refuse save_pretrained: copy the weights into a plain instance.
     model = type(loaded)(loaded.config)
     model.load_state_dict(loaded.state_dict())
+    _drop_gguf_marker(model.config)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def _drop_gguf_marker(config) -> None:
+    """A GGUF-loaded config says ``quant_method: gguf``; saved dequantised weights are plain, and
+    loaders that pass ``gguf_file=None`` (lm-eval) refuse a directory that keeps the marker."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -77,8 +85,7 @@ def shrink_layers(src: str | Path, out: str | Path, keep: str | list[int] = "eve
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in layers]
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # a GGUF source's marker; the new weights are plain
+    _drop_gguf_marker(config)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     student.load_state_dict(state)
     student.generation_config = model.generation_config
