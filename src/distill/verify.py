@@ -18,6 +18,7 @@ import atexit
 import logging
 import os
 import queue
+import random
 import re
 import subprocess
 import sys
@@ -28,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
+
+from distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 _SRC_DIR = str(Path(__file__).resolve().parents[1])  # so workers import this same distill
@@ -38,11 +41,11 @@ _SRC_DIR = str(Path(__file__).resolve().parents[1])  # so workers import this sa
 class VerifyConfig:
     input: str | None = field(default=None, metadata={"help": "traces JSONL to grade", "metavar": "FILE"})
     out: str | None = field(default=None, metadata={"help": "kept traces JSONL"})
-    keep: str = field(default="correct", metadata={"help": "correct|all"})
+    keep: Literal["correct", "all"] = field(default="correct", metadata={"help": "keep only correct samples, or all (still graded)"})
     drop_truncated: bool = field(default=True, metadata={"help": "drop samples with finish_reason 'length'"})
     max_per_prompt: int | None = field(default=None, metadata={"help": "keep at most N samples per prompt"})
-    prefer: str = field(default="shortest", metadata={"help": "shortest|random: which samples --max-per-prompt keeps"})
-    dedupe: bool = field(default=False, metadata={"help": "drop identical answers to the same prompt"})
+    prefer: Literal["shortest", "random"] = field(default="shortest", metadata={"help": "which samples --max-per-prompt keeps"})
+    dedupe: bool = field(default=False, metadata={"help": "drop samples whose reasoning and answer repeat another sample of the same prompt"})
     decontaminate: list[str] | None = field(default=None, metadata={"help": "benchmark files (comma-separated): drop prompts sharing an 8-gram"})
     timeout: float = field(default=5.0, metadata={"help": "seconds per answer comparison before it counts as wrong"})
     seed: int = field(default=0, metadata={"help": "seed for --prefer random"})
@@ -267,6 +270,8 @@ class Grader:
     ``timeouts``, ``extraction_failures``.
     """
 
+    MEMO_SIZE = 100_000  # verdicts remembered (timeouts are not: they may pass on a quieter machine)
+
     def __init__(self, timeout: float = 5.0, workers: int | None = None):
         self.timeout = timeout
         self.workers = workers or min(8, os.cpu_count() or 1)
@@ -276,17 +281,26 @@ class Grader:
         for w in self._all:
             self._idle.put(w)
         self._lock = threading.Lock()
+        self._memo: dict[tuple[str, str, str], bool] = {}
         self._closed = False
 
     def _compare(self, op: str, a: str, b: str) -> bool:
+        key = (op, a, b)
+        with self._lock:
+            if key in self._memo:  # k samples of one prompt often repeat an answer
+                return self._memo[key]
         worker = self._idle.get()
         try:
-            result = worker.ask((op, a, b), self.timeout)
+            result = worker.ask(key, self.timeout)
         finally:
             self._idle.put(worker)
         with self._lock:
             self.comparisons += 1
-            if result is None:
+            if result is not None:
+                if len(self._memo) >= self.MEMO_SIZE:
+                    del self._memo[next(iter(self._memo))]
+                self._memo[key] = result
+            else:
                 self.timeouts += 1
                 log.warning("grading timed out after %.1fs (counted wrong): %.200s vs %.200s",
                             self.timeout, a, b)
@@ -401,3 +415,164 @@ def _progress_bar(label: str, total: int):
             bar.update(task, rate=f"{done / max(time.monotonic() - start, 1e-6):.0f}/s")
 
         yield tick
+
+
+# ---------------------------------------------------------------------------------------------
+# distill verify
+# ---------------------------------------------------------------------------------------------
+
+DROP_REASONS = ("contaminated", "truncated", "incorrect", "duplicate", "over max-per-prompt")
+_PARTIAL_BUCKETS = (("1-25%", 0.25), ("26-50%", 0.5), ("51-75%", 0.75), ("76-99%", 1.0))
+PASS_RATE_BUCKETS = ("0%", *(label for label, _ in _PARTIAL_BUCKETS), "100%")
+
+
+def prompt_text(record: dict) -> str:
+    """The user turns of a trace: what decontamination compares with benchmark problems."""
+    return "\n".join(m.get("content") or "" for m in record.get("messages") or [] if m.get("role") == "user")
+
+
+def _length(record: dict) -> int:
+    tokens = (record.get("usage") or {}).get("completion_tokens")
+    if isinstance(tokens, int):
+        return tokens
+    return len(record.get("reasoning") or "") + len(record.get("answer") or "")
+
+
+def _response_key(record: dict) -> tuple[str, str]:
+    return tuple(" ".join((record.get(k) or "").split()) for k in ("reasoning", "answer"))
+
+
+def select(records: list[dict], cfg: VerifyConfig, decontaminator=None) -> tuple[list[dict], dict[str, int]]:
+    """Apply the filters to graded records, in order; each dropped record counts under its first reason."""
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    survivors: list[dict] = []
+    seen: set[tuple] = set()
+    for r in records:
+        if decontaminator is not None and decontaminator.contaminated(prompt_text(r)):
+            reason = "contaminated"
+        elif cfg.drop_truncated and r.get("finish_reason") == "length":
+            reason = "truncated"
+        elif cfg.keep == "correct" and not r.get("correct"):
+            reason = "incorrect"
+        elif cfg.dedupe and (r["prompt_id"], *_response_key(r)) in seen:
+            reason = "duplicate"
+        else:
+            seen.add((r["prompt_id"], *_response_key(r)))
+            survivors.append(r)
+            continue
+        dropped[reason] += 1
+    if cfg.max_per_prompt is None:
+        return survivors, dropped
+    by_prompt: dict[Any, list[dict]] = {}
+    for r in survivors:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    chosen: set[int] = set()
+    for pid, group in by_prompt.items():
+        if cfg.prefer == "shortest":
+            group = sorted(group, key=_length)
+        else:
+            group = list(group)
+            random.Random(f"{cfg.seed}:{pid}").shuffle(group)
+        chosen.update(id(r) for r in group[:cfg.max_per_prompt])
+    kept = [r for r in survivors if id(r) in chosen]
+    dropped["over max-per-prompt"] = len(survivors) - len(kept)
+    return kept, dropped
+
+
+def pass_rates(records: list[dict]) -> dict[Any, float]:
+    """Fraction of graded samples that are correct, per prompt."""
+    tally: dict[Any, list[int]] = {}
+    for r in records:
+        if r.get("correct") is not None:
+            t = tally.setdefault(r["prompt_id"], [0, 0])
+            t[0] += bool(r["correct"])
+            t[1] += 1
+    return {pid: c / n for pid, (c, n) in tally.items()}
+
+
+def _pass_rate_bucket(rate: float) -> str:
+    if rate == 0.0:
+        return "0%"
+    if rate == 1.0:
+        return "100%"
+    return next(label for label, high in _PARTIAL_BUCKETS if rate <= high)
+
+
+def pass_rate_histogram(rates: Iterable[float]) -> dict[str, int]:
+    """Prompts per pass-rate bucket: 0% are too hard for the teacher, 100% may be too easy."""
+    hist = dict.fromkeys(PASS_RATE_BUCKETS, 0)
+    for rate in rates:
+        hist[_pass_rate_bucket(rate)] += 1
+    return hist
+
+
+def _check_references(records: list[dict], path: str) -> None:
+    lines = [i for i, raw in enumerate(Path(path).open("rb"), 1) if raw.strip() and raw.endswith(b"\n")]
+    for line, r in zip(lines, records):
+        if r.get("reference") is None:
+            raise DistillError(f"{path}:{line}: field 'reference' is missing or null, so the trace cannot be "
+                               "graded (use --keep all to keep ungraded traces)")
+
+
+def verify_file(cfg: VerifyConfig) -> int:
+    """``distill verify``: grade every trace, filter, write the kept ones and a run record."""
+    from distill.config import to_dict
+    from distill.decontaminate import Decontaminator
+    from distill.records import read_jsonl, write_jsonl
+    from distill.runinfo import run_record, write_run_record
+
+    if not cfg.input or not cfg.out:
+        raise DistillError("verify needs --input traces.jsonl and --out kept.jsonl")
+    if cfg.max_per_prompt is not None and cfg.max_per_prompt < 1:
+        raise DistillError(f"--max-per-prompt must be at least 1, got {cfg.max_per_prompt}")
+    records = read_jsonl(cfg.input, required=("prompt_id",))
+    if cfg.keep == "correct":
+        _check_references(records, cfg.input)
+    decontaminator = Decontaminator(cfg.decontaminate) if cfg.decontaminate else None
+
+    started = time.monotonic()
+    with Grader(timeout=cfg.timeout, workers=cfg.workers) as grader:
+        apply_grades(records, grader)
+    seconds = time.monotonic() - started
+    kept, dropped = select(records, cfg, decontaminator)
+    write_jsonl(cfg.out, kept)
+
+    rates = pass_rates(records)
+    summary = {
+        "records": len(records), "kept": len(kept), "dropped": dropped,
+        "graded": sum(r["correct"] is not None for r in records),
+        "correct": sum(bool(r["correct"]) for r in records),
+        "extraction_failures": grader.extraction_failures, "timeouts": grader.timeouts,
+        "prompts": len({r["prompt_id"] for r in records}),
+        "contaminated_prompts": len({r["prompt_id"] for r in records
+                                     if decontaminator and decontaminator.contaminated(prompt_text(r))}),
+        "pass_rate_histogram": pass_rate_histogram(rates.values()),
+        "mean_pass_rate": sum(rates.values()) / len(rates) if rates else None,
+        "grading_seconds": round(seconds, 2),
+    }
+    data = {"input": cfg.input, **{f"decontaminate:{Path(f).name}": f for f in cfg.decontaminate or []}}
+    write_run_record(f"{cfg.out}.run.json", run_record("verify", to_dict(cfg), data_files=data, summary=summary))
+    _print_report(summary, cfg)
+    return 0
+
+
+def _print_report(summary: dict, cfg: VerifyConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"distill verify: {cfg.input} -> {cfg.out}", show_header=False)
+    table.add_row("traces", str(summary["records"]))
+    table.add_row("correct", f"{summary['correct']} of {summary['graded']} graded")
+    table.add_row("kept", f"[bold]{summary['kept']}[/]")
+    for reason, n in summary["dropped"].items():
+        table.add_row(f"  dropped: {reason}", str(n))
+    table.add_row("answer extraction failures", str(summary["extraction_failures"]))
+    table.add_row("comparisons timed out", str(summary["timeouts"]))
+    if cfg.decontaminate:
+        table.add_row("contaminated prompts", str(summary["contaminated_prompts"]))
+    table.add_row("prompts", str(summary["prompts"]))
+    for label, n in summary["pass_rate_histogram"].items():
+        table.add_row(f"  pass rate {label}", str(n))
+    if summary["mean_pass_rate"] is not None:
+        table.add_row("mean pass rate", f"{summary['mean_pass_rate']:.1%}")
+    Console().print(table)
