@@ -41,9 +41,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|eager (default: transformers' choice)"})
+    liger: bool = field(default=False, metadata={"help": "Liger kernels (fused RMSNorm/RoPE/SwiGLU/linear+cross-entropy; pip install liger-kernel)"})
     # run
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "keep only the newest N checkpoints"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard|none|wandb"})
     fsdp: str | None = field(default=None, metadata={"help": "transformers FSDP option string (or use accelerate configs in configs/)"})
