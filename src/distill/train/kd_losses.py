@@ -91,7 +91,7 @@ class KDSettings:
 class DenseTeacher:
     """Online teacher: its final hidden states for the same tokens and its output embedding.
 
-    Logits are made per chunk under no_grad. When the two output embeddings differ in size
+    Logits are made per chunk under no_grad, on the teacher's device (another GPU is fine). When the two output embeddings differ in size
     (Qwen2.5 pads to 151,936 or 152,064 rows), both sides are cut to the shared vocabulary.
     """
 
@@ -103,7 +103,7 @@ class DenseTeacher:
         v = self.vocab_size
         with torch.no_grad():
             t_logits = self.hidden[rows] @ self.weight[:v].to(self.hidden.dtype).T
-            t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)
+            t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1).to(student_logits.device)
         return torch.log_softmax(student_logits[:, :v] / temperature, dim=-1), t_logp
 
 

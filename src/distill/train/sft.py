@@ -40,6 +40,7 @@ class TrainSetup:
     args: Any  # transformers.TrainingArguments
     stats: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)  # the student preset (``model`` = resolved path)
+    examples: list = field(default_factory=list)  # train + eval examples, unpacked (KD checks cached logits per example)
 
 
 class ExampleDataset:
@@ -185,6 +186,7 @@ def prepare(cfg) -> TrainSetup:
     tokenizer = load_tokenizer(path)
     think_style = cfg.think_style or preset.get("think_style", "think")
     train, evals, stats = load_examples(cfg, tokenizer, think_style)
+    examples = train + evals
     stats["think_style"] = think_style
     print(describe_stats(stats), flush=True)
     if stats["overlong"]:
@@ -202,7 +204,7 @@ def prepare(cfg) -> TrainSetup:
     collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
     return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
                       eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
-                      args=args, stats=stats, student=preset)
+                      args=args, stats=stats, student=preset, examples=examples)
 
 
 def _last_checkpoint(out: str) -> str | None:
