@@ -3,8 +3,9 @@
 Loss must fall on the assistant's tokens only and the end-of-turn token must be learned (a
 student that never stops is open-r1 #492), so distill computes the labels itself rather than
 trusting ``{% generation %}`` tags that most chat templates lack: it renders the prompt with
-``add_generation_prompt=True`` and the whole conversation, checks the first is a token prefix of
-the second, and labels what follows up to and including the template's end-of-turn token.
+``add_generation_prompt=True`` and the whole conversation, checks the first is a prefix of
+the second, tokenizes the two parts apart (as inference sees them: prompt tokens, then the model's),
+and labels the completion up to and including the template's end-of-turn token.
 
 Public pieces (the KD trainer builds on them):
 
@@ -103,15 +104,17 @@ def tokenize_example(messages: list[dict], tokenizer) -> dict[str, list[int]]:
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise DistillError("tokenize_example: the last message must be the assistant's")
-    prefix_ids = _encode(tokenizer, _render(tokenizer, messages[:-1], True))
-    full_ids = _encode(tokenizer, _render(tokenizer, messages, False))
-    if full_ids[: len(prefix_ids)] != prefix_ids:
+    prefix = _render(tokenizer, messages[:-1], True)
+    full = _render(tokenizer, messages, False)
+    if not full.startswith(prefix):
         raise DistillError(
-            f"{tokenizer.name_or_path}: the rendered prompt is not a token prefix of the rendered conversation; "
+            f"{tokenizer.name_or_path}: the rendered prompt is not a prefix of the rendered conversation; "
             "the chat template changes earlier turns when the assistant turn is added (fix the template)"
         )
+    # Prompt and completion are tokenized apart, as at inference: the prompt's tokens, then the model's.
+    prefix_ids = _encode(tokenizer, prefix)
+    completion = _encode(tokenizer, full[len(prefix):])
     eot, template_writes_eot = _end_of_turn(tokenizer)
-    completion = full_ids[len(prefix_ids):]
     if template_writes_eot and eot in completion:
         end = len(completion) - completion[::-1].index(eot)  # through the last end-of-turn
         target, tail = completion[:end], completion[end:]
@@ -257,8 +260,10 @@ class Collator:
     ``packing=True``: padding-free - the whole batch becomes one row with ``position_ids`` that
     restart at 0 per sequence and no ``attention_mask``, so transformers keeps attention inside
     each sequence (flash-attention varlen on GPU; a block-diagonal mask built from the position
-    ids with sdpa/eager). The first label of every sequence is -100 so no sequence learns to
-    predict the next one's first token.
+    ids with sdpa/eager). The model must run with ``use_cache=False`` (training sets it; a teacher
+    forward must pass it too): with a KV cache transformers skips the packed-sequence detection
+    and the sequences would attend to each other. The first label of every sequence is -100 so
+    no sequence learns to predict the next one's first token.
     Either way an ``example_index`` tensor (one entry per sequence, in batch order) is kept when
     the examples carry it, for trainers that look up per-example data such as cached logits.
     """
