@@ -68,17 +68,19 @@ _FALLBACKS = (
 
 def _braced(text: str, start: int) -> str | None:
     """Content of the balanced ``{...}`` opening at ``text[start]``; None if it never closes."""
-    depth = 0
-    for i in range(start, len(text)):
+    depth, i = 0, start
+    while i < len(text):
         c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+        if c == "\\":  # an escaped character (\{, \}, \\) never opens or closes a group
+            i += 2
             continue
-        if c == "{" and (i == 0 or text[i - 1] != "\\"):
+        if c == "{":
             depth += 1
-        elif c == "}" and (i == 0 or text[i - 1] != "\\"):
+        elif c == "}":
             depth -= 1
             if depth == 0:
                 return text[start + 1:i]
+        i += 1
     return None
 
 
@@ -442,13 +444,22 @@ def _response_key(record: dict) -> tuple[str, str]:
     return tuple(" ".join((record.get(k) or "").split()) for k in ("reasoning", "answer"))
 
 
-def select(records: list[dict], cfg: VerifyConfig, decontaminator=None) -> tuple[list[dict], dict[str, int]]:
+def contaminated_prompts(records: list[dict], files: list[str]) -> set:
+    """prompt_ids whose user turns share an 8-gram with a problem in the benchmark ``files``."""
+    from distill.decontaminate import Decontaminator
+
+    decontaminator = Decontaminator(files)
+    texts = {r["prompt_id"]: prompt_text(r) for r in records}
+    return {pid for pid, text in texts.items() if decontaminator.contaminated(text)}
+
+
+def select(records: list[dict], cfg: VerifyConfig, contaminated: set = frozenset()) -> tuple[list[dict], dict[str, int]]:
     """Apply the filters to graded records, in order; each dropped record counts under its first reason."""
     dropped = dict.fromkeys(DROP_REASONS, 0)
     survivors: list[dict] = []
     seen: set[tuple] = set()
     for r in records:
-        if decontaminator is not None and decontaminator.contaminated(prompt_text(r)):
+        if r["prompt_id"] in contaminated:
             reason = "contaminated"
         elif cfg.drop_truncated and r.get("finish_reason") == "length":
             reason = "truncated"
@@ -517,7 +528,6 @@ def _check_references(records: list[dict], path: str) -> None:
 def verify_file(cfg: VerifyConfig) -> int:
     """``distill verify``: grade every trace, filter, write the kept ones and a run record."""
     from distill.config import to_dict
-    from distill.decontaminate import Decontaminator
     from distill.records import read_jsonl, write_jsonl
     from distill.runinfo import run_record, write_run_record
 
@@ -528,13 +538,13 @@ def verify_file(cfg: VerifyConfig) -> int:
     records = read_jsonl(cfg.input, required=("prompt_id",))
     if cfg.keep == "correct":
         _check_references(records, cfg.input)
-    decontaminator = Decontaminator(cfg.decontaminate) if cfg.decontaminate else None
+    contaminated = contaminated_prompts(records, cfg.decontaminate) if cfg.decontaminate else set()
 
     started = time.monotonic()
     with Grader(timeout=cfg.timeout, workers=cfg.workers) as grader:
         apply_grades(records, grader)
     seconds = time.monotonic() - started
-    kept, dropped = select(records, cfg, decontaminator)
+    kept, dropped = select(records, cfg, contaminated)
     write_jsonl(cfg.out, kept)
 
     rates = pass_rates(records)
@@ -544,8 +554,7 @@ def verify_file(cfg: VerifyConfig) -> int:
         "correct": sum(bool(r["correct"]) for r in records),
         "extraction_failures": grader.extraction_failures, "timeouts": grader.timeouts,
         "prompts": len({r["prompt_id"] for r in records}),
-        "contaminated_prompts": len({r["prompt_id"] for r in records
-                                     if decontaminator and decontaminator.contaminated(prompt_text(r))}),
+        "contaminated_prompts": len(contaminated),
         "pass_rate_histogram": pass_rate_histogram(rates.values()),
         "mean_pass_rate": sum(rates.values()) / len(rates) if rates else None,
         "grading_seconds": round(seconds, 2),
