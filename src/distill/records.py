@@ -94,7 +94,7 @@ class JsonlAppender:
     def __init__(self, path: str | Path, fsync: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self._fsync = fsync
         _cut_torn_tail(self._fd)
 
