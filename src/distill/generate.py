@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from distill.config import to_dict
+from distill.errors import DistillError
+from distill.models import load_preset
+from distill.prompts import Prompt, load_prompts
+from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_jsonl
+from distill.runinfo import run_record, write_run_record
+from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
 
 DEFAULT_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
@@ -30,6 +45,275 @@ class GenerateConfig:
     concurrency: int = field(default=16, metadata={"help": "API requests in flight"})
     max_retries: int = field(default=8, metadata={"help": "retries per request on 429/5xx/timeouts"})
     request_timeout: float = field(default=600.0, metadata={"help": "seconds per API request"})
+    retry_backoff: float = field(default=1.0, metadata={"help": "first retry wait in seconds; doubles per retry, with jitter (Retry-After wins)"})
     top_logprobs: int | None = field(default=None, metadata={"help": "store per-token top-K log-probs (K <= 20) when the endpoint gives them"})
     batch_size: int = field(default=16, metadata={"help": "local teacher: sequences per generate() batch"})
     verify: bool = field(default=False, metadata={"help": "grade traces inline (sets 'correct')"})
+
+
+@dataclass
+class Job:
+    """One (prompt, sample) to generate."""
+
+    prompt: Prompt
+    sample: int
+    seed: int | None
+
+
+@dataclass
+class Stats:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def generate(cfg: GenerateConfig) -> int:
+    """Generate every missing (prompt, sample) of ``cfg.prompts`` into ``cfg.out``; 1 if any failed."""
+    _check(cfg)
+    teacher = _teacher_settings(cfg)
+    prompts = load_prompts(cfg.prompts, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                           id_field=cfg.id_field, template=cfg.template, system=cfg.system,
+                           split=cfg.split, limit=cfg.limit)
+    out = Path(cfg.out)
+    errors_path = Path(f"{out}.errors.jsonl")
+    present = _present(out)
+    jobs = [Job(p, s, None if cfg.seed is None else cfg.seed + s)
+            for p in prompts for s in range(cfg.n) if (p.id, s) not in present]
+    stats = Stats(skipped=len(prompts) * cfg.n - len(jobs))
+    console = _console()
+    console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {stats.skipped} already in {out}, "
+                  f"{len(jobs)} to do with {teacher['kind']} teacher {teacher['model']}")
+    errors_path.unlink(missing_ok=True)  # its requests are pending again and get retried now
+    status = "interrupted"
+    try:
+        if jobs:
+            with JsonlAppender(out) as traces, JsonlAppender(errors_path) as errors, \
+                    _progress(console, len(jobs)) as tick:
+                sink = _Sink(traces, errors, stats, tick, teacher)
+                start = time.monotonic()
+                try:
+                    if teacher["kind"] == "api":
+                        import asyncio
+
+                        asyncio.run(_run_api(cfg, teacher, jobs, sink))
+                    else:
+                        _run_local(cfg, teacher, jobs, sink)
+                finally:
+                    stats.seconds = time.monotonic() - start
+            if not stats.failed:
+                errors_path.unlink(missing_ok=True)
+        status = "failed" if stats.failed else "complete"
+    finally:
+        _report(cfg, teacher, stats, out, errors_path, status, console)
+    if cfg.verify and status == "complete":
+        _verify(out, console)
+    return 1 if stats.failed else 0
+
+
+def _check(cfg: GenerateConfig) -> None:
+    for name in ("prompts", "out", "teacher"):
+        if not getattr(cfg, name):
+            raise DistillError(f"--{name} is required")
+    if cfg.n < 1 or cfg.concurrency < 1 or cfg.max_tokens < 1:
+        raise DistillError("--n, --concurrency and --max-tokens must be at least 1")
+    if cfg.top_logprobs is not None and not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise DistillError(f"--top-logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {cfg.top_logprobs}")
+
+
+def _teacher_settings(cfg: GenerateConfig) -> dict:
+    """The preset with flag overrides; decides api vs local and reads the key from its variable."""
+    preset = load_preset("teachers", cfg.teacher)
+    source = preset.get("preset_file", cfg.teacher)
+    model = cfg.model or preset.get("model")
+    if not model:
+        raise DistillError(f"{source}: field 'model' missing")
+    base_url = cfg.base_url or preset.get("base_url")
+    kind = preset.get("kind") or ("api" if base_url else "local")
+    if kind not in ("api", "local"):
+        raise DistillError(f"{source}: field 'kind' must be api or local, got {kind!r}")
+    if kind == "api" and not base_url:
+        raise DistillError(f"{source}: field 'base_url' missing (or pass --base-url)")
+    top_logprobs = cfg.top_logprobs or None
+    if top_logprobs and preset.get("logprobs") is False:
+        _console().print(f"[yellow]warning:[/] teacher {preset.get('name', model)} gives no log-probs; "
+                         f"top_logprobs will be null")
+        top_logprobs = None
+    key_env = cfg.api_key_env or preset.get("api_key_env")
+    api_key = "EMPTY"  # local servers (vLLM, llama.cpp) accept any key
+    if kind == "api" and key_env:
+        api_key = os.environ.get(key_env, "")
+        if not api_key:
+            raise DistillError(f"environment variable {key_env} is not set (the API key for {source})")
+    return {"kind": kind, "name": preset.get("name", model), "model": model,
+            "base_url": base_url if kind == "api" else None, "api_key_env": key_env,
+            "api_key": api_key, "top_logprobs": top_logprobs, "price": preset.get("price")}
+
+
+def _present(out: Path) -> set[tuple[str, int]]:
+    if not out.exists():
+        return set()
+    return {(r["prompt_id"], r["sample"]) for r in iter_jsonl(out, required=("prompt_id", "sample"))}
+
+
+class _Sink:
+    """Turns finished jobs into trace or error lines and keeps the counts."""
+
+    def __init__(self, traces: JsonlAppender, errors: JsonlAppender, stats: Stats, tick, teacher: dict):
+        self.traces, self.errors, self.stats, self.tick = traces, errors, stats, tick
+        self.teacher = {k: teacher[k] for k in ("name", "kind", "model")}
+        self.teacher["endpoint"] = teacher["base_url"]
+        self.teacher["path"] = teacher.get("path")
+
+    def trace(self, job: Job, completion: Completion, sampling: dict) -> dict:
+        p = job.prompt
+        return {
+            "id": trace_id(p.id, job.sample), "prompt_id": p.id, "sample": job.sample,
+            "prompt": p.text, "messages": p.messages,
+            "reasoning": completion.reasoning, "answer": completion.answer, "reference": p.reference,
+            "finish_reason": completion.finish_reason, "usage": completion.usage,
+            "teacher": {**self.teacher, "sampling": {**sampling, "seed": job.seed}},
+            "created_at": _now(), "top_logprobs": completion.top_logprobs,
+        }
+
+    def ok(self, record: dict) -> None:
+        self.traces.write(record)
+        self.stats.done += 1
+        self.stats.tokens_in += record["usage"]["prompt_tokens"]
+        self.stats.tokens_out += record["usage"]["completion_tokens"]
+        self.tick(self.stats)
+
+    def fail(self, job: Job, reason: str, attempts: int) -> None:
+        self.errors.write({"id": trace_id(job.prompt.id, job.sample), "prompt_id": job.prompt.id,
+                           "sample": job.sample, "error": reason, "attempts": attempts, "created_at": _now()})
+        self.stats.failed += 1
+        self.tick(self.stats)
+
+
+async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
+    """``cfg.concurrency`` workers share the job queue; files are written by one thread, off the loop."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill.teachers.api import ApiTeacher, RequestFailed
+
+    api = ApiTeacher(base_url=teacher["base_url"], model=teacher["model"], api_key=teacher["api_key"],
+                     api_key_env=teacher["api_key_env"], temperature=cfg.temperature, top_p=cfg.top_p,
+                     max_tokens=cfg.max_tokens, top_logprobs=teacher["top_logprobs"],
+                     max_retries=cfg.max_retries, timeout=cfg.request_timeout, retry_backoff=cfg.retry_backoff)
+    queue = deque(jobs)
+    loop = asyncio.get_running_loop()
+
+    async def worker(writer) -> None:
+        while queue:
+            job = queue.popleft()
+            try:
+                completion, _ = await api.complete(job.prompt.messages, job.seed)
+            except RequestFailed as e:
+                await loop.run_in_executor(writer, sink.fail, job, e.reason, e.attempts)
+            else:
+                record = sink.trace(job, completion, api.sampling)
+                await loop.run_in_executor(writer, sink.ok, record)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="traces-writer") as writer:
+        async with api:
+            await api.check()
+            tasks = [asyncio.create_task(worker(writer)) for _ in range(min(cfg.concurrency, len(jobs)))]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # a fatal error (bad key, unknown model) stops the run
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
+    from distill.teachers.local import LocalTeacher
+
+    local = LocalTeacher(teacher["model"], temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                         top_logprobs=teacher["top_logprobs"])
+    sink.teacher["path"] = local.path
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    for i, batch in enumerate(local.batches(jobs, lambda job: job.prompt.messages)):
+        seed = None if cfg.seed is None else cfg.seed + i
+        for job, completion in zip(batch, local.complete_batch([j.prompt.messages for j in batch], seed)):
+            sink.ok(sink.trace(job, completion, sampling))
+
+
+def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, status: str, console) -> None:
+    """The summary line(s) and the run record beside the traces."""
+    rate = (stats.done + stats.failed) / stats.seconds if stats.seconds else 0.0
+    line = (f"generate {status}: {stats.done} done, {stats.skipped} skipped, {stats.failed} failed | "
+            f"tokens in {stats.tokens_in:,} out {stats.tokens_out:,} | {rate:.1f} req/s")
+    cost = _cost(teacher.get("price"), stats)
+    if cost:
+        line += f" | est. cost {cost[0]:.4f} {cost[1]}"
+    console.print(line)
+    if stats.failed:
+        console.print(f"{stats.failed} requests failed after retries: see {errors_path}; "
+                      f"rerun the same command to retry them")
+    public = {k: v for k, v in teacher.items() if k != "api_key"}
+    data = {"prompts": cfg.prompts} if Path(cfg.prompts).is_file() else {}
+    record = run_record("generate", to_dict(cfg), data_files=data, status=status, teacher=public,
+                        summary={**stats.as_dict(), "requests_per_second": rate,
+                                 "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
+                        outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
+    write_run_record(f"{out}.run.json", record)
+
+
+def _cost(price: dict | None, stats: Stats) -> tuple[float, str] | None:
+    if not isinstance(price, dict) or "input_per_million" not in price:
+        return None
+    amount = (stats.tokens_in * float(price["input_per_million"])
+              + stats.tokens_out * float(price.get("output_per_million", 0))) / 1e6
+    return amount, price.get("currency", "USD")
+
+
+def _verify(out: Path, console) -> None:
+    """Grade every trace that has no verdict yet and rewrite the file with ``correct`` set."""
+    from distill.verify import Grader, apply_grades
+
+    records = read_jsonl(out)
+    todo = [r for r in records if "correct" not in r]
+    with Grader() as grader:
+        apply_grades(todo, grader)
+    write_jsonl(out, records)
+    graded = [r["correct"] for r in records if r["correct"] is not None]
+    console.print(f"verify: {sum(graded)}/{len(graded)} traces correct" if graded
+                  else "verify: no trace has a reference answer (pass --answer-field)")
+
+
+@contextmanager
+def _progress(console, total: int):
+    """A rich bar with done/failed counts, requests per second and ETA; yields ``tick(stats)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    start = time.monotonic()
+    with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("generate", total=total, info="")
+
+        def tick(stats: Stats) -> None:
+            finished = stats.done + stats.failed
+            rate = finished / max(time.monotonic() - start, 1e-9)
+            bar.update(task, completed=finished, info=f"{rate:.1f} req/s, {stats.failed} failed")
+
+        yield tick
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
