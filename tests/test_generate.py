@@ -47,12 +47,12 @@ def api_args(srv: FaultServer, prompts: Path, out: Path, *extra: str) -> list[st
             "--out", str(out), "--seed", "100", *FAST_RETRIES, *extra]
 
 
-def assert_complete(out: Path, prompts: Path, n: int) -> list[dict]:
+def assert_complete(out: Path, prompts: Path, n: int, field: str = "question") -> list[dict]:
     """Every prompt x sample exactly once, and the file loads with datasets."""
     import datasets
 
     records = read_jsonl(out)
-    expected = {(prompt_hash(json.loads(line)["question"]), s)
+    expected = {(prompt_hash(json.loads(line)[field]), s)
                 for line in prompts.read_text().splitlines() for s in range(n)}
     pairs = Counter((r["prompt_id"], r["sample"]) for r in records)
     assert set(pairs) == expected
