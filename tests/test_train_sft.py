@@ -1,0 +1,144 @@
+"""SFT training on tiny real models: it learns, saves loadable models/adapters, resumes, packs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
+
+from distill.cli import main
+from distill.errors import DistillError
+from distill.train.config import TrainConfig
+from distill.train.sft import RUN_RECORD, run_training
+
+from test_train_sft_data import make_trace, write_traces
+
+SUMMARY_KEYS = {"method", "base_model", "teacher", "train_examples", "eval_examples", "tokens_seen", "lora",
+                "wall_time_s", "final_train_loss", "final_eval_loss"}
+
+
+def quick(student, traces, out, **kw) -> TrainConfig:
+    """A fast CPU config: no checkpointing overhead, no TensorBoard, a log line every step."""
+    base = dict(student=str(student), traces=traces, out=str(out), eval_fraction=0.0, batch_size=2,
+                lr=1e-3, warmup_ratio=0.0, logging_steps=1, save_steps=1000, gradient_checkpointing=False,
+                report_to="none", max_steps=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(out) -> dict[int, float]:
+    record = json.loads((out / RUN_RECORD).read_text())
+    return {p["step"]: p["loss"] for p in record["loss_curve"] if "loss" in p}
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    """Eight traces of different lengths (so padding and packing differ)."""
+    items = [make_trace(i) for i in range(8)]
+    for i, t in enumerate(items):
+        t["reasoning"] = " ".join(["step"] * (3 * i + 1))
+    return write_traces(tmp_path_factory.mktemp("traces") / "traces.jsonl", items)
+
+
+def greedy(model, tok, prompt: str) -> list[int]:
+    inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_cli_training_learns_a_trace_and_saves_a_loadable_model(tmp_path, tiny_llama):
+    trace = make_trace(2, reasoning=None) | {"answer": "\\boxed{4}"}
+    path = write_traces(tmp_path / "t.jsonl", [trace])
+    out = tmp_path / "student"
+    rc = main(["train", "--method", "sft", "--student", str(tiny_llama), "--traces", path, "--out", str(out),
+               "--max-steps", "40", "--batch-size", "1", "--lr", "1e-2", "--lr-scheduler", "constant",
+               "--warmup-ratio", "0", "--eval-fraction", "0", "--logging-steps", "1", "--save-steps", "1000",
+               "--no-gradient-checkpointing", "--report-to", "none"])
+    assert rc == 0
+    record = json.loads((out / RUN_RECORD).read_text())
+    summary = record["summary"]
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["method"] == "sft" and summary["teacher"] == "teacher-x" and summary["train_examples"] == 1
+    assert summary["tokens_seen"] > 0 and record["data"]["traces"]["sha256"]
+    curve = losses(out)
+    assert curve[40] < curve[1] / 10, curve
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template
+    generated = greedy(model, tok, "What is 2 + 2?")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eot in generated, f"the student never stops: {tok.decode(generated)!r}"
+    assert tok.decode(generated[:generated.index(eot)]) == "\\boxed{4}"
+
+
+def test_packed_and_padded_training_give_the_same_losses(tmp_path, tiny_qwen2, traces):
+    padded = quick(tiny_qwen2, traces, tmp_path / "padded", batch_size=8)
+    packed = quick(tiny_qwen2, traces, tmp_path / "packed", batch_size=1, packing=True, max_length=4096)
+    assert run_training(padded) == 0 and run_training(packed) == 0
+    a, b = losses(tmp_path / "padded"), losses(tmp_path / "packed")
+    assert list(a) == list(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4)
+    assert a[3] < a[1]
+
+
+class StopAt(TrainerCallback):
+    """Fault injection: end training after ``step`` optimizer steps, as a crash would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_continues_step_count_schedule_and_data_order(tmp_path, tiny_qwen2, traces):
+    reference = quick(tiny_qwen2, traces, tmp_path / "ref", max_steps=4, save_steps=2, lr_scheduler="cosine")
+    interrupted = dataclasses.replace(reference, out=str(tmp_path / "run"))
+    run_training(reference)
+    run_training(interrupted, callbacks=[StopAt(2)])  # extra trainer kwargs pass through
+    assert (tmp_path / "run" / "checkpoint-2").is_dir() and list(losses(tmp_path / "run")) == [1, 2]
+    run_training(dataclasses.replace(interrupted, resume=True))
+    done, ref = losses(tmp_path / "run"), losses(tmp_path / "ref")
+    assert list(done) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert done[step] == pytest.approx(ref[step], rel=1e-5)
+    assert json.loads((tmp_path / "run" / RUN_RECORD).read_text())["summary"]["global_step"] == 4
+
+
+def test_lora_adapter_saves_loads_changes_outputs_and_merges(tmp_path, tiny_qwen2, traces):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    cfg = quick(tiny_qwen2, traces, out, lora=True, merge=True, lr=1e-2,
+                lora_target_modules=["q_proj", "v_proj"], eval_fraction=0.25, eval_steps=2)
+    assert run_training(cfg) == 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    summary = json.loads((out / RUN_RECORD).read_text())["summary"]
+    assert summary["lora"] and summary["eval_examples"] == 2 and summary["final_eval_loss"] is not None
+    ids = torch.tensor([[1, 42, 43, 44, 45]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, out).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(ids).logits
+    assert (tuned - before).abs().max() > 1e-3, "the adapter changes outputs"
+    torch.testing.assert_close(merged, tuned, atol=1e-4, rtol=1e-4)
+
+
+class OutOfMemoryTrainer(Trainer):
+    """Fault injection: the first step runs out of GPU memory."""
+
+    def training_step(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_says_what_to_lower(tmp_path, tiny_qwen2, traces):
+    with pytest.raises(DistillError, match="out of memory.*--batch-size.*--max-length"):
+        run_training(quick(tiny_qwen2, traces, tmp_path / "oom"), trainer_cls=OutOfMemoryTrainer)
