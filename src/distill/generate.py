@@ -205,15 +205,16 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     api = ApiTeacher(base_url=teacher["base_url"], model=teacher["model"], api_key=teacher["api_key"],
                      api_key_env=teacher["api_key_env"], temperature=cfg.temperature, top_p=cfg.top_p,
                      max_tokens=cfg.max_tokens, top_logprobs=teacher["top_logprobs"],
-                     max_retries=cfg.max_retries, timeout=cfg.request_timeout, retry_backoff=cfg.retry_backoff)
+                     concurrency=cfg.concurrency, max_retries=cfg.max_retries,
+                     timeout=cfg.request_timeout, retry_backoff=cfg.retry_backoff)
     queue = deque(jobs)
     loop = asyncio.get_running_loop()
 
-    async def worker(writer) -> None:
+    async def worker(slot: int, writer) -> None:
         while queue:
             job = queue.popleft()
             try:
-                completion, _ = await api.complete(job.prompt.messages, job.seed)
+                completion, _ = await api.complete(job.prompt.messages, job.seed, slot)
             except RequestFailed as e:
                 await loop.run_in_executor(writer, sink.fail, job, e.reason, e.attempts)
             else:
@@ -223,7 +224,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     with ThreadPoolExecutor(1, thread_name_prefix="traces-writer") as writer:
         async with api:
             await api.check()
-            tasks = [asyncio.create_task(worker(writer)) for _ in range(min(cfg.concurrency, len(jobs)))]
+            tasks = [asyncio.create_task(worker(i, writer)) for i in range(min(cfg.concurrency, len(jobs)))]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
