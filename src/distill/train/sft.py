@@ -132,12 +132,13 @@ def _add_lora(cfg, model, preset: dict):
     return model
 
 
-def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int):
-    """``TrainingArguments`` for the config (the one place flags map onto transformers)."""
+def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, **overrides):
+    """``TrainingArguments`` for the config (the one place flags map onto transformers);
+    ``overrides`` replace any of them (benchmarks turn saving off)."""
     from transformers import TrainingArguments
 
     eval_kwargs = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps} if has_eval else {"eval_strategy": "no"}
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -170,6 +171,7 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int):
         dataloader_num_workers=0,
         **eval_kwargs,
     )
+    return TrainingArguments(**{**kwargs, **overrides})
 
 
 def prepare(cfg) -> TrainSetup:

@@ -1,0 +1,262 @@
+"""SFT throughput: distill's trainer vs TRL's SFTTrainer, padded and packed, in one run.
+
+    python bench/bench_sft.py --device cuda                 # Qwen2.5-1.5B sizes, 4k sequences
+    python bench/bench_sft.py --device cuda --liger         # + Liger kernels on both sides
+    python bench/bench_sft.py --device cpu --tiny           # end-to-end smoke run on a CPU
+
+The model is a Qwen2.5-1.5B architecture with random weights (Qwen2Config at the real sizes,
+vocab 151936); the data is synthetic chain-of-thought-like sequences: a 64-256 token prompt
+(unlabelled) and a long-tailed completion, 256..4096 tokens in all. Each row trains a fresh model
+from the same seed for --steps optimizer steps with the same settings (batch size, max length,
+bf16 autocast, gradient checkpointing, attention implementation, AdamW) and times the steps
+after --warmup. tokens/s counts real (non-padding) tokens; MFU = model FLOPs / time / peak, with
+model FLOPs per sequence of length s = 6*P*s + 6*L*d*s^2 (P: parameters in the matmuls including
+the LM head; the causal attention term; recomputation by checkpointing not counted).
+TRL rows are skipped with a note if trl is not installed (pip install trl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def model_config(tiny: bool):
+    from transformers import Qwen2Config
+
+    if tiny:
+        sizes = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    else:  # Qwen2.5-1.5B
+        sizes = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                     num_attention_heads=12, num_key_value_heads=2)
+    return Qwen2Config(**sizes, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, use_cache=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def synthetic_examples(n: int, max_len: int, vocab: int, seed: int = 0) -> list[dict]:
+    """CoT-like lengths: log-normal completions (median ~max_len/3) clipped to [max_len/16, max_len]."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = rng.randint(max(4, max_len // 64), max(8, max_len // 16))
+        total = int(min(max_len, max(max_len // 16, rng.lognormvariate(math.log(max_len / 3), 0.6))))
+        ids = [rng.randrange(3, vocab) for _ in range(total)]
+        ids[-1] = 1  # EOS, labelled
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "example_index": i})
+    return out
+
+
+class Meter:
+    """Wraps a collator: records each batch's sequence lengths (padding excluded)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.batches: list[list[int]] = []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if "attention_mask" in batch:
+            lengths = batch["attention_mask"].sum(-1).tolist()
+        elif "position_ids" in batch:
+            starts = (batch["position_ids"].flatten() == 0).nonzero().flatten().tolist() + [batch["position_ids"].numel()]
+            lengths = [b - a for a, b in zip(starts, starts[1:])]
+        else:
+            lengths = [batch["input_ids"].shape[-1]] * batch["input_ids"].shape[0]
+        self.batches.append(lengths)
+        return batch
+
+
+def step_timer(warmup: int):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.start = None
+            self.seconds = None
+
+        def _sync(self):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self._sync()
+                self.start = time.perf_counter()
+            elif state.global_step == state.max_steps:
+                self._sync()
+                self.seconds = time.perf_counter() - self.start
+
+    return StepTimer()
+
+
+def flops_per_sequence(config, s: int) -> float:
+    d, L, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = d // config.num_attention_heads * config.num_key_value_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter  # q, o, k, v, gate/up/down
+    params = L * per_layer + d * config.vocab_size  # + LM head
+    return 6 * params * s + 6 * L * d * s * s
+
+
+def run_row(name: str, make_trainer, config, warmup: int) -> dict:
+    """Train one row; returns tokens/s and achieved TFLOP/s over the timed steps."""
+    torch.manual_seed(0)
+    trainer, meter = make_trainer()
+    timer = step_timer(warmup)
+    trainer.add_callback(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    timed = meter.batches[warmup:trainer.state.global_step]
+    tokens = sum(sum(b) for b in timed)
+    flops = sum(flops_per_sequence(config, s) for b in timed for s in b)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"name": name, "tokens_s": tokens / timer.seconds, "tflops": flops / timer.seconds / 1e12,
+            "seqs": sum(len(b) for b in timed), "mem_gib": mem}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny model and 256-token sequences (CPU smoke run)")
+    p.add_argument("--max-length", type=int, default=None, help="default 4096 (256 with --tiny)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences (padded) or packed rows per step")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 30; 4 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5; 1 with --tiny)")
+    p.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 if installed, else sdpa)")
+    p.add_argument("--liger", action="store_true", help="Liger kernels on every row (pip install liger-kernel)")
+    p.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
+    p.add_argument("--only", default=None, help="comma-separated row names to run")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises: Trainer stays on the CPU
+    max_len = args.max_length or (256 if args.tiny else 4096)
+    steps = args.steps or (4 if args.tiny else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    attn = args.attn or _default_attn(args.device)
+    config = model_config(args.tiny)
+    config._attn_implementation = attn
+    # enough sequences for the packed rows: about 3 sequences fit in a row
+    examples = synthetic_examples(args.batch_size * steps * 4, max_len, config.vocab_size)
+
+    rows = [("distill padded", lambda: _distill(config, examples, args, max_len, steps, attn, packing=False)),
+            ("distill packed", lambda: _distill(config, examples, args, max_len, steps, attn, packing=True))]
+    try:
+        import trl  # noqa: F401
+        rows += [("TRL padded", lambda: _trl(config, examples, args, max_len, steps, packing=False)),
+                 ("TRL packed", lambda: _trl(config, examples, args, max_len, steps, packing=True))]
+        trl_note = f"trl {trl.__version__}"
+    except ImportError:
+        trl_note = "trl not installed: TRL rows skipped (pip install trl)"
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",")}
+        rows = [r for r in rows if r[0] in wanted]
+
+    results = [run_row(name, make, config, warmup) for name, make in rows]
+    _print_table(results, args, max_len, steps, warmup, attn, trl_note)
+    return 0
+
+
+def _default_attn(device: str) -> str:
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _fresh_model(config):
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config)  # fp32 master weights; bf16 autocast in training (both sides)
+
+
+def _distill(config, examples, args, max_len, steps, attn, packing: bool):
+    """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer."""
+    from transformers import Trainer
+
+    from distill.train.config import TrainConfig
+    from distill.train.data import Collator, pack_examples
+    from distill.train.sft import ExampleDataset, training_arguments
+
+    cfg = TrainConfig(out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
+                      warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
+                      liger=args.liger, logging_steps=10**6, report_to="none",
+                      attn_implementation=attn)
+    bf16 = args.device.startswith("cuda")
+    targs = training_arguments(cfg, has_eval=False, use_bf16=bf16, grad_accum=1, save_strategy="no", disable_tqdm=True)
+    data = pack_examples(examples, max_len) if packing else examples
+    meter = Meter(Collator(config.pad_token_id, packing=packing))
+    return Trainer(model=_fresh_model(config), args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
+
+
+def _trl(config, examples, args, max_len, steps, packing: bool):
+    """TRL's SFTTrainer on the same tokenized data (input_ids + labels), same settings."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    sft = SFTConfig(output_dir="/tmp/bench_sft_trl", max_steps=steps, per_device_train_batch_size=args.batch_size,
+                    learning_rate=1e-5, lr_scheduler_type="cosine", max_length=max_len, packing=packing,
+                    padding_free=packing, bf16=args.device.startswith("cuda"),
+                    gradient_checkpointing=args.ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+                    use_liger_kernel=args.liger, logging_steps=10**6, save_strategy="no", report_to="none",
+                    disable_tqdm=True, dataset_num_proc=1)
+    dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    trainer = SFTTrainer(model=_fresh_model(config), args=sft, train_dataset=dataset,
+                         processing_class=_stub_tokenizer(config))
+    meter = Meter(trainer.data_collator)
+    trainer.data_collator = meter
+    return trainer, meter
+
+
+def _stub_tokenizer(config):
+    """A word-level tokenizer with the model's special ids; the data is already token ids."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _print_table(results, args, max_len, steps, warmup, attn, trl_note) -> None:
+    import transformers
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
+    print(f"\nSFT throughput: {'tiny Qwen2' if args.tiny else 'Qwen2.5-1.5B (random weights)'}, "
+          f"max length {max_len}, batch {args.batch_size}, {steps} steps ({warmup} untimed), attn {attn}, "
+          f"gradient checkpointing {'on' if args.ckpt else 'off'}, liger {'on' if args.liger else 'off'}")
+    print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}, {trl_note}; "
+          f"python {platform.python_version()}\n")
+    base = {r["name"].split()[1]: r["tokens_s"] for r in results if r["name"].startswith("TRL")}
+    print("| row | tokens/s | TFLOP/s | MFU | vs TRL (same packing) | peak mem GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
+        kind = r["name"].split()[1]
+        ratio = f"{r['tokens_s'] / base[kind]:.2f}x" if kind in base else "n/a"
+        print(f"| {r['name']} | {r['tokens_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} | {r['mem_gib']:.1f} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
