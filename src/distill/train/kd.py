@@ -146,18 +146,18 @@ def open_cached_teacher(cfg, tokenizer, examples: list[dict], student_vocab: int
             raise DistillError(
                 f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}' renders to other tokens than the cache "
                 f"was made from (cache: think_style={header['think_style']}, max_length={header['max_length']}, "
-                f"overlong={header['overlong']}, rendered for '{header['rendered_for']}'); use the same settings")
+                f"overlong={header['overlong']}, rendered with the tokenizer of '{header['rendered_for']}'); run "
+                f"'distill logits --student {cfg.student}' with the same settings as this training")
     return CachedTeacher(cache, {ex["example_index"]: ex["id"] for ex in examples})
 
 
-def load_online_teacher(cfg, tokenizer, student_device):
+def load_online_teacher(cfg, path: str, tokenizer, student_device):
     """The frozen teacher model, checked to share the student's tokenizer."""
     import torch
 
     from distill.models import load_model, load_tokenizer
-    from distill.train.logits_cache import check_same_tokenizer, local_teacher
+    from distill.train.logits_cache import check_same_tokenizer
 
-    path, _ = local_teacher(cfg.teacher)
     check_same_tokenizer(tokenizer, cfg.student, load_tokenizer(path, require_chat_template=False), cfg.teacher)
     device = cfg.teacher_device or str(student_device)
     dtype = torch.bfloat16 if device.startswith("cuda") else None
@@ -168,16 +168,18 @@ def load_online_teacher(cfg, tokenizer, student_device):
 
 def run_kd(cfg) -> int:
     from distill.train import sft
+    from distill.train.logits_cache import local_teacher
 
     if bool(cfg.teacher) == bool(cfg.teacher_logits):
         raise DistillError("--method kd needs exactly one of --teacher (online) or --teacher-logits (offline cache)")
     kd = kd_settings(cfg)
+    teacher_path = local_teacher(cfg.teacher)[0] if cfg.teacher else None
     setup = sft.prepare(cfg)
     student_out = setup.model.get_output_embeddings().weight
     extra = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                     "chunk_size": kd.chunk_size}}
     if cfg.teacher:
-        teacher = load_online_teacher(cfg, setup.tokenizer, student_out.device)
+        teacher = load_online_teacher(cfg, teacher_path, setup.tokenizer, student_out.device)
         extra["kd"].update(mode="online", teacher=cfg.teacher)
         kwargs = {"teacher_model": teacher}
     else:

@@ -1,0 +1,180 @@
+"""KD training step: throughput and peak memory, one command, one Markdown table.
+
+    python bench/bench_kd_step.py --device cuda            # Qwen2.5-7B-arch teacher, 1.5B student
+    python bench/bench_kd_step.py --device cpu --tiny      # smoke run at tiny sizes
+
+Rows (all through transformers.Trainer, same TrainingArguments: bf16, gradient checkpointing,
+batch 1, AdamW, random-weight models of the real architectures, half of each sequence prompt):
+
+1. distill online KD (gJSD beta 0.5): teacher hidden states, chunked fused loss.
+2. TRL GKD loss path at equal settings (lmbda 0, i.e. no on-policy generation; beta 0.5): full
+   logits of both models, then ``trl.GKDTrainer.generalized_jsd_loss`` as GKDTrainer.compute_loss
+   does. Skipped when trl is not importable.
+3. distill offline KD from a cached top-64 cache (fkl), no teacher in memory.
+4. plain SFT (transformers' own cross-entropy) on the same data: the baseline for row 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from distill.train.data import Collator  # noqa: E402
+from distill.train.kd import CachedTeacher, _make_trainer_cls  # noqa: E402
+from distill.train.kd_losses import KDSettings  # noqa: E402
+from distill.train.logits_cache import FORMAT, LogitsCache, write_shard  # noqa: E402
+from distill.records import write_json  # noqa: E402
+
+QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+TINY_T = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=1064, tie_word_embeddings=False)
+TINY_S = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+
+
+def model(spec, device, dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device(device):
+        m = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=65536, **spec)).to(dtype)
+    m.config.use_cache = False
+    return m
+
+
+class Dataset:
+    def __init__(self, n, length, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = []
+        for i in range(n):
+            ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+            labels = [-100] * (length // 2) + ids[length // 2:]
+            self.rows.append({"input_ids": ids, "labels": labels, "example_index": i, "id": f"r{i}"})
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def gkd_trainer_cls():
+    """transformers.Trainer computing TRL GKDTrainer's loss the way GKDTrainer.compute_loss does."""
+    try:
+        from trl import GKDTrainer
+    except ImportError:
+        return None
+    from transformers import Trainer
+
+    class TRLGKD(Trainer):
+        def __init__(self, *a, teacher_model, **kw):
+            super().__init__(*a, **kw)
+            self.teacher_model = teacher_model
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {k: v for k, v in inputs.items() if k != "example_index"}
+            labels = inputs.pop("labels")
+            student = model(**inputs).logits
+            with torch.no_grad():
+                teacher = self.teacher_model(**inputs).logits
+            v = min(student.shape[-1], teacher.shape[-1])
+            loss = GKDTrainer.generalized_jsd_loss(student[:, :-1, :v], teacher[:, :-1, :v], labels=labels[:, 1:],
+                                                   beta=0.5, temperature=1.0)
+            return (loss, None) if return_outputs else loss
+
+    return TRLGKD
+
+
+def fake_cache(directory: Path, data: Dataset, vocab: int, k: int) -> CachedTeacher:
+    """A top-k cache in the real on-disk format, random teacher log-probs."""
+    entries = []
+    for row in data.rows:
+        n = sum(label != -100 for label in row["labels"][1:])
+        lp = torch.log_softmax(torch.randn(n, k + 1), -1)
+        entries.append({"id": row["id"], "sha": "-", "ids": torch.randint(0, vocab, (n, k)),
+                        "logprobs": lp[:, :k], "log_tail": lp[:, k]})
+    write_shard(directory / "shard-00000.safetensors", entries)
+    write_json(directory / "index.json", {"format": FORMAT, "header": {}, "shards": [{"file": "shard-00000.safetensors"}]})
+    return CachedTeacher(LogitsCache(directory), {r["example_index"]: r["id"] for r in data.rows})
+
+
+def run(label, trainer_cls, student, data, args_kw, steps, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(max_steps=1, per_device_train_batch_size=1, learning_rate=1e-5,
+                             report_to=[], save_strategy="no", logging_steps=10**6,
+                             remove_unused_columns=False, disable_tqdm=True, **args_kw)
+    trainer = (trainer_cls or Trainer)(model=student, args=args, train_dataset=data,
+                                       data_collator=Collator(0), **kw)
+    cuda = torch.cuda.is_available() and args_kw.get("use_cpu") is not True
+    try:
+        trainer.train()  # one untimed warm-up step (allocator, kernels)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        args.max_steps = steps
+        start = time.perf_counter()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        return label, steps * len(data.rows[0]["input_ids"]) / seconds, peak
+    except torch.OutOfMemoryError:
+        return label, None, None
+    finally:
+        del trainer
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 4096; tiny 128)")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    length = args.seq_len or (128 if args.tiny else 4096)
+    t_spec, s_spec = (TINY_T, TINY_S) if args.tiny else (QWEN_7B, QWEN_1_5B)
+    bf16 = cuda
+    args_kw = {"bf16": bf16, "gradient_checkpointing": True,
+               "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": not cuda}
+    data = Dataset(args.steps, length, s_spec["vocab_size"])
+    KDTrainer = _make_trainer_cls()
+    rows = []
+    teacher = model(t_spec, args.device, torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    rows.append(run("distill online KD (gJSD)", KDTrainer, model(s_spec, args.device, torch.float32), data, args_kw,
+                    args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0), teacher_model=teacher))
+    if (gkd := gkd_trainer_cls()) is not None:
+        rows.append(run("TRL GKD loss path (gJSD)", gkd, model(s_spec, args.device, torch.float32), data, args_kw,
+                        args.steps, teacher_model=teacher))
+    del teacher
+    with tempfile.TemporaryDirectory() as tmp:
+        cached = fake_cache(Path(tmp), data, s_spec["vocab_size"], 64)
+        rows.append(run("distill offline KD (top-64, fkl)", KDTrainer, model(s_spec, args.device, torch.float32),
+                        data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher_logits=cached))
+    rows.append(run("plain SFT (same data)", None, model(s_spec, args.device, torch.float32), data, args_kw, args.steps))
+
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    import transformers
+    print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
+          f"seq {length}; batch 1; {'bf16' if bf16 else 'fp32'}; gradient checkpointing\n")
+    print("| run | tokens/s | peak GiB |")
+    print("|---|---:|---:|")
+    for label, tps, peak in rows:
+        print(f"| {label} | {'OOM' if tps is None else f'{tps:.0f}'} | {'OOM' if tps is None else f'{peak:.1f}'} |")
+
+
+if __name__ == "__main__":
+    main()
