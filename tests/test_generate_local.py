@@ -43,7 +43,7 @@ def test_tiny_qwen2_teacher_writes_complete_records(tiny_qwen2, tmp_path):
 
 
 def test_batches_group_prompts_of_similar_length(tiny_llama):
-    teacher = LocalTeacher(str(tiny_llama), temperature=0.6, top_p=0.95, max_tokens=4, batch_size=3)
+    teacher = LocalTeacher.load(str(tiny_llama), temperature=0.6, top_p=0.95, max_tokens=4, batch_size=3)
     items = [(text, s) for text in ("short?", "a much " * 20 + "longer question?", "mid " * 8 + "?")
              for s in range(3)]
     batches = list(teacher.batches(items, lambda it: [{"role": "user", "content": it[0]}]))
@@ -53,7 +53,7 @@ def test_batches_group_prompts_of_similar_length(tiny_llama):
 
 def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_gguf):
     """Left padding in a batch must not change what the model writes."""
-    teacher = LocalTeacher(str(smollm2_gguf), temperature=0.0, top_p=1.0, max_tokens=8, batch_size=2)
+    teacher = LocalTeacher.load(str(smollm2_gguf), temperature=0.0, top_p=1.0, max_tokens=8, batch_size=2)
     chats = [[{"role": "user", "content": "What is 2 + 2?"}],
              [{"role": "system", "content": "You are a careful math tutor."},
               {"role": "user", "content": "Explain in one sentence why the sum of two odd numbers is even."}]]

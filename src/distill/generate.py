@@ -109,6 +109,9 @@ def generate(cfg: GenerateConfig) -> int:
             if not stats.failed:
                 errors_path.unlink(missing_ok=True)
         status = "failed" if stats.failed else "complete"
+    except DistillError:
+        status = "error"
+        raise
     finally:
         _report(cfg, teacher, stats, out, errors_path, status, console)
     if cfg.verify and status == "complete":
@@ -238,10 +241,11 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
 def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
     from distill.teachers.local import LocalTeacher
 
-    local = LocalTeacher(teacher["model"], temperature=cfg.temperature, top_p=cfg.top_p,
+    local = LocalTeacher.load(teacher["model"], temperature=cfg.temperature, top_p=cfg.top_p,
                          max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                          top_logprobs=teacher["top_logprobs"])
     sink.teacher["path"] = local.path
+    teacher.update(path=local.path, device=str(local.model.device), dtype=str(local.model.dtype))  # run record
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
     for i, batch in enumerate(local.batches(jobs, lambda job: job.prompt.messages)):
         seed = None if cfg.seed is None else cfg.seed + i

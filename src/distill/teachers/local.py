@@ -13,19 +13,25 @@ from distill.teachers.base import Completion, make_usage, split_reasoning, top_e
 
 
 class LocalTeacher:
-    def __init__(self, model: str, *, temperature: float, top_p: float, max_tokens: int,
-                 batch_size: int = 16, top_logprobs: int | None = None, device: str | None = None):
-        from distill.models import load_model, load_tokenizer, resolve_model
+    """``LocalTeacher.load(path, ...)`` for a saved model; the constructor takes loaded objects."""
 
-        self.path = resolve_model(model)
-        self.tokenizer = load_tokenizer(self.path)
+    def __init__(self, model, tokenizer, *, temperature: float, top_p: float, max_tokens: int,
+                 batch_size: int = 16, top_logprobs: int | None = None, path: str | None = None):
+        self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         self.tokenizer.padding_side = "left"
-        self.model = load_model(self.path, device=device).eval()
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.batch_size, self.top_logprobs = max(1, batch_size), top_logprobs
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+
+    @classmethod
+    def load(cls, model: str, device: str | None = None, **kwargs) -> "LocalTeacher":
+        """A model id, directory or .gguf file: bf16 on GPU, fp32 on CPU (see distill.models)."""
+        from distill.models import load_model, load_tokenizer, resolve_model
+
+        path = resolve_model(model)
+        return cls(load_model(path, device=device), load_tokenizer(path), path=path, **kwargs)
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -85,6 +91,3 @@ class LocalTeacher:
         return [top_entry(text([t])[0], logprobs[step, t].item(),
                           list(zip(text(indices[step].tolist()), values[step].tolist())))
                 for step, t in enumerate(ids)]
-
-    def describe(self) -> dict:
-        return {"path": self.path, "device": str(self.model.device), "dtype": str(self.model.dtype)}
