@@ -303,3 +303,15 @@ def test_ctrl_c_exits_130_with_resume_hint(tmp_path, prompts_file):
     finally:
         srv.stop()
     assert_complete(out, prompts_file, n=2)
+
+
+def test_verify_flag_grades_the_traces(tmp_path, prompts_file):
+    srv = FaultServer(schedules=[[]]).start()  # always answers \boxed{42}
+    out = tmp_path / "traces.jsonl"
+    try:
+        assert main(api_args(srv, prompts_file, out, "--limit", "8", "--verify")) == 0
+    finally:
+        srv.stop()
+    records = read_jsonl(out)
+    assert len(records) == 8
+    assert {r["reference"]: r["correct"] for r in records} == {str(7 * i): i == 6 for i in range(8)}
