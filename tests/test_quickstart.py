@@ -46,3 +46,43 @@ def test_student_preset_with_init_from_is_built_once(four_layers, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     load_preset("students", str(preset))
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# The CI run of configs/quickstart.yaml: the same steps, fewer questions, tokens and steps.
+CI_LIMITS = {
+    "generate": {"limit": 4, "max_tokens": 48, "batch_size": 4},
+    "verify": {"drop_truncated": False},  # at 48 tokens nearly every trace is cut off
+    "train": {"max_steps": 2, "batch_size": 2, "max_length": 256},
+    "eval": {"limit": 3, "k": 1, "max_gen_tokens": 32, "batch_size": 3},
+}
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_end_to_end(repo, smollm2_gguf, tmp_path, monkeypatch, capsys):
+    """``distill run configs/quickstart.yaml`` with CI limits prints the compare table."""
+    import yaml
+
+    from distill.cli import main
+
+    recipe = yaml.safe_load((repo / "configs" / "quickstart.yaml").read_text())
+    runs = tmp_path / "runs"
+    text = yaml.safe_dump(recipe).replace("runs/quickstart", str(runs))
+    recipe = yaml.safe_load(text)
+    for step in recipe["pipeline"]:
+        (command, options), = step.items()
+        options.update(CI_LIMITS.get(command, {}))
+    ci = tmp_path / "quickstart-ci.yaml"
+    ci.write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(repo)  # the recipe's data/ and .cache/ paths are relative to the checkout
+
+    assert main(["run", str(ci)]) == 0
+
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model ") and "distill_gsm8k pass@1" in table[0]
+    assert [row.split("|")[1].strip() for row in table[2:]] == [
+        "teacher SmolLM2-135M", "half-depth student, SFT", "half-depth student, KD"]
+    assert [row.split("|")[2].strip() for row in table[2:]] == ["—", "sft", "kd"]
+    assert (runs / "compare.csv").is_file() and (runs / "compare.png").is_file()
+    for name in ("student-sft", "student-kd"):
+        assert (runs / name / "distill_run.json").is_file()
