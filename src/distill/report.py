@@ -291,7 +291,9 @@ def bar_chart_png(rows: list[Row]) -> bytes:
                hatch="//" if row.differences else None)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("pass@1 (%)")
-    ax.set_ylim(0, 100)
+    tops = [100 * (m["pass@1"] + (m.get("pass@1_stderr") or 0))
+            for row in rows for t in tasks if row.task(t) for m in [row.task(t)["metrics"]]]
+    ax.set_ylim(0, min(100.0, max(5.0, 1.15 * max(tops))))  # small scores stay visible
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
