@@ -70,9 +70,12 @@ class Dataset:
 def gkd_trainer_cls():
     """transformers.Trainer computing TRL GKDTrainer's loss the way GKDTrainer.compute_loss does."""
     try:
-        from trl import GKDTrainer
+        from trl.experimental.gkd import GKDTrainer  # trl >= 1.x
     except ImportError:
-        return None
+        try:
+            from trl import GKDTrainer
+        except ImportError:
+            return None
     from transformers import Trainer
 
     class TRLGKD(Trainer):

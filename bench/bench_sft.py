@@ -171,12 +171,11 @@ def main(argv=None) -> int:
 
 
 def _default_attn(device: str) -> str:
+    """distill's choice for packed rows (flash-attn varlen, else flex_attention), used on every row."""
     if device.startswith("cuda"):
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
+        from distill.train.sft import default_attention
+
+        return default_attention(packing=True)
     return "sdpa"
 
 

@@ -83,13 +83,28 @@ def _use_bf16(cfg) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def default_attention(packing: bool) -> str | None:
+    """Packed rows on a GPU need varlen attention: sdpa can only take them as a dense block mask
+    (1.9x slower per step on an H100, bench/RESULTS.md), so flash-attn when installed, else
+    flex_attention's block-sparse mask. Otherwise transformers' own choice (sdpa)."""
+    import torch
+
+    if not packing or not torch.cuda.is_available():
+        return None
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except ImportError:
+        return "flex_attention"
+
+
 def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
     """The student model: full weights in fp32 (bf16 autocast trains them), or a LoRA/QLoRA adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
-    attn = cfg.attn_implementation or preset.get("attn_implementation")
+    attn = cfg.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.packing)
     if attn:
         kwargs["attn_implementation"] = attn
     if cfg.qlora:
