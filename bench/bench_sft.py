@@ -83,15 +83,22 @@ def step_timer(warmup: int):
         def __init__(self):
             self.start = None
             self.seconds = None
+            self.last = None
+            self.steps: list[float] = []  # per timed step, to tell fixed overheads from slow steps
 
         def _sync(self):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
+            if state.global_step >= warmup:
                 self._sync()
-                self.start = time.perf_counter()
+                now = time.perf_counter()
+                if self.last is not None:
+                    self.steps.append(now - self.last)
+                self.last = now
+            if state.global_step == warmup:
+                self.start = self.last
             elif state.global_step == state.max_steps:
                 self._sync()
                 self.seconds = time.perf_counter() - self.start
@@ -124,7 +131,8 @@ def run_row(name: str, make_trainer, config, warmup: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"name": name, "tokens_s": tokens / timer.seconds, "tflops": flops / timer.seconds / 1e12,
-            "seqs": sum(len(b) for b in timed), "mem_gib": mem}
+            "seqs": sum(len(b) for b in timed), "mem_gib": mem,
+            "step_ms": sorted(1000 * t for t in timer.steps)}
 
 
 def main(argv=None) -> int:
@@ -254,6 +262,10 @@ def _print_table(results, args, max_len, steps, warmup, attn, trl_note) -> None:
         kind = r["name"].split()[1]
         ratio = f"{r['tokens_s'] / base[kind]:.2f}x" if kind in base else "n/a"
         print(f"| {r['name']} | {r['tokens_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} | {r['mem_gib']:.1f} |")
+    for r in results:  # step times: a few slow steps (recompiles) vs every step slow
+        ms = r["step_ms"]
+        print(f"{r['name']}: step ms min {ms[0]:.0f} median {ms[len(ms) // 2]:.0f} max {ms[-1]:.0f}; "
+              f"sequences per step {r['seqs'] / max(1, len(ms)):.1f}")
     sys.stdout.flush()
 
 

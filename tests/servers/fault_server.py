@@ -110,6 +110,7 @@ class FaultServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True  # reply headers and body go out at once, as a real server does
             protocol_version = "HTTP/1.1"  # keep-alive, like real API servers
 
             def log_message(self, *args):
