@@ -21,7 +21,8 @@ fi
 stamp=".venv/.distill-installed$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing distill$extras (the first time takes a few minutes; llama-cpp-python builds from source)"
-  pip install -q -e ".$extras" 2>&1 | grep -v "^WARNING: Location" || true
-  python -c "import distill, transformers, lm_eval, math_verify" && touch "$stamp"
+  pip install -q -e ".$extras"
+  python -c "import distill, transformers, lm_eval, math_verify"
+  touch "$stamp"
 fi
 bash scripts/fetch_smollm2.sh
