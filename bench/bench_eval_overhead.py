@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "servers"))
 
-from servers.eval_server import EvalServer  # noqa: E402
+from eval_server import EvalServer  # noqa: E402
 
 LM_EVAL_DIRECT = """
 import sys

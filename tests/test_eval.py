@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
 from distill.cli import main
 from distill.eval.results import load_results
 from distill.records import read_jsonl
-from servers.eval_server import EvalServer
+
+sys.path.insert(0, str(Path(__file__).parent / "servers"))
+from eval_server import EvalServer  # noqa: E402
 
 SEED = 1234
 

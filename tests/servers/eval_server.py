@@ -17,8 +17,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from http_base import BackgroundServer
 
-class EvalServer:
+
+class EvalServer(BackgroundServer):
     def __init__(self, script: dict, latency: float = 0.0, host: str = "127.0.0.1", port: int = 0):
         self.script = script
         self.latency = latency
@@ -26,19 +28,6 @@ class EvalServer:
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> "EvalServer":
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def answer(self, body: dict) -> dict:
         user = next(m["content"] for m in body["messages"] if m["role"] == "user")

@@ -27,6 +27,8 @@ import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from http_base import BackgroundServer
+
 DEFAULT_SCHEDULES = ([], ["429"], ["500", "500"], [], ["slow"], ["drop"], ["429", "drop"], [])
 REASONING = "Let me think. 6 times 7 is 42."
 ANSWER = "The answer is $\\boxed{42}$."
@@ -37,7 +39,7 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # a burst of new connections must not overflow the listen backlog
 
 
-class FaultServer:
+class FaultServer(BackgroundServer):
     def __init__(self, *, schedules=DEFAULT_SCHEDULES, latency: float = 0.0, retry_after: str = "1",
                  slow_seconds: float = 3.0, reasoning: str = "reasoning_content",
                  api_key: str | None = None, model: str = "fault-model", always_fail: str | None = None,
@@ -56,19 +58,6 @@ class FaultServer:
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         self.httpd = _Server((host, port), self._handler())
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> "FaultServer":
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def plan(self, body: dict) -> tuple[tuple, str | None]:
         """(key, fault for this attempt or None); counts the attempt."""
