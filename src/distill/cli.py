@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import importlib
 import sys
+import time
 import typing
 
 from distill import __version__
@@ -126,7 +127,10 @@ def run_pipeline(recipe: str, only: str | None = None) -> int:
         if only and only not in (label, name):
             continue
         print(f"\n== step {i}/{len(steps)}: {label} ({name})", flush=True)
+        started = time.monotonic()
         rc = run_command(name, options, source=f"{recipe} [pipeline step {i}: {label}]")
+        print(f"== step {i}/{len(steps)}: {label} {'failed' if rc else 'done'} in {time.monotonic() - started:.0f} s",
+              flush=True)
         if rc:
             print(f"distill run: step '{label}' exited with {rc}; fix it and rerun (finished work is kept)",
                   file=sys.stderr)
