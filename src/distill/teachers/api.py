@@ -187,5 +187,7 @@ class ApiTeacher:
         if not content:
             return None
         k = self.top_logprobs
-        return [top_entry(t["token"], t["logprob"], [(a["token"], a["logprob"]) for a in t.get("top_logprobs") or []][:k])
+        return [top_entry(t["token"], t["logprob"],
+                          [(a["token"], a["logprob"], a.get("bytes")) for a in t.get("top_logprobs") or []][:k],
+                          t.get("bytes"))
                 for t in content]

@@ -45,7 +45,24 @@ def split_reasoning(content: str | None, reasoning: str | None = None) -> tuple[
     return "", content.strip()
 
 
-def top_entry(token: str, logprob: float, top: list[tuple[str, float]]) -> dict:
-    """One generated token's log-prob and its top-K alternatives, in a type-stable shape."""
-    return {"token": token, "logprob": float(logprob),
-            "top": [{"token": t, "logprob": float(lp)} for t, lp in top]}
+def top_entry(token: str, logprob: float, top: list[tuple], raw: list[int] | None = None) -> dict:
+    """One generated token's log-prob and its top-K alternatives, in a type-stable shape.
+
+    ``top`` holds ``(token, logprob)`` or ``(token, logprob, bytes)``. Bytes (the OpenAI field)
+    are kept only where they differ from the string's UTF-8: a token that is a fragment of a
+    multi-byte character prints lossily ('' or '\ufffd'), and its bytes are what identifies it
+    when the log-probs are mapped onto a student's vocabulary (``distill logits``).
+    """
+    entry = _alternative(token, logprob, raw)
+    entry["top"] = [_alternative(*t) for t in top]
+    return entry
+
+
+def _alternative(token: str, logprob: float, raw: list[int] | None = None) -> dict:
+    out = {"token": token, "logprob": float(logprob)}
+    try:
+        if isinstance(raw, list) and bytes(raw) != token.encode("utf-8", "surrogatepass"):
+            out["bytes"] = list(raw)
+    except (TypeError, ValueError):  # not a list of 0..255: no usable bytes
+        pass
+    return out

@@ -6,8 +6,10 @@ assistant tokens (see ``kd_losses``). The teacher is either
 
 - online (``--teacher``): a local model of the same tokenizer, frozen, in bf16 on GPU, on the
   student's device or ``--teacher-device``; one no-grad forward per step, or
-- offline (``--teacher-logits DIR``): top-k log-probs cached by ``distill logits``; no teacher
-  in memory. Every trace must render to exactly the tokens the cache was made from.
+- offline (``--teacher-logits DIR``): top-k log-probs cached by ``distill logits``, from a local
+  teacher or from the traces' API top_logprobs mapped onto the student's vocabulary
+  (``api_logits``); no teacher in memory. Every trace must render to exactly the tokens the cache
+  was made from.
 
 Neither side ever holds tokens x vocabulary logits: both models return final hidden states and
 the loss makes logits a chunk at a time.

@@ -12,6 +12,11 @@ shards plus ``index.json``:
 - ``index.json`` holds the settings the cache was made with (teacher, tokenizer fingerprint,
   top-k, temperature, rendering) and the list of finished shards. Shards and the index are
   written atomically (temp file + rename), so a rerun skips every trace in a finished shard.
+
+Two sources fill it. With ``--teacher`` a local model runs over the traces (this module). Without
+it, the traces' own API log-probs (``distill generate --top-logprobs K``) are mapped onto the
+student's vocabulary (``distill.train.api_logits``): same shards, same index, same resume, so
+``distill train --teacher-logits`` reads either.
 """
 
 from __future__ import annotations
@@ -30,11 +35,11 @@ INDEX = "index.json"
 
 @dataclass
 class LogitsConfig:
-    teacher: str | None = field(default=None, metadata={"help": "teacher preset/path (local model)"})
+    teacher: str | None = field(default=None, metadata={"help": "teacher preset/path (local model); leave out to convert the traces' API top_logprobs (needs --student)"})
     traces: str | None = field(default=None, metadata={"help": "traces JSONL"})
     out: str | None = field(default=None, metadata={"help": "output directory for the sharded cache"})
-    student: str | None = field(default=None, metadata={"help": "student preset/path whose chat rendering the cache follows (default: the teacher's)"})
-    top_k: int = field(default=64, metadata={"help": "top-k log-probs kept per token"})
+    student: str | None = field(default=None, metadata={"help": "student preset/path whose chat rendering (and, for API log-probs, vocabulary) the cache follows (default: the teacher's)"})
+    top_k: int = field(default=64, metadata={"help": "top-k log-probs kept per token (API log-probs: at most the K they were generated with)"})
     max_length: int = field(default=16384, metadata={"help": "max tokens per sample"})
     batch_size: int = field(default=4, metadata={"help": "sequences per teacher forward"})
     shard_size: int = field(default=256, metadata={"help": "traces per shard file"})
@@ -146,7 +151,8 @@ def local_teacher(name: str) -> tuple[str, dict]:
         raise DistillError(
             f"teacher '{name}' ({where_}) is an API model: online KD and 'distill logits --teacher' need a local "
             f"model; capture its top_logprobs with 'distill generate --top-logprobs K' and run 'distill logits "
-            f"--traces THOSE.jsonl' without --teacher"
+            f"--traces THOSE.jsonl --student STUDENT --out DIR' without --teacher (the teacher's tokens must be the "
+            f"student's), then train with --teacher-logits DIR"
         )
     if not preset.get("model"):
         raise DistillError(f"{where_}: teacher preset has no 'model'")
@@ -189,16 +195,17 @@ def cache_logits(cfg: LogitsConfig) -> int:
 
     from tqdm import tqdm
 
-    from distill.config import to_dict
     from distill.models import load_model, load_preset, load_tokenizer
-    from distill.records import write_json
-    from distill.runinfo import run_record, write_run_record
 
-    for name in ("teacher", "traces", "out"):
+    for name in ("traces", "out"):
         if not getattr(cfg, name):
             raise DistillError(f"distill logits needs --{name}")
     if cfg.top_k < 1:
         raise DistillError(f"--top-k must be >= 1, got {cfg.top_k}")
+    if not cfg.teacher:
+        from distill.train.api_logits import cache_api_logits
+
+        return cache_api_logits(cfg)
     teacher_path, _ = local_teacher(cfg.teacher)
     render_name = cfg.student or cfg.teacher
     render_preset = load_preset("students", cfg.student) if cfg.student else load_preset("teachers", cfg.teacher)
@@ -208,7 +215,6 @@ def cache_logits(cfg: LogitsConfig) -> int:
     think_style = think_style_for(cfg.think_style, render_preset)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = load_model(teacher_path).eval()
     vocab_size = min(model.get_output_embeddings().weight.shape[0], _vocab_rows(render_path))
     header = {
@@ -216,12 +222,7 @@ def cache_logits(cfg: LogitsConfig) -> int:
         "vocab_size": vocab_size, "top_k": min(cfg.top_k, vocab_size), "temperature": cfg.temperature,
         "max_length": cfg.max_length, "overlong": cfg.overlong, "think_style": think_style,
     }
-    index = read_index(out) or {"format": FORMAT, "header": header, "shards": []}
-    changed = {k: (index["header"].get(k), v) for k, v in header.items() if index["header"].get(k) != v}
-    if changed:
-        diff = ", ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-        raise DistillError(f"{out / INDEX}: cache was made with other settings ({diff}); use a new --out")
-    done = set(LogitsCache(out)._where) if index["shards"] else set()
+    index, done = open_cache(out, header)
 
     examples = all_examples(cfg, tokenizer, think_style)
     todo = [e for e in examples if e["id"] not in done]
@@ -241,17 +242,45 @@ def cache_logits(cfg: LogitsConfig) -> int:
                     entries.append({"id": e["id"], "sha": token_sha(e["input_ids"]), "ids": ids,
                                     "logprobs": lps, "log_tail": tail})
                     bar.update(int(ids.shape[0]))
-            name = f"shard-{len(index['shards']):05d}.safetensors"
-            write_shard(out / name, entries)
-            index["shards"].append({"file": name, "traces": len(entries),
-                                    "tokens": sum(int(e["ids"].shape[0]) for e in entries)})
-            write_json(out / INDEX, index)
+            add_shard(out, index, entries)
+    return finish(cfg, out, header, started)
+
+
+def open_cache(out: Path, header: dict) -> tuple[dict, set[str]]:
+    """(index, ids of the traces already cached) for ``out``; refuses a cache made with other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = read_index(out) or {"format": FORMAT, "header": header, "shards": []}
+    changed = {k: (index["header"].get(k), v) for k, v in header.items() if index["header"].get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+        raise DistillError(f"{out / INDEX}: cache was made with other settings ({diff}); use a new --out")
+    return index, (set(LogitsCache(out)._where) if index["shards"] else set())
+
+
+def add_shard(out: Path, index: dict, entries: list[dict]) -> None:
+    """Write the next shard, then the index that lists it (a crash between the two loses nothing)."""
+    from distill.records import write_json
+
+    name = f"shard-{len(index['shards']):05d}.safetensors"
+    write_shard(out / name, entries)
+    index["shards"].append({"file": name, "traces": len(entries),
+                            "tokens": sum(int(e["ids"].shape[0]) for e in entries)})
+    write_json(out / INDEX, index)
+
+
+def finish(cfg, out: Path, header: dict, started: float, **extra) -> int:
+    """The closing line and ``run.json`` beside the cache."""
+    import time
+
+    from distill.config import to_dict
+    from distill.runinfo import run_record, write_run_record
+
     stats = cache_stats(out)
     print(f"distill logits: {stats['traces']} traces, {stats['tokens']:,} tokens, "
           f"{stats['bytes_per_token']:.1f} bytes/token -> {out}", flush=True)
     write_run_record(out / "run.json", run_record("logits", to_dict(cfg), data_files={"traces": cfg.traces},
                                                    header=header, stats=stats,
-                                                   seconds=round(time.time() - started, 1)))
+                                                   seconds=round(time.time() - started, 1), **extra))
     return 0
 
 

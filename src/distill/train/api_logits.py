@@ -1,0 +1,402 @@
+"""``distill logits`` without ``--teacher``: the traces' API top_logprobs become the offline logits cache.
+
+``distill generate --top-logprobs K`` stores, for every token the teacher generated (reasoning and
+answer, as the server tokenised them), the sampled token and its K most likely alternatives with
+their log-probs, as strings (plus the raw bytes where the server gave bytes that differ from the
+string). This module writes them as the cache ``distill logits --teacher`` writes (same shards,
+index, resume and checks; see ``logits_cache``), so ``distill train --method kd --teacher-logits``
+has one path whatever the teacher was. It works only when the teacher's tokens are the student's:
+
+1. Vocabulary. Every sampled token and every alternative must be exactly one token of the
+   student's vocabulary, compared as raw bytes; the first that is not stops the run (the teacher
+   uses another tokenizer, and its distribution cannot be written over the student's tokens).
+   Servers print a byte fragment of a multi-byte character lossily when they give no bytes
+   (llama.cpp as '', vLLM as '\\ufffd'): such an alternative cannot be identified, so its
+   probability stays in the tail bucket (counted in ``run.json``).
+2. Sequence. Training renders each trace with the student's chat template and labels the
+   assistant tokens (``train/data.py``); the cache needs one row per labelled token. The sampled
+   tokens are aligned with those tokens: where the rendered text is the text the teacher
+   generated they must be the same tokens one for one, and the first difference stops the run
+   (naming the position and both tokens). The rendering changes the text only in whitespace and
+   think tags (reasoning and answer are stripped, ``<think>\\n...\\n</think>\\n\\n`` is written
+   around the reasoning, the template adds its end-of-turn token); such seams, and the rare spots
+   where the teacher sampled a non-canonical split of the same text, are stepped over, provided
+   both sides agree once whitespace, think tags and special tokens are removed.
+3. Rows. A labelled token matched to a sampled token gets the server's alternatives (sorted, at
+   most ``--top-k``; the sampled token too if it is not among them and a slot is free) and log
+   tail = log(1 - sum of their probabilities). A labelled token the API did not produce (the
+   think wrapper, the end-of-turn token, a seam) gets a one-hot teacher: log-prob 0 for the token
+   itself. One-hot rather than masked, because KD at ``--alpha 1`` has no cross-entropy: masked,
+   the student would never be taught to close its reasoning or end its turn; and the teacher did
+   produce these tokens (it stopped; it wrote the tags), so one-hot is close to its distribution
+   there. Rows are padded to k with other token ids at log-prob -20 (p ~ 2e-9), and an empty tail
+   is floored there too: a zero-probability bucket would make reverse KL infinite.
+
+API log-probs are the model's own distribution, before the sampling temperature and top-p
+(vLLM, llama.cpp and OpenAI report them so), so the cache's temperature is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+from distill.errors import DistillError
+
+FLOOR = -20.0           # log-prob of padding entries and of an empty tail
+WINDOW = 64             # tokens searched on either side to step over a seam
+THINK_TAGS = ("<think>", "</think>")
+LOSSY, MISSING, SAMPLED = -1, -2, -3  # lookup results that are not token ids
+
+
+# ---------------------------------------------------------------- the student's vocabulary as bytes
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character standing for each byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in kept}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _decoder_kind(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "sentencepiece" if hasattr(tokenizer, "sp_model") else "decode"
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders") or [decoder]}
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if kinds & {"ByteFallback", "Metaspace", "Replace"}:
+        return "sentencepiece"
+    return "decode"
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """The raw bytes of every token id (added tokens: their text)."""
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    added = {i: t.content for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
+    kind = _decoder_kind(tokenizer)
+    alphabet = _byte_level_alphabet()
+    out = []
+    for i, piece in enumerate(pieces):
+        if i in added:
+            out.append(added[i].encode("utf-8"))
+        elif piece is None:
+            out.append(b"")
+        elif kind == "byte_level" and all(c in alphabet for c in piece):
+            out.append(bytes(alphabet[c] for c in piece))
+        elif kind == "sentencepiece":
+            hex_byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+            out.append(bytes([int(hex_byte.group(1), 16)]) if hex_byte
+                       else piece.replace("\u2581", " ").encode("utf-8"))
+        else:
+            out.append(tokenizer.decode([i], clean_up_tokenization_spaces=False).encode("utf-8"))
+    return out
+
+
+class StudentVocab:
+    """The student's tokens as raw bytes, for exact lookups of the strings an API printed."""
+
+    def __init__(self, tokenizer, name: str):
+        self.describe = f"student '{name}' ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"
+        self.bytes = token_bytes(tokenizer)
+        self.ids: dict[bytes, int] = {}
+        for i, b in enumerate(self.bytes):
+            if b:
+                self.ids.setdefault(b, i)
+        special = set(tokenizer.all_special_ids)
+        special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if t.special}
+        markers = {self.text([i]) for i in special if i < len(self.bytes) and self.bytes[i]} | set(THINK_TAGS)
+        self.markers = sorted(markers, key=len, reverse=True)
+        self._lossy: dict[int, tuple[str, ...]] = {}
+
+    def lookup(self, alternative: dict) -> int:
+        """Student id of one API token; LOSSY for a fragment printed without bytes; MISSING if not one token."""
+        raw = alternative.get("bytes")
+        if raw is not None:
+            key = bytes(raw)
+        else:
+            token = alternative["token"]
+            if not token or "\ufffd" in token:
+                return LOSSY
+            try:
+                key = token.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: a fragment too
+                return LOSSY
+        return self.ids.get(key, MISSING)
+
+    def text(self, ids) -> str:
+        return b"".join(self.bytes[i] for i in ids).decode("utf-8", "replace")
+
+    def lossy_forms(self, token_id: int) -> tuple[str, ...]:
+        """How servers print this token if it is a fragment of a character ('' or '\\ufffd' forms)."""
+        if token_id not in self._lossy:
+            raw = self.bytes[token_id]
+            try:
+                raw.decode("utf-8")
+                forms: tuple[str, ...] = ()
+            except UnicodeDecodeError:
+                forms = (raw.decode("utf-8", "ignore"), raw.decode("utf-8", "replace"))
+            self._lossy[token_id] = forms
+        return self._lossy[token_id]
+
+    def normalise(self, text: str) -> str:
+        """The text without think tags, special tokens and whitespace: what seams may change."""
+        for marker in self.markers:
+            text = text.replace(marker, "")
+        return "".join(text.split())
+
+
+# ---------------------------------------------------------------- one trace
+
+
+class Refusal(Exception):
+    """A trace whose log-probs cannot be used; the caller adds where it is."""
+
+
+def _shown(entry: dict) -> str:
+    raw = entry.get("bytes")
+    return bytes(raw).decode("utf-8", "replace") if raw is not None else entry["token"]
+
+
+def _mapped_alternatives(tops: list[dict], vocab: StudentVocab, teacher: str) -> tuple[list[int], list[list]]:
+    """Student ids of the sampled tokens and (id, logprob) of the alternatives; refuses unknown tokens."""
+    sampled, alternatives = [], []
+    for pos, entry in enumerate(tops):
+        for what, alt in (("sampled token", entry), *(("alternative", a) for a in entry.get("top") or ())):
+            sid = vocab.lookup(alt)
+            if sid == MISSING:
+                raise Refusal(
+                    f"teacher {teacher} {what} {_shown(alt)!r} at generated position {pos} is not one token of "
+                    f"{vocab.describe}: the teacher's tokenizer differs from the student's, so its log-probs "
+                    f"cannot be mapped exactly; use a student of the teacher's tokenizer, or train on these "
+                    f"traces with 'distill train --method sft'")
+            if what == "sampled token":
+                sampled.append(sid)
+                continue
+            if ("bytes" not in alt and alt["token"] == entry["token"]
+                    and abs(float(alt["logprob"]) - float(entry["logprob"])) < 1e-6):
+                sid = SAMPLED  # the sampled token itself: identified by the alignment even if printed lossily
+            alternatives.append((pos, sid, float(alt["logprob"])))
+    rows: list[list] = [[] for _ in tops]
+    for pos, sid, lp in alternatives:
+        rows[pos].append((sid, lp))
+    return sampled, rows
+
+
+def align(sampled: list[int], shown: list[str], student: list[int], vocab: StudentVocab,
+          teacher: str) -> list[int | None]:
+    """For each student token, the generated position that produced it (None: not produced by the API)."""
+    n_api, n_student = len(sampled), len(student)
+
+    def match(i: int, j: int) -> bool:
+        return sampled[i] == student[j] or shown[i] in vocab.lossy_forms(student[j])
+
+    def agree(i0: int, i1: int, j0: int, j1: int) -> bool:
+        api, ours = "".join(shown[i0:i1]), vocab.text(student[j0:j1])
+        if vocab.normalise(api) == vocab.normalise(ours):
+            return True
+        if any(s == LOSSY for s in sampled[i0:i1]):  # fragments printed lossily: compare the ASCII
+            ascii_only = lambda t: "".join(c for c in vocab.normalise(t) if c < "\x80")  # noqa: E731
+            return ascii_only(api) == ascii_only(ours)
+        return False
+
+    def resync(i: int, j: int) -> tuple[int, int] | None:
+        for d in range(1, 2 * WINDOW + 1):
+            for di in range(max(0, d - WINDOW), min(d, WINDOW) + 1):
+                i1, j1 = i + di, j + d - di
+                if i1 > n_api or j1 > n_student:
+                    continue
+                if (i1, j1) != (n_api, n_student) and not (i1 < n_api and j1 < n_student and match(i1, j1)):
+                    continue
+                if agree(i, i1, j, j1):
+                    return i1, j1
+        return None
+
+    source: list[int | None] = [None] * n_student
+    i = j = 0
+    while i < n_api or j < n_student:
+        if i < n_api and j < n_student and match(i, j):
+            source[j] = i
+            i, j = i + 1, j + 1
+            continue
+        step = resync(i, j)
+        if step is None:
+            theirs = repr(shown[i]) if i < n_api else "nothing more"
+            ours = repr(vocab.text([student[j]])) if j < n_student else "nothing more"
+            before = vocab.text(student[max(0, j - 4):j])
+            raise Refusal(
+                f"teacher {teacher} sampled tokens do not re-tokenise to the student's: at generated position "
+                f"{i} the teacher has {theirs} where {vocab.describe} has assistant token {j} {ours} "
+                f"(after {before!r}); the teacher's tokenizer differs, or the trace's text is not the text the "
+                f"log-probs are for; train on these traces with 'distill train --method sft'")
+        i, j = step
+    return source
+
+
+def trace_rows(trace: dict, student: list[int], vocab: StudentVocab, top_k: int, teacher: str,
+               counts: Counter) -> tuple[list[list[int]], list[list[float]], list[float]]:
+    """(ids, log-probs, log tail) per student assistant token, from the trace's API top_logprobs."""
+    tops = trace["top_logprobs"]
+    sampled, alternatives = _mapped_alternatives(tops, vocab, teacher)
+    source = align(sampled, [_shown(t) for t in tops], student, vocab, teacher)
+    ids, logprobs, tails = [], [], []
+    for token, pos in zip(student, source):
+        if pos is None:
+            kept = [(token, 0.0)]
+            counts["one_hot_rows"] += 1
+            log_tail = FLOOR
+        else:
+            kept, seen = [], set()
+            for sid, lp in sorted(alternatives[pos], key=lambda a: -a[1]):
+                sid = token if sid == SAMPLED else sid
+                if sid == LOSSY:
+                    counts["lossy_alternatives"] += 1
+                elif sid not in seen and len(kept) < top_k:
+                    kept.append((sid, lp))
+                    seen.add(sid)
+            if token not in seen and len(kept) < top_k:  # room left (fragments, duplicates): the sampled token
+                kept.append((token, float(tops[pos]["logprob"])))
+            tail = 1.0 - math.fsum(math.exp(lp) for _, lp in kept)
+            log_tail = math.log(tail) if tail > math.exp(FLOOR) else FLOOR
+            counts["api_rows"] += 1
+        used = {sid for sid, _ in kept}
+        pad = (t for t in range(len(vocab.bytes)) if t not in used)
+        kept += [(next(pad), FLOOR) for _ in range(top_k - len(kept))]
+        ids.append([sid for sid, _ in kept])
+        logprobs.append([lp for _, lp in kept])
+        tails.append(log_tail)
+    return ids, logprobs, tails
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _teacher_name(trace: dict) -> str:
+    teacher = trace.get("teacher") if isinstance(trace.get("teacher"), dict) else {}
+    return str(teacher.get("name") or teacher.get("model") or "unknown")
+
+
+def _teacher_described(trace: dict) -> str:
+    """'NAME' or 'NAME' (model 'MODEL'): what the messages call the teacher."""
+    name = _teacher_name(trace)
+    model = (trace.get("teacher") or {}).get("model") if isinstance(trace.get("teacher"), dict) else None
+    return f"'{name}'" + (f" (model '{model}')" if model and model != name else "")
+
+
+def check_logprobs(trace: dict) -> int:
+    """K of a trace's top_logprobs; refuses traces without usable ones."""
+    teacher = _teacher_described(trace)
+    tops = trace.get("top_logprobs")
+    if not tops:
+        raise Refusal(
+            f"has no top_logprobs (teacher {teacher}): KD needs the teacher's log-probs; generate with "
+            f"'distill generate --top-logprobs K' from a teacher that returns them (a local model, vLLM, "
+            f"llama.cpp; deepseek-reasoner and other hosted reasoners give none), or train on these traces "
+            f"with 'distill train --method sft'")
+    k = max(len(t.get("top") or ()) for t in tops)
+    if k < 1:
+        raise Refusal(
+            f"has top_logprobs with no alternatives (K = 0, teacher {teacher}): offline KD needs K >= 1; "
+            f"regenerate with 'distill generate --top-logprobs K' (1 <= K <= 20)")
+    return k
+
+
+def cache_api_logits(cfg) -> int:
+    """``distill logits --traces T --student S --out D`` (no ``--teacher``): resumable, like the local path."""
+    import torch
+    from tqdm import tqdm
+
+    from distill.models import load_preset, load_tokenizer
+    from distill.records import iter_jsonl
+    from distill.train.data import REQUIRED_TRACE_FIELDS, render_messages, tokenize_example
+    from distill.train.logits_cache import (_vocab_rows, add_shard, all_examples, finish, open_cache,
+                                            think_style_for, token_sha, tokenizer_sha)
+
+    if not cfg.student:
+        raise DistillError("distill logits without --teacher maps the traces' API top_logprobs onto a student's "
+                           "vocabulary and needs --student (or pass --teacher for a local teacher)")
+    if cfg.temperature != 1.0:
+        raise DistillError(f"--temperature {cfg.temperature}: API log-probs are the teacher's own distribution "
+                           f"(temperature 1) and cannot be re-tempered; leave --temperature at 1")
+    started = time.time()
+    preset = load_preset("students", cfg.student)
+    path = str(preset.get("model", cfg.student))
+    tokenizer = load_tokenizer(path)
+    think_style = think_style_for(cfg.think_style, preset)
+    examples = {e["example_index"]: e for e in all_examples(cfg, tokenizer, think_style)}
+
+    def records():
+        return enumerate(iter_jsonl(cfg.traces, required=REQUIRED_TRACE_FIELDS))
+
+    def where(index: int) -> str:
+        return f"{cfg.traces}:{index + 1}: trace '{examples[index]['id']}'"
+
+    first_index = min(examples)
+    first = next(t for index, t in records() if index == first_index)
+    try:
+        k_api = check_logprobs(first)
+    except Refusal as e:
+        raise DistillError(f"{where(first_index)} {e}") from None
+    teacher = _teacher_name(first)
+    header = {
+        "teacher": teacher, "source": "api top_logprobs", "rendered_for": cfg.student,
+        "tokenizer_sha": tokenizer_sha(tokenizer), "vocab_size": _vocab_rows(path),
+        "top_k": min(cfg.top_k, k_api), "temperature": 1.0, "max_length": cfg.max_length,
+        "overlong": cfg.overlong, "think_style": think_style,
+    }
+    out = Path(cfg.out)
+    index, done = open_cache(out, header)
+    todo = {i: e for i, e in examples.items() if e["id"] not in done}
+    n_tokens = sum(sum(label != -100 for label in e["labels"][1:]) for e in todo.values())
+    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, {len(todo)} to "
+          f"convert ({n_tokens:,} assistant tokens): API top-{header['top_k']} log-probs of '{teacher}' mapped "
+          f"onto the vocabulary of '{cfg.student}'", flush=True)
+    vocab = StudentVocab(tokenizer, cfg.student)
+    counts: Counter = Counter()
+    entries: list[dict] = []
+    with tqdm(total=n_tokens, unit="tok", desc="API top-k", dynamic_ncols=True) as bar:
+        for i, trace in records():
+            ex = todo.get(i)
+            if ex is None:
+                continue
+            n_rows = sum(label != -100 for label in ex["labels"][1:])
+            full = ex
+            if len(ex["input_ids"]) >= cfg.max_length:  # maybe truncated: align the whole turn, keep its head
+                full = tokenize_example(render_messages(trace, think_style), tokenizer)
+            student = [label for label in full["labels"] if label != -100]
+            try:
+                check_logprobs(trace)
+                ids, lps, tails = trace_rows(trace, student, vocab, header["top_k"], _teacher_described(trace),
+                                             counts)
+            except Refusal as e:
+                raise DistillError(f"{where(i)} {e}") from None
+            shape = (n_rows, header["top_k"])
+            entries.append({"id": ex["id"], "sha": token_sha(ex["input_ids"]),
+                            "ids": torch.tensor(ids[:n_rows], dtype=torch.int32).reshape(shape),
+                            "logprobs": torch.tensor(lps[:n_rows], dtype=torch.float32).reshape(shape),
+                            "log_tail": torch.tensor(tails[:n_rows], dtype=torch.float32)})
+            bar.update(n_rows)
+            if len(entries) == cfg.shard_size:
+                add_shard(out, index, entries)
+                entries = []
+        if entries:
+            add_shard(out, index, entries)
+    if counts:
+        print(f"distill logits: {counts['api_rows']:,} rows from the API's log-probs, {counts['one_hot_rows']:,} "
+              f"one-hot (think wrapper, end of turn, whitespace seams); {counts['lossy_alternatives']:,} "
+              f"alternatives printed lossily by the server kept in the tail", flush=True)
+    return finish(cfg, out, header, started, api={"teacher": teacher, "converted": dict(counts)})
