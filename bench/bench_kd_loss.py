@@ -8,6 +8,10 @@ Inputs model a Qwen2.5-7B teacher (hidden 3584) distilling into a 1.5B student (
 bf16 hidden states and output embeddings; all loss maths fp32. Every row is generalized JSD with
 beta = 0.5 (the one loss all three implement), student gradients w.r.t. hidden states and the
 output embedding, teacher without gradient. Peak memory is above what the inputs themselves take.
+
+On CUDA the 'distill (chunked)' row is the default path, whose per-chunk maths runs through
+torch.compile (the warm-up step absorbs the compile); 'distill (chunked, eager)' is the same loss
+with compilation off (kd_losses.COMPILE = "never"), for comparison.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from distill.train import kd_losses  # noqa: E402
 from distill.train.kd_losses import DenseTeacher, KDSettings, chunked_kd_loss, divergence  # noqa: E402
 
 
@@ -29,6 +34,15 @@ def ours(hs, ws, ht, wt, targets, chunk_size):
     cfg = KDSettings(loss="jsd", beta=0.5, alpha=1.0, chunk_size=chunk_size)
     total, _ = chunked_kd_loss(hs, ws, targets, DenseTeacher(ht, wt), cfg)
     return total / targets.numel()
+
+
+def ours_eager(*args):
+    """The same with torch.compile off (the gradients are made in forward, so backward needs no switch)."""
+    mode, kd_losses.COMPILE = kd_losses.COMPILE, "never"
+    try:
+        return ours(*args)
+    finally:
+        kd_losses.COMPILE = mode
 
 
 def naive(hs, ws, ht, wt, targets, chunk_size):
@@ -90,6 +104,8 @@ def main():
         [4096, 8192, 16384, 32768] if not args.tiny else [256, 512])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     impls = {"distill (chunked)": ours, "naive full logits": naive}
+    if args.device.startswith("cuda"):
+        impls["distill (chunked, eager)"] = ours_eager
     if (lg := liger()) is not None and args.device.startswith("cuda"):
         impls["Liger fused linear JSD"] = lg
 

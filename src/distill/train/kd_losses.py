@@ -26,17 +26,29 @@ respect to the hidden states and the output embedding right away (a fused linear
 Liger-Kernel), so nothing of size tokens x vocabulary outlives a chunk and backward is a copy.
 The teacher is either dense (its hidden states and output embedding, logits made per chunk
 without gradient) or sparse (cached top-k log-probs plus the remaining tail mass as one bucket).
+
+Speed: the matrix products are cheap next to the per-chunk elementwise maths (log-softmax of a
+1024 x 151,936 chunk, the divergence, the cross-entropy and their gradients), which is bound by
+memory traffic. ``_chunk_maths`` is that maths as one pure function of tensors; on CUDA it runs
+through ``torch.compile``, which fuses its forward and backward into a few kernels that read the
+bf16 logits a handful of times instead of writing and re-reading many fp32 chunk-sized tensors.
+The maths is fp32 either way. ``COMPILE`` (env ``DISTILL_KD_COMPILE``) chooses: ``auto`` (compile
+on CUDA, eager elsewhere: compiling on a CPU is slow to warm up), ``always`` or ``never``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 LOSSES = ("fkl", "rkl", "jsd", "skew", "tvd")
+
+#: When the per-chunk maths runs through torch.compile: "auto" (tensors on CUDA), "always" or
+#: "never". Read from DISTILL_KD_COMPILE at import; tests and benches may assign it.
+COMPILE = os.environ.get("DISTILL_KD_COMPILE", "auto")
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -95,16 +107,21 @@ class DenseTeacher:
     (Qwen2.5 pads to 151,936 or 152,064 rows), both sides are cut to the shared vocabulary.
     """
 
+    sparse = False
+
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int | None = None):
         self.hidden, self.weight = hidden, weight
         self.vocab_size = vocab_size or weight.shape[0]
 
-    def pair(self, student_logits: torch.Tensor, rows: slice, temperature: float):
-        v = self.vocab_size
+    def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
+        """The teacher's logits for these rows (its own dtype), moved to ``device``."""
         with torch.no_grad():
-            t_logits = self.hidden[rows] @ self.weight[:v].to(self.hidden.dtype).T
-            t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1).to(student_logits.device)
-        return torch.log_softmax(student_logits[:, :v] / temperature, dim=-1), t_logp
+            t_logits = self.hidden[rows] @ self.weight[:self.vocab_size].to(self.hidden.dtype).T
+        return (t_logits.to(device),)
+
+    def pair(self, student_logits: torch.Tensor, rows: slice, temperature: float):
+        """Student and teacher log-probs at ``temperature`` over the shared vocabulary."""
+        return _dense_pair(student_logits, *self.chunk(rows, student_logits.device), temperature)[:2]
 
 
 class SparseTeacher:
@@ -115,27 +132,140 @@ class SparseTeacher:
     other logits). With k equal to the vocabulary the tail is empty and this is the dense loss.
     """
 
+    sparse = True
+
     def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor):
         self.ids, self.logprobs, self.log_tail = ids.long(), logprobs, log_tail
 
+    def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
+        """(ids, log-probs, log tail) for these rows, on ``device``."""
+        return tuple(x[rows].to(device) for x in (self.ids, self.logprobs, self.log_tail))
+
     def pair(self, student_logits: torch.Tensor, rows: slice, temperature: float):
-        ids = self.ids[rows]
-        s_all = torch.log_softmax(student_logits / temperature, dim=-1)
-        s_top = s_all.gather(1, ids)
-        # finfo.min, not -inf: an empty tail must not turn logsumexp's gradient into NaN.
-        others = s_all.scatter(1, ids, torch.finfo(s_all.dtype).min)
-        s_logp = torch.cat([s_top, torch.logsumexp(others, dim=-1, keepdim=True)], dim=-1)
-        t = torch.cat([self.logprobs[rows].float(), self.log_tail[rows].float()[:, None]], dim=-1)
-        # renormalise: fp16 storage leaves the k + 1 buckets summing to 1 only approximately
-        return s_logp, torch.log_softmax(t, dim=-1)
+        """Student and teacher log-probs at ``temperature`` over the k + 1 buckets."""
+        return _sparse_pair(student_logits, *self.chunk(rows, student_logits.device), temperature)[:2]
 
 
-def _chunk_sums(logits: torch.Tensor, targets: torch.Tensor, teacher, rows: slice, cfg: KDSettings):
-    """(weighted loss, KD sum, CE sum) over one chunk of fp32 student logits."""
-    ce = F.cross_entropy(logits, targets, reduction="sum")
-    s_logp, t_logp = teacher.pair(logits, rows, cfg.temperature)
-    kd = divergence(s_logp, t_logp, cfg.loss, cfg.beta).sum() * cfg.temperature ** 2
-    return cfg.alpha * kd + (1.0 - cfg.alpha) * ce, kd, ce
+def _dense_pair(logits, t_logits, temperature):
+    """(student log-probs, teacher log-probs, student log-probs over its whole vocabulary or None)."""
+    v = t_logits.shape[-1]
+    s_logp = torch.log_softmax(logits[:, :v].float() / temperature, dim=-1)
+    t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)
+    return s_logp, t_logp, s_logp if v == logits.shape[-1] else None
+
+
+def _sparse_pair(logits, ids, logprobs, log_tail, temperature):
+    """(student, teacher) log-probs over the k + 1 buckets, and the student's over the vocabulary."""
+    s_logp, s_all = _sparse_student(logits.float(), ids, temperature)
+    return s_logp, _sparse_teacher(logprobs, log_tail), s_all
+
+
+def _sparse_student(z, ids, temperature):
+    """The student's log-probs over the teacher's k + 1 buckets, and over its whole vocabulary."""
+    s_all = torch.log_softmax(z / temperature, dim=-1)
+    s_top = s_all.gather(1, ids)
+    # finfo.min, not -inf: an empty tail must not turn logsumexp's gradient into NaN.
+    others = s_all.scatter(1, ids, torch.finfo(s_all.dtype).min)
+    return torch.cat([s_top, torch.logsumexp(others, dim=-1, keepdim=True)], dim=-1), s_all
+
+
+def _sparse_teacher(logprobs, log_tail):
+    t = torch.cat([logprobs.float(), log_tail.float()[:, None]], dim=-1)
+    # renormalise: fp16 storage leaves the k + 1 buckets summing to 1 only approximately
+    return torch.log_softmax(t, dim=-1)
+
+
+def _cross_entropy(z, targets, s_full, temperature):
+    """Summed next-token cross-entropy at T = 1 over the whole vocabulary; targets of -100 add none.
+
+    Reuses the KD log-softmax when it is that one. The target is picked by comparison with a column
+    index, not gather, so that under torch.compile forward and backward stay elementwise and fuse
+    (a gather's gradient is a scatter into a new tensor).
+    """
+    logp = s_full if temperature == 1.0 and s_full is not None else torch.log_softmax(z, dim=-1)
+    hit = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
+    return -torch.where(hit, logp, 0.0).sum()
+
+
+def _sparse_student_ce(logits, targets, ids, temperature):
+    """The vocabulary-wide part of a sparse chunk: student log-probs over the k + 1 buckets, CE sum."""
+    z = logits.float()
+    s_logp, s_all = _sparse_student(z, ids, temperature)
+    return s_logp, _cross_entropy(z, targets, s_all, temperature)
+
+
+def _mixed(s_logp, t_logp, ce, loss, beta, temperature, alpha):
+    kd = divergence(s_logp, t_logp, loss, beta).sum() * temperature ** 2
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+
+def _chunk_maths(logits, targets, teacher, loss, beta, temperature, alpha, sparse):
+    """(weighted loss, KD sum, CE sum) of one chunk: a pure function of tensors, fp32 throughout.
+
+    logits: the student's (rows, V) logits in any dtype (upcast here); teacher: ``DenseTeacher.chunk``
+    or ``SparseTeacher.chunk`` for the same rows; the rest are Python constants. Targets of -100
+    add no cross-entropy (F.cross_entropy's ignore_index), as before.
+    """
+    if sparse:
+        ids, logprobs, log_tail = teacher
+        s_logp, ce = _sparse_student_ce(logits, targets, ids, temperature)
+        return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, loss, beta, temperature, alpha)
+    z = logits.float()
+    s_logp, t_logp, s_full = _dense_pair(z, teacher[0], temperature)
+    return _mixed(s_logp, t_logp, _cross_entropy(z, targets, s_full, temperature), loss, beta, temperature, alpha)
+
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _compiled(key, fn):
+    """torch.compile(fn), once per key, with every argument's first (row) dimension dynamic."""
+    if key not in _COMPILED:
+        # a code object of its own, so that dynamo's recompile limit (8 per code object) counts
+        # this variant's grad modes and shapes, not every loss setting used in the process
+        fn.__code__ = fn.__code__.replace()
+        compiled = torch.compile(fn)
+
+        def run(*tensors):
+            # the last chunk is shorter: rows are dynamic from the first call, not a recompile per size
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            return compiled(*tensors)
+
+        _COMPILED[key] = run
+    return _COMPILED[key]
+
+
+def _chunk_fn(cfg: KDSettings, sparse: bool, device: torch.device):
+    """``_chunk_maths`` for these settings, called as f(logits, targets, *teacher_chunk).
+
+    Compiled where ``COMPILE`` says. Dense: the whole chunk maths. Sparse: only its
+    vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
+    rows x (k + 1) stays eager: it is tiny, and inductor (torch 2.11, H100) fused its no-grad
+    graph for jsd and skew into kernels that returned wrong sums.
+    """
+    if COMPILE not in ("auto", "always", "never"):
+        raise ValueError(f"DISTILL_KD_COMPILE / kd_losses.COMPILE must be auto, always or never, got {COMPILE!r}")
+    consts = (cfg.loss, float(cfg.beta), float(cfg.temperature), float(cfg.alpha))
+    if COMPILE == "never" or (COMPILE == "auto" and device.type != "cuda"):
+        return lambda logits, targets, *teacher: _chunk_maths(logits, targets, teacher, *consts, sparse)
+    if not sparse:
+        def dense(logits, targets, t_logits):
+            return _chunk_maths(logits, targets, (t_logits,), *consts, False)
+
+        return _compiled(("dense", *consts), dense)
+    temperature = consts[2]
+
+    def student(logits, targets, ids):
+        return _sparse_student_ce(logits, targets, ids, temperature)
+
+    student = _compiled(("sparse", temperature), student)
+
+    def run(logits, targets, ids, logprobs, log_tail):
+        s_logp, ce = student(logits, targets, ids)
+        return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, *consts)
+
+    return run
 
 
 def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool):
@@ -146,12 +276,13 @@ def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: b
     want_w = with_grads and weight.requires_grad
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
     w = weight.detach().requires_grad_(want_w)
+    maths = _chunk_fn(cfg, teacher.sparse, hidden.device)
     for start in range(0, n, cfg.chunk_size):
         rows = slice(start, min(start + cfg.chunk_size, n))
         h = hidden[rows].detach().requires_grad_(with_grads)
         with torch.set_grad_enabled(with_grads):
-            logits = (h @ w.to(h.dtype).T).float()
-            total, kd, ce = _chunk_sums(logits, targets[rows], teacher, rows, cfg)
+            logits = h @ w.to(h.dtype).T          # upcast to fp32 inside the maths
+            total, kd, ce = maths(logits, targets[rows], *teacher.chunk(rows, logits.device))
         if with_grads:
             grads = torch.autograd.grad(total, [h, w] if want_w else [h])
             grad_h[rows] = grads[0]
