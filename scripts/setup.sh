@@ -20,7 +20,9 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 stamp=".venv/.distill-installed$extras"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing distill$extras (the first time takes a few minutes; llama-cpp-python builds from source)"
+  note="the first time takes a few minutes"
+  [ -n "$extras" ] && note="$note; llama-cpp-python, for the API tests, builds from source (~8 min uncached)"
+  echo "setup: installing distill$extras ($note)"
   pip install -q -e ".$extras"
   python -c "import distill, transformers, lm_eval, math_verify"
   touch "$stamp"
