@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from distill.train.data import Collator  # noqa: E402
 from distill.train.kd import CachedTeacher, _make_trainer_cls  # noqa: E402
+from distill.train.sft import trainer_class  # noqa: E402
 from distill.train.kd_losses import KDSettings  # noqa: E402
 from distill.train.logits_cache import FORMAT, LogitsCache, write_shard  # noqa: E402
 from distill.records import write_json  # noqa: E402
@@ -167,7 +168,7 @@ def main():
         cached = fake_cache(Path(tmp), data, s_spec["vocab_size"], 64)
         rows.append(run("distill offline KD (top-64, fkl)", KDTrainer, model(s_spec, args.device, torch.float32),
                         data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher_logits=cached))
-    rows.append(run("plain SFT (same data)", None, model(s_spec, args.device, torch.float32), data, args_kw, args.steps))
+    rows.append(run("distill SFT (same data)", trainer_class(), model(s_spec, args.device, torch.float32), data, args_kw, args.steps))
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers

@@ -196,21 +196,22 @@ def _fresh_model(config):
 
 def _distill(config, examples, args, max_len, steps, attn, packing: bool):
     """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer."""
-    from transformers import Trainer
-
     from distill.train.config import TrainConfig
     from distill.train.data import Collator, pack_examples
-    from distill.train.sft import ExampleDataset, training_arguments
+    from distill.train.sft import ExampleDataset, trainer_class, training_arguments
 
     cfg = TrainConfig(out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
                       warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
                       liger=args.liger, logging_steps=10**6, report_to="none",
                       attn_implementation=attn)
     bf16 = args.device.startswith("cuda")
-    targs = training_arguments(cfg, has_eval=False, use_bf16=bf16, grad_accum=1, save_strategy="no", disable_tqdm=True)
+    # the same random batch order as TRL's rows: distill's default length-grouped order makes a slice of
+    # steps unrepresentative (one megabatch sorted longest first), so tokens/s would compare other batches
+    targs = training_arguments(cfg, has_eval=False, use_bf16=bf16, grad_accum=1, save_strategy="no",
+                               disable_tqdm=True, train_sampling_strategy="random")
     data = pack_examples(examples, max_len) if packing else examples
     meter = Meter(Collator(config.pad_token_id, packing=packing))
-    return Trainer(model=_fresh_model(config), args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
+    return trainer_class()(model=_fresh_model(config), args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
 
 
 def _trl(config, examples, args, max_len, steps, packing: bool):

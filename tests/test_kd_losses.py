@@ -172,7 +172,7 @@ def test_no_gradient_path_gives_the_same_numbers():
 @pytest.mark.parametrize("loss", [pytest.param(x, marks=pytest.mark.slow) if x == "jsd" else x for x in LOSSES])
 def test_compiled_chunk_maths_equals_eager(loss, monkeypatch):
     """The torch.compile path (the default on CUDA) against eager, here on the CPU: values and
-    gradients, dense and sparse teachers, a short last chunk, a padded teacher vocabulary.
+    gradients, dense and sparse teachers and none (SFT), a short last chunk, a padded teacher vocabulary.
 
     Kept small, as compiling on the CPU is slow: jsd goes through inductor itself (C++ kernels;
     ~40 s on the 2-core machine with a cold inductor cache, ~6 s warm), with and without grad; the
@@ -191,7 +191,8 @@ def test_compiled_chunk_maths_equals_eager(loss, monkeypatch):
     hs, ws = torch.randn(n, hid, generator=g), torch.randn(V, hid, generator=g)
     ht, wt = torch.randn(n, 24, generator=g), torch.randn(V + 14, 24, generator=g)
     targets = torch.randint(0, V, (n,), generator=g)
-    teachers = (DenseTeacher(ht, wt, vocab_size=V), SparseTeacher(*_top_k(ht @ wt[:V].T, 6, temperature)))
+    teachers = (DenseTeacher(ht, wt, vocab_size=V), SparseTeacher(*_top_k(ht @ wt[:V].T, 6, temperature)),
+                None)  # None: the SFT cross-entropy
     cfg = KDSettings(loss=loss, beta=0.3, temperature=temperature, alpha=0.6, chunk_size=16)
     for teacher in teachers:
         results = []
@@ -206,4 +207,4 @@ def test_compiled_chunk_maths_equals_eager(loss, monkeypatch):
                     results[-1] += chunked_kd_loss(hs, ws, targets, teacher, cfg)
         for eager, compiled in zip(*results):
             torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    assert len(kd_losses._COMPILED) == 2      # the path under test was the compiled one
+    assert len(kd_losses._COMPILED) == 3      # the path under test was the compiled one

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 from distill.cli import main
 from distill.errors import DistillError
 from distill.train.config import TrainConfig
-from distill.train.sft import RUN_RECORD, run_training
+from distill.train.data import Collator
+from distill.train.sft import RUN_RECORD, run_training, trainer_class
 
 from test_train_sft_data import make_trace, write_traces
 
@@ -142,3 +143,29 @@ class OutOfMemoryTrainer(Trainer):
 def test_out_of_memory_says_what_to_lower(tmp_path, tiny_qwen2, traces):
     with pytest.raises(DistillError, match="out of memory.*--batch-size.*--max-length"):
         run_training(quick(tiny_qwen2, traces, tmp_path / "oom"), trainer_cls=OutOfMemoryTrainer)
+
+
+def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwen2):
+    """The trainer's loss (final hidden states, a few tokens at a time) is the model's mean next-token
+    cross-entropy over the labelled tokens, with the same gradients, padding and prompts masked."""
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    examples = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, 7, 8, 9, 10]},
+                {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}]
+    batch = Collator(pad_token_id=0)(examples)
+    losses_and_grads = []
+    for chunked in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+        if chunked:
+            args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+            trainer = trainer_class()(model=model, args=args, loss_settings=None)
+            trainer.loss_settings.chunk_size = 3  # 6 labelled tokens: two chunks
+            loss = trainer.compute_loss(model, batch)
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        losses_and_grads.append((loss.detach(), model.get_output_embeddings().weight.grad,
+                                 model.get_input_embeddings().weight.grad))
+    for own, ours in zip(*losses_and_grads):
+        torch.testing.assert_close(ours, own, atol=1e-5, rtol=1e-4)

@@ -33,21 +33,24 @@ def kd_settings(cfg):
 def _make_trainer_cls():
     """KDTrainer is defined lazily so importing this module does not import transformers."""
     import torch
-    from transformers import Trainer
 
-    from distill.train.kd_losses import DenseTeacher, chunked_kd_loss
+    from distill.train.kd_losses import DenseTeacher
+    from distill.train.sft import trainer_class
 
-    class KDTrainer(Trainer):
-        """A Trainer whose loss is KD + CE from final hidden states, logged as two terms."""
+    class KDTrainer(trainer_class()):
+        """The SFT trainer's chunked loss with a teacher: KD + CE, logged as two terms."""
 
         def __init__(self, *args, kd, teacher_model=None, teacher_logits=None, **kwargs):
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, loss_settings=kd, **kwargs)
             if (teacher_model is None) == (teacher_logits is None):
                 raise ValueError("KDTrainer needs exactly one of teacher_model, teacher_logits")
-            self.kd, self.teacher_model, self.teacher_logits = kd, teacher_model, teacher_logits
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise DistillError("--method kd does not run under FSDP / DeepSpeed yet (the loss needs the whole "
+                                   "output embedding); use one GPU per process (DDP), or --lora")
+            self.teacher_model, self.teacher_logits = teacher_model, teacher_logits
             self._sums = {"train": torch.zeros(3), "eval": torch.zeros(3)}  # kd, ce, tokens
 
-        def _teacher(self, inputs, mask, example_index):
+        def teacher_for(self, inputs, mask, example_index):
             if self.teacher_logits is not None:
                 return self.teacher_logits.batch(example_index, int(mask.sum()), mask.device)
             teacher = self.teacher_model
@@ -63,32 +66,9 @@ def _make_trainer_cls():
             rows = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
             return min(rows, self.teacher_model.get_output_embeddings().weight.shape[0])
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            example_index = inputs.pop("example_index", None)
-            out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            mask = labels[:, 1:] != -100
-            hidden = out.hidden_states[-1][:, :-1][mask]
-            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
-            teacher = self._teacher(inputs, mask, example_index)
-            total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher, self.kd)
-            n_tokens = int(mask.sum())
-            if num_items_in_batch is not None:
-                loss = total / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes
-            else:
-                loss = total / max(n_tokens, 1)
+        def record_terms(self, model, terms, n_tokens: int) -> None:
             mode = "train" if model.training else "eval"
             self._sums[mode] += torch.cat([terms.detach().float().cpu(), torch.tensor([float(n_tokens)])])
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
 
         def log(self, logs, *args, **kwargs):
             """Add the KD and CE terms (token means since the last log) next to the mixed loss."""

@@ -215,6 +215,12 @@ def _chunk_maths(logits, targets, teacher, loss, beta, temperature, alpha, spars
     return _mixed(s_logp, t_logp, _cross_entropy(z, targets, s_full, temperature), loss, beta, temperature, alpha)
 
 
+def _ce_maths(logits, targets):
+    """Plain SFT (no teacher): (CE sum, 0, CE sum) of one chunk, the same triple as ``_chunk_maths``."""
+    ce = _cross_entropy(logits.float(), targets, None, 1.0)
+    return ce, torch.zeros_like(ce), ce
+
+
 _COMPILED: dict[tuple, object] = {}
 
 
@@ -236,10 +242,11 @@ def _compiled(key, fn):
     return _COMPILED[key]
 
 
-def _chunk_fn(cfg: KDSettings, sparse: bool, device: torch.device):
-    """``_chunk_maths`` for these settings, called as f(logits, targets, *teacher_chunk).
+def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
+    """``_chunk_maths`` for these settings, called as f(logits, targets, *teacher_chunk)
+    (``_ce_maths`` as f(logits, targets) when there is no teacher).
 
-    Compiled where ``COMPILE`` says. Dense: the whole chunk maths. Sparse: only its
+    Compiled where ``COMPILE`` says. No teacher: the cross-entropy. Dense: the whole chunk maths. Sparse: only its
     vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
     rows x (k + 1) stays eager: it is tiny, and inductor (torch 2.11, H100) fused its no-grad
     graph for jsd and skew into kernels that returned wrong sums.
@@ -247,7 +254,11 @@ def _chunk_fn(cfg: KDSettings, sparse: bool, device: torch.device):
     if COMPILE not in ("auto", "always", "never"):
         raise ValueError(f"DISTILL_KD_COMPILE / kd_losses.COMPILE must be auto, always or never, got {COMPILE!r}")
     consts = (cfg.loss, float(cfg.beta), float(cfg.temperature), float(cfg.alpha))
-    if COMPILE == "never" or (COMPILE == "auto" and device.type != "cuda"):
+    sparse = teacher is not None and teacher.sparse
+    eager = COMPILE == "never" or (COMPILE == "auto" and device.type != "cuda")
+    if teacher is None:
+        return _ce_maths if eager else _compiled(("ce",), _ce_maths)
+    if eager:
         return lambda logits, targets, *teacher: _chunk_maths(logits, targets, teacher, *consts, sparse)
     if not sparse:
         def dense(logits, targets, t_logits):
@@ -276,13 +287,14 @@ def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: b
     want_w = with_grads and weight.requires_grad
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
     w = weight.detach().requires_grad_(want_w)
-    maths = _chunk_fn(cfg, teacher.sparse, hidden.device)
+    maths = _chunk_fn(cfg, teacher, hidden.device)
     for start in range(0, n, cfg.chunk_size):
         rows = slice(start, min(start + cfg.chunk_size, n))
         h = hidden[rows].detach().requires_grad_(with_grads)
         with torch.set_grad_enabled(with_grads):
             logits = h @ w.to(h.dtype).T          # upcast to fp32 inside the maths
-            total, kd, ce = maths(logits, targets[rows], *teacher.chunk(rows, logits.device))
+            teacher_rows = teacher.chunk(rows, logits.device) if teacher is not None else ()
+            total, kd, ce = maths(logits, targets[rows], *teacher_rows)
         if with_grads:
             grads = torch.autograd.grad(total, [h, w] if want_w else [h])
             grad_h[rows] = grads[0]
@@ -316,7 +328,8 @@ def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     hidden: (N, H) student final hidden states at the positions that predict ``targets`` (N,);
     weight: the student's output embedding (V, H); teacher: ``DenseTeacher`` or ``SparseTeacher``
-    aligned row for row with ``hidden``. Divide by the token count for the mean.
+    aligned row for row with ``hidden``, or None for the plain cross-entropy (SFT: the loss is
+    then the CE sum whatever ``cfg.alpha`` says). Divide by the token count for the mean.
     """
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0
