@@ -11,7 +11,7 @@ batch 1, AdamW, random-weight models of the real architectures, half of each seq
    logits of both models, then ``trl.GKDTrainer.generalized_jsd_loss`` as GKDTrainer.compute_loss
    does. Skipped when trl is not importable.
 3. distill offline KD from a cached top-64 cache (fkl), no teacher in memory.
-4. plain SFT (transformers' own cross-entropy) on the same data: the baseline for row 3.
+4. distill SFT (the same trainer's chunked cross-entropy, no teacher) on the same data: the baseline for row 3.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
-    liger: bool = field(default=False, metadata={"help": "Liger kernels (fused RMSNorm/RoPE/SwiGLU/linear+cross-entropy; pip install liger-kernel)"})
+    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under FSDP/DeepSpeed); pip install liger-kernel"})
     # run
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
