@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
     "logits": ("distill.train.logits_cache", "LogitsConfig", "cache_logits",
-               "run a teacher once over traces and cache its top-k log-probs for offline KD"),
+               "cache top-k log-probs for offline KD: a local --teacher run once, or the traces' API top_logprobs"),
     "train": ("distill.train.config", "TrainConfig", "train",
               "fine-tune a student on traces: SFT or logit distillation (KD)"),
     "eval": ("distill.eval.config", "EvalConfig", "evaluate",
