@@ -5,11 +5,14 @@
 - ``tiny_llama`` / ``tiny_qwen2``: tiny random models built from real configs with the real
   SmolLM2 tokenizer (and chat template), saved with save_pretrained, loaded with from_pretrained.
 - ``shared_data``: ../shared/data (benchmark files).
+- ``without_chat_template``: copies a model directory with its chat template removed (a base model).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,18 @@ def tiny_llama(smollm2_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(smollm2_dir, tmp_path_factory) -> Path:
     return build_tiny("qwen2", smollm2_dir, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def without_chat_template(tmp_path):
+    """A function: model dir -> a copy whose tokenizer has no chat template, as a base model's."""
+    def copy(model: Path) -> Path:
+        out = tmp_path / f"{Path(model).name}-no-template"
+        shutil.copytree(model, out)
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (out / "tokenizer_config.json").write_text(json.dumps(config))
+        return out
+
+    return copy

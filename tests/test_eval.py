@@ -186,12 +186,7 @@ def test_unreachable_server(capsys, shared_data, tmp_path):
     assert "cannot reach the server at http://127.0.0.1:9/v1" in error_line(capsys)
 
 
-def test_model_without_chat_template(capsys, tiny_llama, shared_data, tmp_path):
-    model = tmp_path / "no-template"
-    shutil.copytree(tiny_llama, model)
-    (model / "chat_template.jinja").unlink(missing_ok=True)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+def test_model_without_chat_template(capsys, tiny_llama, shared_data, tmp_path, without_chat_template):
+    model = without_chat_template(tiny_llama)
     assert run_eval("--tasks", "distill_aime24", "--model", model, "--data-dir", shared_data, "--out", tmp_path) == 2
     assert "no chat template" in error_line(capsys)

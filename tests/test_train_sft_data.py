@@ -181,17 +181,10 @@ def test_packed_sequences_do_not_attend_to_each_other(tiny_qwen2, attn):
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
 
 
-def test_student_without_chat_template_is_refused_with_a_fix(tmp_path, tiny_qwen2):
-    import shutil
-
+def test_student_without_chat_template_is_refused_with_a_fix(tmp_path, tiny_qwen2, without_chat_template):
     from distill.train.sft import prepare
 
-    student = tmp_path / "base"
-    shutil.copytree(tiny_qwen2, student)
-    (student / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((student / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    student = without_chat_template(tiny_qwen2)
     traces = write_traces(tmp_path / "t.jsonl", [make_trace(0)])
     with pytest.raises(DistillError, match="no chat template; use an -Instruct model"):
         prepare(TrainConfig(student=str(student), traces=traces, out=str(tmp_path / "o")))
