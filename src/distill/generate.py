@@ -67,7 +67,8 @@ class Stats:
     failed: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0        # from the first request (or batch) to the last reply: what rates divide by
+    setup_seconds: float = 0.0  # before that: imports, clients and the endpoint check, or loading the model
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,7 +97,7 @@ def generate(cfg: GenerateConfig) -> int:
             with JsonlAppender(out) as traces, JsonlAppender(errors_path) as errors, \
                     _progress(console, len(jobs)) as tick:
                 sink = _Sink(traces, errors, stats, tick, teacher)
-                start = time.monotonic()
+                start = sink.started = time.monotonic()
                 try:
                     if teacher["kind"] == "api":
                         import asyncio
@@ -105,7 +106,8 @@ def generate(cfg: GenerateConfig) -> int:
                     else:
                         _run_local(cfg, teacher, jobs, sink)
                 finally:
-                    stats.seconds = time.monotonic() - start
+                    stats.setup_seconds = sink.started - start
+                    stats.seconds = time.monotonic() - sink.started
             if not stats.failed:
                 errors_path.unlink(missing_ok=True)
         status = "failed" if stats.failed else "complete"
@@ -172,6 +174,11 @@ class _Sink:
         self.teacher = {k: teacher[k] for k in ("name", "kind", "model")}
         self.teacher["endpoint"] = teacher["base_url"]
         self.teacher["path"] = teacher.get("path")
+        self.started = time.monotonic()
+
+    def start_clock(self) -> None:
+        """Called when the teacher is ready and the first request goes out."""
+        self.started = time.monotonic()
 
     def trace(self, job: Job, completion: Completion, sampling: dict) -> dict:
         p = job.prompt
@@ -227,6 +234,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     with ThreadPoolExecutor(1, thread_name_prefix="traces-writer") as writer:
         async with api:
             await api.check()
+            sink.start_clock()
             tasks = [asyncio.create_task(worker(i, writer)) for i in range(min(cfg.concurrency, len(jobs)))]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -247,6 +255,7 @@ def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink)
     sink.teacher["path"] = local.path
     teacher.update(path=local.path, device=str(local.model.device), dtype=str(local.model.dtype))  # run record
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    sink.start_clock()
     for i, batch in enumerate(local.batches(jobs, lambda job: job.prompt.messages)):
         seed = None if cfg.seed is None else cfg.seed + i
         for job, completion in zip(batch, local.complete_batch([j.prompt.messages for j in batch], seed)):
