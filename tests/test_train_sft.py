@@ -169,3 +169,12 @@ def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwe
                                  model.get_input_embeddings().weight.grad))
     for own, ours in zip(*losses_and_grads):
         torch.testing.assert_close(ours, own, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(tmp_path, tiny_qwen2, traces):
+    """Batch 4 in one step == batch 2 x 2 accumulation steps: each token weighs the same (the loss is
+    divided by the accumulated batch's token count, not per micro-batch)."""
+    whole = quick(tiny_qwen2, traces, tmp_path / "whole", batch_size=4, grad_accum=1, max_steps=1)
+    split = quick(tiny_qwen2, traces, tmp_path / "split", batch_size=2, grad_accum=2, max_steps=1)
+    assert run_training(whole) == 0 and run_training(split) == 0
+    assert losses(tmp_path / "split")[1] == pytest.approx(losses(tmp_path / "whole")[1], rel=1e-4)
