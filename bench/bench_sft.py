@@ -81,27 +81,17 @@ def step_timer(warmup: int):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.start = None
-            self.seconds = None
             self.last = None
-            self.steps: list[float] = []  # per timed step, to tell fixed overheads from slow steps
-
-        def _sync(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            self.steps: list[float] = []  # seconds of each step after the warm-up ones
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= warmup:
-                self._sync()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 now = time.perf_counter()
                 if self.last is not None:
                     self.steps.append(now - self.last)
                 self.last = now
-            if state.global_step == warmup:
-                self.start = self.last
-            elif state.global_step == state.max_steps:
-                self._sync()
-                self.seconds = time.perf_counter() - self.start
 
     return StepTimer()
 
@@ -127,10 +117,11 @@ def run_row(name: str, make_trainer, config, warmup: int) -> dict:
     tokens = sum(sum(b) for b in timed)
     flops = sum(flops_per_sequence(config, s) for b in timed for s in b)
     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    seconds = sum(timer.steps)
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"name": name, "tokens_s": tokens / timer.seconds, "tflops": flops / timer.seconds / 1e12,
+    return {"name": name, "tokens_s": tokens / seconds, "tflops": flops / seconds / 1e12,
             "seqs": sum(len(b) for b in timed), "mem_gib": mem,
             "step_ms": sorted(1000 * t for t in timer.steps)}
 

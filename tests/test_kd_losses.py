@@ -168,7 +168,6 @@ def test_no_gradient_path_gives_the_same_numbers():
     assert sums.shape == (2,)
 
 
-
 @pytest.mark.parametrize("loss", [pytest.param(x, marks=pytest.mark.slow) if x == "jsd" else x for x in LOSSES])
 def test_compiled_chunk_maths_equals_eager(loss, monkeypatch):
     """The torch.compile path (the default on CUDA) against eager, here on the CPU: values and

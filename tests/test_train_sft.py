@@ -159,7 +159,7 @@ def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwe
         model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
         if chunked:
             args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
-            trainer = trainer_class()(model=model, args=args, loss_settings=None)
+            trainer = trainer_class()(model=model, args=args)
             trainer.loss_settings.chunk_size = 3  # 6 labelled tokens: two chunks
             loss = trainer.compute_loss(model, batch)
         else:

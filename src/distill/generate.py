@@ -97,7 +97,7 @@ def generate(cfg: GenerateConfig) -> int:
             with JsonlAppender(out) as traces, JsonlAppender(errors_path) as errors, \
                     _progress(console, len(jobs)) as tick:
                 sink = _Sink(traces, errors, stats, tick, teacher)
-                start = sink.started = time.monotonic()
+                start = sink.started
                 try:
                     if teacher["kind"] == "api":
                         import asyncio

@@ -246,8 +246,8 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     """``_chunk_maths`` for these settings, called as f(logits, targets, *teacher_chunk)
     (``_ce_maths`` as f(logits, targets) when there is no teacher).
 
-    Compiled where ``COMPILE`` says. No teacher: the cross-entropy. Dense: the whole chunk maths. Sparse: only its
-    vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
+    Compiled where ``COMPILE`` says. No teacher: the cross-entropy. Dense: the whole chunk maths.
+    Sparse: only its vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
     rows x (k + 1) stays eager: it is tiny, and inductor (torch 2.11, H100) fused its no-grad
     graph for jsd and skew into kernels that returned wrong sums.
     """
