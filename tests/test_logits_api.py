@@ -18,7 +18,7 @@ from distill.cli import main
 from distill.records import read_jsonl, write_jsonl
 
 from conftest import build_tiny
-from test_generate_llamacpp import args_for, llama_url  # noqa: F401  (llama_url: the server fixture)
+from test_generate_llamacpp import args_for, llama_server, llama_url  # noqa: F401  (the server fixtures)
 from test_kd import QUIET, shard_times
 
 K = 5
@@ -38,11 +38,13 @@ def prompts(work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def api_traces(llama_url, prompts, work) -> Path:  # noqa: F811
+def api_traces(llama_server, prompts, work) -> Path:  # noqa: F811
     out = work / "traces.jsonl"
     # short prompts and answers: llama-cpp-python computes log-probs for every prompt token too
     brief = ["--template", "{prompt}", "--system", "Be brief.", "--max-tokens", "16"]
-    assert main(args_for(llama_url, prompts, out, *brief, "--top-logprobs", str(K))) == 0
+    rc = main(args_for(llama_server.base_url, prompts, out, *brief, "--top-logprobs", str(K)))
+    llama_server.check()
+    assert rc == 0
     return out
 
 
