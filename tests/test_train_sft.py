@@ -178,3 +178,15 @@ def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(tmp_path, tiny_
     split = quick(tiny_qwen2, traces, tmp_path / "split", batch_size=2, grad_accum=2, max_steps=1)
     assert run_training(whole) == 0 and run_training(split) == 0
     assert losses(tmp_path / "split")[1] == pytest.approx(losses(tmp_path / "whole")[1], rel=1e-4)
+
+
+def test_resume_skips_a_checkpoint_killed_while_it_was_written(tmp_path):
+    """A run killed mid-save leaves checkpoint-N without trainer_state.json: resume takes the one before."""
+    from distill.train.command import last_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert last_checkpoint(str(tmp_path / "nothing-yet")) is None

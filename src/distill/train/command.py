@@ -80,10 +80,13 @@ class TrainConfig:
     teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
 
 
-def _last_checkpoint(out: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(out) if Path(out).is_dir() else None
+def last_checkpoint(out: str) -> str | None:
+    """The newest *complete* checkpoint in ``out``: one whose trainer state was written, the Trainer's
+    last file. A run killed while saving leaves a ``checkpoint-N`` folder without it, which
+    transformers' own ``get_last_checkpoint`` would pick and then fail to resume from."""
+    done = [p for p in Path(out).glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def loss_curve(log_history: list[dict]) -> list[dict]:
@@ -156,7 +159,7 @@ def run_training(cfg, trainer_cls=None, setup=None,
     trainer = trainer_cls(model=setup.model, args=setup.args, train_dataset=setup.train_dataset,
                           eval_dataset=setup.eval_dataset, data_collator=setup.collator,
                           processing_class=setup.tokenizer, **trainer_kwargs)
-    checkpoint = _last_checkpoint(cfg.out) if cfg.resume else None
+    checkpoint = last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume:
         print(f"train: resuming from {checkpoint}" if checkpoint else
               f"train: --resume: no checkpoint in {cfg.out} yet, starting fresh", flush=True)
