@@ -28,7 +28,7 @@ RUN_RECORD = "distill_run.json"
 class TrainConfig:
     method: Literal["sft", "kd"] = field(default="sft", metadata={"help": "supervised fine-tuning on the traces, or logit distillation"})
     student: str | None = field(default=None, metadata={"help": "student preset name (students/*.yaml), preset file, or model path", "required": True})
-    traces: str | None = field(default=None, metadata={"help": "traces JSONL (verified) to train on", "required": True})
+    traces: str | None = field(default=None, metadata={"help": "traces JSONL (verified) to train on (on-policy KD: or --prompts)"})
     out: str | None = field(default=None, metadata={"help": "output directory", "required": True})
     # schedule
     epochs: float = field(default=3.0, metadata={"help": "training epochs (ignored when --max-steps > 0)"})
@@ -72,12 +72,22 @@ class TrainConfig:
     # KD
     teacher: str | None = field(default=None, metadata={"help": "KD: online teacher preset/path (same tokenizer family)"})
     teacher_logits: str | None = field(default=None, metadata={"help": "KD: cached top-k logits directory from 'distill logits'"})
-    loss: Literal["fkl", "rkl", "jsd", "skew", "tvd"] = field(default="fkl", metadata={"help": "KD loss"})
+    loss: Literal["fkl", "rkl", "jsd", "skew", "tvd"] | None = field(default=None, metadata={"help": "KD loss (default: rkl with --on-policy, else fkl)"})
     alpha: float = field(default=0.5, metadata={"help": "KD: weight of the KD term; (1-alpha) weights the SFT cross-entropy"})
     kd_temperature: float = field(default=1.0, metadata={"help": "KD: softmax temperature of the loss (T^2-scaled)"})
     beta: float = field(default=0.5, metadata={"help": "KD: JSD beta / skew-KL alpha"})
     kd_chunk_size: int = field(default=1024, metadata={"help": "KD: tokens per loss chunk (memory stays flat)"})
     teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
+    # on-policy KD
+    on_policy: float = field(default=0.0, metadata={"help": "KD: share of micro-batches (GKD's lambda, 0..1) on which the student samples completions for the prompts and the teacher scores its tokens; 0 = off-policy"})
+    prompts: str | None = field(default=None, metadata={"help": "on-policy: prompts file/dataset instead of the traces' prompts (needs --on-policy 1); options as in generate"})
+    prompt_field: str = field(default="problem", metadata={"help": "on-policy --prompts: field holding the prompt text"})
+    template: str | None = field(default=None, metadata={"help": "on-policy --prompts: user message template with {prompt} (default: generate's)"})
+    system: str | None = field(default=None, metadata={"help": "on-policy --prompts: optional system message"})
+    rollout_max_tokens: int = field(default=1024, metadata={"help": "on-policy: max tokens the student writes per rollout"})
+    rollout_temperature: float = field(default=1.0, metadata={"help": "on-policy: sampling temperature of the rollouts (0: greedy)"})
+    rollouts_per_prompt: int = field(default=1, metadata={"help": "on-policy: rollouts per prompt"})
+    rollout_log_steps: int = field(default=50, metadata={"help": "on-policy: write a few rollouts to OUT/rollouts.jsonl every N steps (0: never)"})
 
 
 def last_checkpoint(out: str) -> str | None:
@@ -90,17 +100,20 @@ def last_checkpoint(out: str) -> str | None:
 
 
 def loss_curve(log_history: list[dict]) -> list[dict]:
-    """Trainer logs -> [{step, loss, eval_loss?}], one entry per logged step."""
+    """Trainer logs -> [{step, loss, eval_loss?, ...}], one entry per logged step, with the KD terms
+    and, on-policy, what the student wrote (``rollout_*``) and where the step's time went (``time_*``)."""
     by_step: dict[int, dict] = {}
     for entry in log_history:
         step = entry.get("step")
         if step is None or ("loss" not in entry and "eval_loss" not in entry):
             continue
         point = by_step.setdefault(step, {"step": step})
-        for key in ("loss", "eval_loss"):
-            if key in entry:
-                point[key] = entry[key]
+        point.update({k: v for k, v in entry.items() if _curve_key(k)})
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _curve_key(key: str) -> bool:
+    return key.removeprefix("eval_") in ("loss", "kd_loss", "ce_loss") or key.startswith(("rollout_", "time_"))
 
 
 def _last(curve: list[dict], key: str) -> float | None:
@@ -191,7 +204,9 @@ def run_training(cfg, trainer_cls=None, setup=None,
         "final_eval_loss": _last(curve, "eval_loss"),
     }
     if trainer.is_world_process_zero():
-        record = run_record(f"train --method {cfg.method}", to_dict(cfg), {"traces": cfg.traces},
+        data = {name: path for name, path in (("traces", cfg.traces), ("prompts", cfg.prompts))
+                if path and Path(path).is_file()}
+        record = run_record(f"train --method {cfg.method}", to_dict(cfg), data,
                             summary=summary, data_stats=setup.stats, loss_curve=curve, **(extra_record or {}))
         write_json(Path(cfg.out) / RUN_RECORD, record)
         print(f"train: saved {'adapter' if summary['lora'] else 'model'} to {cfg.out} "
@@ -201,17 +216,37 @@ def run_training(cfg, trainer_cls=None, setup=None,
 
 
 def train(cfg: TrainConfig) -> int:
-    """``distill train``: SFT, or KD with an online teacher or a logits cache."""
+    """``distill train``: SFT, or KD with an online teacher or a logits cache, off- or on-policy."""
+    check_data_flags(cfg)
     if cfg.method == "sft":
         return run_training(cfg)
     return run_kd(cfg)
 
 
+def check_data_flags(cfg: TrainConfig) -> None:
+    """The refusals that need no model: where the data comes from and the on-policy share."""
+    if not 0.0 <= cfg.on_policy <= 1.0:
+        raise DistillError(f"--on-policy is the share of on-policy batches, between 0 and 1; got {cfg.on_policy}")
+    if cfg.on_policy and cfg.method != "kd":
+        raise DistillError("--on-policy is on-policy distillation: use it with --method kd")
+    if cfg.on_policy and cfg.teacher_logits:
+        raise DistillError("--on-policy needs a teacher that scores the student's own tokens (--teacher); a logits "
+                           "cache (--teacher-logits) covers only the traces' tokens")
+    if cfg.on_policy and cfg.packing:
+        raise DistillError("--on-policy trains on padded rollout batches; leave out --packing")
+    if cfg.prompts and cfg.on_policy != 1.0:
+        raise DistillError("--prompts gives no teacher-written tokens, so every batch must be on-policy: "
+                           "use --on-policy 1 (or train on --traces)")
+    if bool(cfg.prompts) == bool(cfg.traces):
+        raise DistillError("train needs exactly one of --traces (teacher traces) or --prompts (on-policy KD only)")
+
+
 def kd_settings(cfg):
     from distill.train.kd_losses import KDSettings
 
+    loss = cfg.loss or ("rkl" if cfg.on_policy else "fkl")
     try:
-        return KDSettings(loss=cfg.loss, beta=cfg.beta, temperature=cfg.kd_temperature, alpha=cfg.alpha,
+        return KDSettings(loss=loss, beta=cfg.beta, temperature=cfg.kd_temperature, alpha=cfg.alpha,
                           chunk_size=cfg.kd_chunk_size)
     except ValueError as e:
         raise DistillError(f"KD settings: {e}") from None
@@ -242,4 +277,26 @@ def run_kd(cfg: TrainConfig) -> int:
                                      student_rows=student_out.shape[0])
         extra["kd"].update(mode="offline", teacher=teacher.cache.header["teacher"], cache=str(cfg.teacher_logits),
                            cache_header=teacher.cache.header)
-    return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher)
+    on_policy = None
+    if cfg.on_policy:
+        on_policy = on_policy_schedule(cfg, setup)
+        extra["kd"]["on_policy"] = {"fraction": cfg.on_policy, "rollout_max_tokens": cfg.rollout_max_tokens,
+                                    "rollout_temperature": cfg.rollout_temperature,
+                                    "rollouts_per_prompt": cfg.rollouts_per_prompt,
+                                    "prompts": cfg.prompts or "the traces' prompts"}
+    return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher,
+                        on_policy=on_policy)
+
+
+def on_policy_schedule(cfg: TrainConfig, setup):
+    """The student's rollouts for the training prompts, sampled with transformers' ``generate``."""
+    from distill.train.on_policy import OnPolicy
+    from distill.train.rollouts import HFRollouts, RolloutSettings, prompt_ids
+
+    if cfg.rollout_max_tokens < 1 or cfg.rollouts_per_prompt < 1 or cfg.rollout_temperature < 0:
+        raise DistillError("--rollout-max-tokens and --rollouts-per-prompt must be >= 1, --rollout-temperature >= 0")
+    engine = HFRollouts(setup.tokenizer, RolloutSettings(max_tokens=cfg.rollout_max_tokens,
+                                                         temperature=cfg.rollout_temperature,
+                                                         per_prompt=cfg.rollouts_per_prompt))
+    prompts = {ex["example_index"]: prompt_ids(ex) for ex in setup.examples}
+    return OnPolicy(cfg.on_policy, engine, prompts, setup.tokenizer, log_dir=cfg.out, log_steps=cfg.rollout_log_steps)

@@ -132,6 +132,11 @@ def end_of_turn_id(tokenizer) -> int:
     return _end_of_turn(tokenizer)[0]
 
 
+def render_prompt(messages: list[dict], tokenizer) -> list[int]:
+    """Prompt turns -> the tokens a model continues from (the template's generation prompt included)."""
+    return _encode(tokenizer, _render(tokenizer, messages, True))
+
+
 def tokenize_example(messages: list[dict], tokenizer) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for a conversation whose last message is the assistant's.
 

@@ -162,11 +162,14 @@ def prepare(cfg) -> TrainSetup:
 
     preset = model_preset("students", cfg.student)
     tokenizer = load_tokenizer(preset["model"])
-    options = RenderOptions.of(cfg, preset)
-    train, evals, stats = load_examples(cfg.traces, tokenizer, options, cfg.eval_fraction, cfg.seed)
+    if cfg.prompts:
+        train, evals, stats = prompt_examples(cfg, tokenizer)
+    else:
+        train, evals, stats = load_examples(cfg.traces, tokenizer, RenderOptions.of(cfg, preset),
+                                            cfg.eval_fraction, cfg.seed)
     examples = train + evals
-    print(describe_stats(stats), flush=True)
-    if stats["overlong"]:
+    print(describe_stats(stats) if not cfg.prompts else f"data: {len(train)} prompts (on-policy)", flush=True)
+    if stats.get("overlong"):
         verb = "dropped" if cfg.overlong == "drop" else "truncated (their end-of-turn is lost)"
         print(f"data: {stats['overlong']} traces longer than --max-length {cfg.max_length} were {verb}", flush=True)
     if cfg.packing:
@@ -182,3 +185,23 @@ def prepare(cfg) -> TrainSetup:
     return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
                       eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
                       args=args, stats=stats, student=preset, examples=examples)
+
+
+def prompt_examples(cfg, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """``--prompts``: each prompt rendered with the generation prompt, nothing to train on yet
+    (on-policy batches replace it by the student's rollouts)."""
+    from distill.generate import DEFAULT_TEMPLATE
+    from distill.prompts import load_prompts
+    from distill.train.rendering import IGNORE_INDEX, render_prompt
+
+    prompts = load_prompts(cfg.prompts, prompt_field=cfg.prompt_field, template=cfg.template or DEFAULT_TEMPLATE,
+                           system=cfg.system)
+    examples = []
+    for index, p in enumerate(prompts):
+        ids = render_prompt(p.messages, tokenizer)
+        examples.append({"id": p.id, "prompt_id": p.id, "example_index": index, "input_ids": ids,
+                         "labels": [IGNORE_INDEX] * len(ids)})
+    lengths = [len(e["input_ids"]) for e in examples]
+    stats = {"prompts": len(examples), "train_examples": len(examples), "eval_examples": 0,
+             "train_tokens": sum(lengths), "longest": max(lengths), "teacher": None}
+    return examples, [], stats

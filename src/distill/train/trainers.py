@@ -14,11 +14,15 @@ there SFT lets the model compute its own loss, and KD refuses.
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import torch
 from transformers import Trainer
 
 from distill.errors import DistillError
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
+from distill.train.on_policy import OnPolicy
 from distill.train.rendering import target_mask
 
 #: Tokens per loss chunk for SFT: 4096 x 151,936 bf16 logits are 1.2 GB, and fewer chunks mean
@@ -41,11 +45,12 @@ class SFTTrainer(Trainer):
         loss, _, _ = self.chunked_loss(model, inputs, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None):
+    def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
 
-        ``teacher_scores(mask)`` gives the teacher at the target positions (None: cross-entropy only).
-        The loss is normalised by the whole accumulated batch's token count when the Trainer gives it.
+        ``teacher_scores(mask)`` gives the teacher at the target positions (None: cross-entropy only);
+        ``settings`` replace the trainer's loss settings for this batch. The loss is normalised by the
+        whole accumulated batch's token count when the Trainer gives it, else by this batch's.
         """
         labels = inputs.pop("labels")
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
@@ -57,7 +62,7 @@ class SFTTrainer(Trainer):
             hidden = hidden.to(torch.bfloat16 if self.args.bf16 else torch.float16)
         weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         teacher = teacher_scores(mask) if teacher_scores else None
-        total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher, self.loss_settings)
+        total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher, settings or self.loss_settings)
         n_tokens = int(mask.sum())
         if num_items_in_batch is not None:  # the token count of the whole accumulated batch
             loss = total / num_items_in_batch
@@ -77,27 +82,67 @@ class SFTTrainer(Trainer):
 class KDTrainer(SFTTrainer):
     """``alpha * T^2 * KD(teacher || student) + (1 - alpha) * CE`` on the target tokens.
 
-    ``teacher`` is any ``teachers.Teacher`` (online model, logits cache). The KD and CE terms are
-    logged beside the mixed loss (token means since the last log).
+    ``teacher`` is any ``teachers.Teacher`` (online model, logits cache, served model). The KD and
+    CE terms are logged beside the mixed loss (token means since the last log).
+
+    On-policy (GKD's lambda, ``on_policy`` > 0): each micro-batch is, with that probability, replaced
+    by the student's own rollouts for the batch's prompts (``rollouts``); the teacher scores the
+    sampled tokens and the loss is the divergence alone on them (``alpha`` = 1: cross-entropy on
+    the student's own samples would only reinforce them). Which micro-batches are on-policy, and
+    the sampling seeds, follow from (seed, step, micro-step), so a resumed run keeps the schedule.
     """
 
-    def __init__(self, *args, kd: KDSettings, teacher, **kwargs):
+    def __init__(self, *args, kd: KDSettings, teacher, on_policy: OnPolicy | None = None, **kwargs):
         super().__init__(*args, loss_settings=kd, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise DistillError("--method kd does not run under FSDP / DeepSpeed yet (the loss needs the whole "
                                "output embedding); use one GPU per process (DDP), or --lora")
         self.teacher = teacher
+        self.on_policy = on_policy
         self._sums = {"train": torch.zeros(3), "eval": torch.zeros(3)}  # kd, ce, tokens
+        self._rollout_stats = RolloutStats()
+        self._micro = (-1, 0)  # (global step, micro-steps taken in it)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step
+        micro = self._micro[1] + 1 if self._micro[0] == step else 0
+        self._micro = (step, micro)
+        if self.on_policy is None or not self.on_policy.applies(self.args.seed, step, micro):
+            return super().training_step(model, inputs, num_items_in_batch)
+        started = time.perf_counter()
+        batch = self.on_policy.rollout_batch(self.accelerator.unwrap_model(model), inputs["example_index"],
+                                             seed=self.on_policy.seed(self.args.seed, step, micro), step=step,
+                                             log=micro == 0 and self.is_world_process_zero())
+        self._rollout_stats.add_rollouts(batch.pop("rollouts"), _elapsed(started, model))
+        started = time.perf_counter()
+        # the rollout batch has its own token count: normalise it by itself (the Trainer then divides by
+        # the accumulation steps), not by the count of the teacher-written batch it replaced
+        loss = super().training_step(model, batch, num_items_in_batch=None)
+        self._rollout_stats.add_time("update", _elapsed(started, model))
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         example_index = inputs.pop("example_index", None)
+        on_policy = inputs.pop("on_policy", False)
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        loss, terms, n_tokens = self.chunked_loss(
-            model, inputs, num_items_in_batch,
-            teacher_scores=lambda mask: self.teacher.scores(features, mask, example_index))
+        labels = inputs["labels"]
+        used = {}
+
+        def teacher_scores(mask):
+            started = time.perf_counter()
+            used["teacher"] = self.teacher.scores(features, mask, example_index)
+            if on_policy:
+                self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
+            return used["teacher"]
+
+        settings = replace(self.loss_settings, alpha=1.0) if on_policy else self.loss_settings
+        loss, terms, n_tokens = self.chunked_loss(model, inputs, num_items_in_batch, teacher_scores, settings)
         mode = "train" if model.training else "eval"
         self._sums[mode] += torch.cat([terms.detach().float().cpu(), torch.tensor([float(n_tokens)])])
+        if on_policy:
+            targets = labels[:, 1:][target_mask(labels)]
+            self._rollout_stats.add_scores(float(terms[0]), teacher_nll(used["teacher"], targets), n_tokens)
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
@@ -107,4 +152,68 @@ class KDTrainer(SFTTrainer):
             logs[f"{prefix}kd_loss"] = round(kd / tokens, 6)
             logs[f"{prefix}ce_loss"] = round(ce / tokens, 6)
             self._sums[mode].zero_()
+        if mode == "train":
+            logs.update(self._rollout_stats.flush())
         super().log(logs, *args, **kwargs)
+
+
+def _elapsed(started: float, model) -> float:
+    """Seconds since ``started``, after the device's queued work (CUDA runs asynchronously)."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def teacher_nll(teacher, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood the teacher gives ``targets`` (the student's sampled tokens).
+
+    Dense teacher: its cross-entropy, a chunk at a time. Sparse teacher (top-k + tail): the token's
+    log-prob where it is in the top-k, else the whole tail's (a lower bound on its NLL).
+    """
+    with torch.no_grad():
+        if not teacher.sparse:
+            weight = teacher.weight[:teacher.vocab_size]
+            _, (_, ce) = chunked_kd_loss(teacher.hidden, weight, targets.to(teacher.hidden.device), None,
+                                         KDSettings(alpha=0.0, chunk_size=SFT_CHUNK_SIZE))
+            return float(ce)
+        ids, logprobs, log_tail = teacher.chunk(slice(None), targets.device)
+        hit = ids == targets[:, None]
+        token = torch.where(hit.any(-1), (logprobs.float() * hit).sum(-1), log_tail.float())
+        return float(-token.sum())
+
+
+class RolloutStats:
+    """What a person watches in on-policy training, summed between two logging steps."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.n, self.ended, self.tokens, self.kd, self.nll, self.scored = 0, 0, 0, 0.0, 0.0, 0
+        self.seconds = {"rollout": 0.0, "teacher": 0.0, "update": 0.0}
+
+    def add_rollouts(self, rollouts, seconds: float) -> None:
+        self.n += len(rollouts)
+        self.ended += sum(r.ended for r in rollouts)
+        self.tokens += sum(len(r.completion) for r in rollouts)
+        self.seconds["rollout"] += seconds
+
+    def add_time(self, part: str, seconds: float, subtract_from: str | None = None) -> None:
+        self.seconds[part] += seconds
+        if subtract_from:  # the teacher's forward runs inside the update's timed span
+            self.seconds[subtract_from] -= seconds
+
+    def add_scores(self, kd_sum: float, nll_sum: float, n_tokens: int) -> None:
+        self.kd, self.nll, self.scored = self.kd + kd_sum, self.nll + nll_sum, self.scored + n_tokens
+
+    def flush(self) -> dict:
+        if not self.n:
+            return {}
+        out = {"rollout_kd": round(self.kd / max(self.scored, 1), 6),
+               "rollout_teacher_nll": round(self.nll / max(self.scored, 1), 6),
+               "rollout_length": round(self.tokens / self.n, 1),
+               "rollout_ended": round(self.ended / self.n, 4),
+               "rollout_tokens_per_s": round(self.tokens / max(self.seconds["rollout"], 1e-9), 1),
+               **{f"time_{part}_s": round(t, 3) for part, t in self.seconds.items()}}
+        self._reset()
+        return out
