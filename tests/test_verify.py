@@ -15,7 +15,7 @@ import yaml
 
 from distill.cli import main
 from distill.decontaminate import Decontaminator
-from distill.verify import Grader, extract_answer, grade, normalize_gold
+from distill.grading import Grader, extract_answer, grade, normalize_gold
 
 CASES = yaml.safe_load((Path(__file__).parent / "grading_cases.yaml").read_text())["cases"]
 HANGS = r"9^{9^{9^{9}}}"  # sympy grinds on this for minutes; math-verify's SIGALRM only works on the main thread

@@ -1,0 +1,401 @@
+"""Math answer grading: the one place a response is judged against its reference answer.
+
+Rejection sampling (``distill verify``, ``generate --verify``) keeps only traces whose final
+answer is right, and eval scores students the same way, so all go through :func:`grade` /
+:class:`Grader`:
+
+- :func:`extract_answer` takes the final answer of a response: only the text after the last
+  ``</think>`` counts (a ``\\boxed{}`` while thinking is not the answer), then the last
+  ``\\boxed{}``/``\\fbox{}``, then phrases such as "the final answer is ...".
+- the comparison is math-verify's, with the gold parsed wrapped as ``$...$``;
+- every comparison runs in a worker process that is killed when it passes a hard wall-clock
+  timeout: math-verify's own timeouts use SIGALRM, which fails off the main thread, and some
+  sympy work does not return for minutes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+_SRC_DIR = str(Path(__file__).resolve().parents[1])  # so workers import this same distill
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer extraction
+# ---------------------------------------------------------------------------------------------
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_FALLBACKS = (
+    re.compile(r"final answer is\s*:?\s*(.+)", re.IGNORECASE),
+    re.compile(r"answer is\s*:?\s*(.+)", re.IGNORECASE),
+    re.compile(r"answer\s*:\s*(.+)", re.IGNORECASE),
+    re.compile(r"^\s*####\s*(.+)", re.MULTILINE),
+)
+
+
+def _braced(text: str, start: int) -> str | None:
+    """Content of the balanced ``{...}`` opening at ``text[start]``; None if it never closes."""
+    depth, i = 0, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":  # an escaped character (\{, \}, \\) never opens or closes a group
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i]
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``)."""
+    for m in reversed(list(_BOX.finditer(text))):
+        end = m.end()
+        if end < len(text) and text[end] == "{":
+            content = _braced(text, end)
+        elif m.group(0) != m.group(0).rstrip():  # "\boxed 5": up to the next space or '$'
+            content = re.match(r"[^\s$]*", text[end:]).group(0)
+        else:
+            continue  # "\boxedx" is another macro
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def _clean(answer: str) -> str:
+    """Strip math delimiters, a trailing period and thousands separators ("1,234" -> "1234")."""
+    a = answer.strip().rstrip(".").strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if a.startswith(left) and a.endswith(right) and len(a) > len(left) + len(right):
+            a = a[len(left):-len(right)].strip()
+    a = a.rstrip(".").strip()
+    if _THOUSANDS.match(a):
+        a = a.replace(",", "")
+    return a
+
+
+def final_text(response: str) -> str | None:
+    """The part of a response that may hold the final answer; None inside an unfinished think."""
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1]
+    if "<think>" in response:
+        return None  # thinking never ended (truncated): there is no final answer
+    return response
+
+
+def extract_answer(response: str | None) -> str | None:
+    """The final answer of a model response (LaTeX, without ``$``), or None when it has none."""
+    text = final_text(response or "")
+    if not text:
+        return None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return _clean(boxed)
+    for pattern in _FALLBACKS:
+        matches = list(pattern.finditer(text))
+        if matches:
+            line = matches[-1].group(1).strip().splitlines()[0]
+            answer = _clean(line)
+            if answer:
+                return answer
+    return None
+
+
+def normalize_gold(value: Any) -> str:
+    """A reference answer as a LaTeX string: 27.0 -> "27", "007" -> "7", "... #### 1,234" -> "1234"."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a reference answer: {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value).strip()
+    if "####" in text:
+        text = text.rsplit("####", 1)[1].strip()
+    text = _clean(text)
+    if re.fullmatch(r"0\d+", text):
+        text = text.lstrip("0") or "0"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: math-verify runs here, so a comparison that hangs can be killed.
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_main(read_fd: int, write_fd: int) -> None:
+    """Serve (op, gold_or_first, prediction_or_second) -> bool until the pipe closes.
+
+    Timeouts are the parent's job (it kills this process), so math-verify's own are off.
+    """
+    from functools import lru_cache
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its 'timeout disabled' warning
+    _exit_with_parent()
+    inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+
+    @lru_cache(maxsize=4096)
+    def parsed(latex: str):
+        return parse(f"${latex}$", parsing_timeout=None)
+
+    outbox.send("ready")
+    while True:
+        try:
+            _, a, b = inbox.recv()
+        except EOFError:
+            return
+        try:
+            gold, pred = parsed(a), parsed(b)
+            ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
+        except Exception:  # math-verify raised on odd input: the answer does not match
+            ok = False
+        outbox.send(bool(ok))
+
+
+def _exit_with_parent() -> None:
+    """A worker stuck in a computation must not outlive a parent that died without killing it."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Worker:
+    """One grading process and its pipes; ``ask`` returns None when the comparison timed out.
+
+    A plain subprocess rather than multiprocessing: spawn/forkserver re-import the caller's
+    ``__main__`` (breaking scripts without a main guard) and fork is unsafe once threads exist.
+    """
+
+    START_TIMEOUT = 120.0  # importing sympy on a loaded machine can take a while
+
+    def __init__(self):
+        self._start()
+
+    def _start(self) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SRC_DIR, env.get("PYTHONPATH")]))
+        code = f"from distill.grading import _worker_main; _worker_main({to_child_r}, {from_child_w})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.outbox = Connection(to_child_w, readable=False)
+        self.inbox = Connection(from_child_r, writable=False)
+        self.ready = False
+
+    def _wait_ready(self) -> None:
+        if self.ready:
+            return
+        try:
+            ok = self.inbox.poll(self.START_TIMEOUT) and self.inbox.recv() == "ready"
+        except EOFError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"grading worker failed to start (exit code {self.proc.poll()})")
+        self.ready = True
+
+    def ask(self, task: tuple, timeout: float) -> bool | None:
+        self._wait_ready()
+        try:
+            self.outbox.send(task)
+            if self.inbox.poll(timeout):
+                return self.inbox.recv()
+        except (EOFError, OSError):
+            pass  # the worker died (e.g. out of memory): treat like a timeout
+        self.restart()
+        return None
+
+    def restart(self) -> None:
+        self.close()
+        self._start()
+
+    def close(self) -> None:
+        """Kill at once: an idle worker has nothing to save, a busy one is stuck."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.outbox.close()
+        self.inbox.close()
+
+
+class Grader:
+    """A pool of grading processes, reused across comparisons; safe to call from any thread.
+
+    ``with Grader() as g: g.grade_many(pairs)``. A comparison that passes ``timeout`` seconds
+    counts as wrong, and its worker is killed and restarted. Counters: ``comparisons``,
+    ``timeouts``, ``extraction_failures``.
+    """
+
+    MEMO_SIZE = 100_000  # verdicts remembered (timeouts are not: they may pass on a quieter machine)
+
+    def __init__(self, timeout: float = 5.0, workers: int | None = None):
+        self.timeout = timeout
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.comparisons = self.timeouts = self.extraction_failures = 0
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._all = [_Worker() for _ in range(self.workers)]
+        for w in self._all:
+            self._idle.put(w)
+        self._lock = threading.Lock()
+        self._memo: dict[tuple[str, str, str], bool] = {}
+        self._closed = False
+
+    def _compare(self, op: str, a: str, b: str) -> bool:
+        key = (op, a, b)
+        with self._lock:
+            if key in self._memo:  # k samples of one prompt often repeat an answer
+                return self._memo[key]
+        worker = self._idle.get()
+        try:
+            result = worker.ask(key, self.timeout)
+        finally:
+            self._idle.put(worker)
+        with self._lock:
+            self.comparisons += 1
+            if result is not None:
+                if len(self._memo) >= self.MEMO_SIZE:
+                    del self._memo[next(iter(self._memo))]
+                self._memo[key] = result
+            else:
+                self.timeouts += 1
+                log.warning("grading timed out after %.1fs (counted wrong): %.200s vs %.200s",
+                            self.timeout, a, b)
+        return bool(result)
+
+    def grade(self, response: str, gold: Any) -> bool:
+        """True when the final answer of ``response`` equals the reference ``gold``."""
+        answer = extract_answer(response)
+        if answer is None:
+            with self._lock:
+                self.extraction_failures += 1
+            return False
+        return self._compare("grade", normalize_gold(gold), answer)
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """True when two extracted answers are mathematically equal (for majority voting)."""
+        if a == b:
+            return True
+        return self._compare("equiv", a, b)
+
+    def grade_many(self, pairs: Iterable[tuple[str, Any]], progress=None) -> list[bool]:
+        """Grade (response, gold) pairs on all workers at once; ``progress()`` is called per pair."""
+        def one(pair):
+            ok = self.grade(*pair)
+            if progress is not None:
+                progress()
+            return ok
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="grade") as pool:
+            return list(pool.map(one, pairs))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for w in self._all:
+                w.close()
+
+    def __enter__(self) -> "Grader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_shared: dict[float, Grader] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_grader(timeout: float = 5.0) -> Grader:
+    """A process-wide Grader per timeout, started on first use and closed at exit."""
+    with _shared_lock:
+        if timeout not in _shared:
+            _shared[timeout] = Grader(timeout=timeout)
+            atexit.register(_shared[timeout].close)
+        return _shared[timeout]
+
+
+def grade(response: str, gold: Any, timeout: float = 5.0) -> bool:
+    """True when the final answer of ``response`` equals ``gold`` (see :class:`Grader`)."""
+    return shared_grader(timeout).grade(response, gold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace records
+# ---------------------------------------------------------------------------------------------
+
+
+def record_response(record: dict) -> str:
+    """The text of a trace that holds its final answer.
+
+    ``answer`` is what the teacher wrote after thinking. When it is empty, a ``reasoning`` that
+    still contains ``</think>`` (an unsplit local model output) is used; otherwise the model
+    never finished thinking and there is no answer.
+    """
+    answer = record.get("answer") or ""
+    if answer.strip():
+        return answer
+    reasoning = record.get("reasoning") or ""
+    return reasoning if "</think>" in reasoning else ""
+
+
+def apply_grades(records: list[dict], grader: Grader, progress: bool = True) -> list[dict]:
+    """Set ``correct`` on every record (None where it has no ``reference``); returns ``records``."""
+    graded = [r for r in records if r.get("reference") is not None]
+    for r in records:
+        r["correct"] = None
+    pairs = [(record_response(r), r["reference"]) for r in graded]
+    if progress and pairs:
+        with _progress_bar("grading", len(pairs)) as tick:
+            verdicts = grader.grade_many(pairs, progress=tick)
+    else:
+        verdicts = grader.grade_many(pairs)
+    for r, ok in zip(graded, verdicts):
+        r["correct"] = ok
+    return records
+
+
+@contextmanager
+def _progress_bar(label: str, total: int):
+    """A rich bar with count, rate and ETA; yields a thread-safe ``tick()``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    lock, start = threading.Lock(), time.monotonic()
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=total, rate="")
+
+        def tick():
+            with lock:
+                bar.advance(task)
+                done = bar.tasks[0].completed
+            bar.update(task, rate=f"{done / max(time.monotonic() - start, 1e-6):.0f}/s")
+
+        yield tick
