@@ -2,15 +2,28 @@
 
 Rejection sampling (``distill verify``, ``generate --verify``) keeps only traces whose final
 answer is right, and eval scores students the same way, so all go through :func:`grade` /
-:class:`Grader`:
+:class:`Grader`.
 
-- :func:`extract_answer` takes the final answer of a response: only the text after the last
-  ``</think>`` counts (a ``\\boxed{}`` while thinking is not the answer), then the last
-  ``\\boxed{}``/``\\fbox{}``, then phrases such as "the final answer is ...".
-- the comparison is math-verify's, with the gold parsed wrapped as ``$...$``;
-- every comparison runs in a worker process that is killed when it passes a hard wall-clock
-  timeout: math-verify's own timeouts use SIGALRM, which fails off the main thread, and some
-  sympy work does not return for minutes.
+Which text is the answer (:func:`extract_answer`); the first rule that applies wins:
+
+1. Only the text after the last ``</think>`` counts: a box while thinking is not the answer, and
+   a response whose thinking never ended has none.
+2. The last complete ``\\boxed{}``/``\\fbox{}`` (of nested boxes, the innermost), together with
+   the boxes before it that only separators join to it: spacing (``\\quad``, ``\\,``),
+   punctuation, math delimiters, "and"/"or" (also inside ``\\text{}``), part labels ("for part
+   (a)", "(ii)") and an answer's own label (``x_1 =``, ``k =``, ``(x, y) =``; labels are dropped).
+   Such a group is one answer, graded as a tuple/set the way math-verify grades it
+   (``\\boxed{1}, \\boxed{2}`` is ``1, 2``); a box repeated counts once. Any other word between
+   two boxes is prose, so the earlier boxes were intermediate results and the last box wins
+   alone: "the area is \\boxed{12}. The perimeter is \\boxed{14}" answers 14. This is stricter
+   than math-verify, which also joins boxes across a short phrase holding a comma or "and"
+   (``\\boxed{3}, but correcting: \\boxed{4}`` is {3, 4} there, 4 here).
+3. Without a box: the line after "final answer is", "answer is", "answer:" or "####".
+
+The comparison is math-verify's, each side parsed wrapped as ``$...$``. Every comparison runs in
+a worker process that is killed when it passes a hard wall-clock timeout: math-verify's own
+timeouts use SIGALRM, which fails off the main thread, and some sympy work does not return for
+minutes.
 """
 
 from __future__ import annotations
@@ -46,6 +59,17 @@ _FALLBACKS = (
     re.compile(r"answer\s*:\s*(.+)", re.IGNORECASE),
     re.compile(r"^\s*####\s*(.+)", re.MULTILINE),
 )
+# What may stand between two boxes of one answer: spacing, punctuation, math delimiters,
+# "and"/"or", part labels ("for part (a)", "(ii)") and an answer's own label ("x_1 =", "(x, y) =").
+_VAR = r"(?:\\[A-Za-z]+|[A-Za-z])(?:_\{[^{}]*\}|_[A-Za-z0-9])?'*"
+_JOINER = re.compile(rf"""(?:
+    \s | [,;:.&*~] | \$ | \\[()\[\]\\] | \\q?quad(?![A-Za-z]) | \\[,;:!\ ] | \\hspace\*?\{{[^{{}}]*\}}
+  | (?i:and|or|for|parts?)(?![A-Za-z])
+  | \(?[a-h]\) | \([ivx]+\)
+  | (?:{_VAR}|\({_VAR}(?:\s*,\s*{_VAR})*\))\s*=
+)*""", re.VERBOSE)
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
+_MAX_JOINER = 80  # characters; more between two boxes is prose
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -66,19 +90,47 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` (or ``\\boxed 5``)."""
-    for m in reversed(list(_BOX.finditer(text))):
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of each complete, non-empty, outermost ``\\boxed{}``/``\\fbox{}`` (or ``\\boxed 5``)."""
+    boxes: list[tuple[int, int, str]] = []
+    for m in _BOX.finditer(text):
+        if boxes and m.start() < boxes[-1][1]:
+            continue  # inside the previous box
         end = m.end()
         if end < len(text) and text[end] == "{":
             content = _braced(text, end)
+            if content is None:
+                continue  # never closes
+            end += len(content) + 2
         elif m.group(0) != m.group(0).rstrip():  # "\boxed 5": up to the next space or '$'
             content = re.match(r"[^\s$]*", text[end:]).group(0)
+            end += len(content)
         else:
             continue  # "\boxedx" is another macro
-        if content is not None and content.strip():
-            return content.strip()
-    return None
+        if content.strip():
+            boxes.append((m.start(), end, content.strip()))
+    return boxes
+
+
+def _joins(between: str) -> bool:
+    """True when the text between two boxes only separates them (see the module docstring)."""
+    return len(between) <= _MAX_JOINER and _JOINER.fullmatch(_TEXT_MACRO.sub(r" \1 ", between)) is not None
+
+
+def final_boxes(text: str) -> list[str]:
+    """Contents of the boxes that make the final answer, in order: the last box, and the boxes
+    before it that only separators join to it (a repeated box counts once; a box in a box is
+    read for its own final boxes: ``\\boxed{\\boxed{6}}`` is 6)."""
+    group: list[str] = []
+    start = len(text)
+    for s, e, content in reversed(_boxes(text)):
+        if group and not _joins(text[e:start]):
+            break
+        for c in reversed((_BOX.search(content) and final_boxes(content)) or [content]):
+            if not group or c != group[0]:
+                group.insert(0, c)
+        start = s
+    return group
 
 
 def _clean(answer: str) -> str:
@@ -107,9 +159,9 @@ def extract_answer(response: str | None) -> str | None:
     text = final_text(response or "")
     if not text:
         return None
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return _clean(boxed)
+    boxes = final_boxes(text)
+    if boxes:
+        return ", ".join(_clean(b) for b in boxes)
     for pattern in _FALLBACKS:
         matches = list(pattern.finditer(text))
         if matches:
