@@ -19,7 +19,7 @@ from distill.grading import Grader, extract_answer, grade, normalize_gold
 
 TABLE = yaml.safe_load((Path(__file__).parent / "grading_cases.yaml").read_text())
 CASES = TABLE["cases"]
-FORMS = TABLE["forms"]  # answers in several boxes (issue 22)
+FORMS = TABLE["forms"]  # several boxes, decimal commas, space separators (issue 22)
 HANGS = r"9^{9^{9^{9}}}"  # sympy grinds on this for minutes; math-verify's SIGALRM only works on the main thread
 
 
@@ -45,6 +45,19 @@ def test_boxes_joined_only_by_separators_are_one_answer():
     assert extract_answer(r"\boxed{5}.\n\n\boxed{5}") == "5"
     assert extract_answer(r"The area is \boxed{12}, so the perimeter is \boxed{14}.") == "14"
     assert extract_answer(r"\boxed{1}" + " ," * 50 + r"\boxed{2}") == "2"  # too far apart to be one answer
+
+
+def test_numbers_with_spaces_and_decimal_commas():
+    assert extract_answer(r"\boxed{1\,000\,000}") == "1000000"
+    assert extract_answer("The answer is 12 345,5.") == "12345.5"
+    assert normalize_gold("0,111") == "0,111"  # a decimal, not 111
+    assert normalize_gold("#### 1,234") == "1234"
+
+
+def test_equivalent_answers_with_a_decimal_comma(grader):
+    assert grader.equivalent("1000,99", "1000.99")
+    assert grader.equivalent("2, 1", "1,2")
+    assert not grader.equivalent("1,2", "1.3")
 
 
 def test_gold_normalisation():

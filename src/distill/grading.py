@@ -20,6 +20,16 @@ Which text is the answer (:func:`extract_answer`); the first rule that applies w
    (``\\boxed{3}, but correcting: \\boxed{4}`` is {3, 4} there, 4 here).
 3. Without a box: the line after "final answer is", "answer is", "answer:" or "####".
 
+How numbers are read:
+
+- ``1,234`` and ``1,234.5`` are English thousands (GSM8K), in answers and references alike;
+  so are thousands separated by a space, ``\\,``, ``~`` or a Unicode thin space, with a decimal
+  point or comma after them (``12 345,5`` is 12345.5): LaTeX would read ``1 000`` as 1*0.
+- Any other ``a,b`` that is a whole answer (``1000,99``, ``0,5``, ``1,2``) is read both as a
+  decimal comma and as the list a, b (:func:`readings`); either may match. References are read
+  as written: ``1,2`` there is a list, as in the English datasets (``0,5`` is 0.5, math-verify's
+  reading).
+
 The comparison is math-verify's, each side parsed wrapped as ``$...$``. Every comparison runs in
 a worker process that is killed when it passes a hard wall-clock timeout: math-verify's own
 timeouts use SIGALRM, which fails off the main thread, and some sympy work does not return for
@@ -52,7 +62,12 @@ _SRC_DIR = str(Path(__file__).resolve().parents[1])  # so workers import this sa
 # ---------------------------------------------------------------------------------------------
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # 1,234 and 1,234.5; not 0,111
+# 1 000 / 1\,000 / 1~000 / 1<thin space>000, with a decimal point or comma after: LaTeX would read
+# the space as a product (1 000 -> 1*0), math-verify's plain-number rule as a thousands separator.
+_SPACED_THOUSANDS = re.compile(r"-?[1-9]\d{0,2}(?:(?:\s|~|\\[,;: ])+\d{3})+(?:[.,]\d+)?")
+_SPACE = re.compile(r"\s|~|\\[,;: ]")
+_DECIMAL_COMMA = re.compile(r"-?\d+,\d+")  # 1000,99 or 0,5 (English thousands are gone by now)
 _FALLBACKS = (
     re.compile(r"final answer is\s*:?\s*(.+)", re.IGNORECASE),
     re.compile(r"answer is\s*:?\s*(.+)", re.IGNORECASE),
@@ -134,15 +149,25 @@ def final_boxes(text: str) -> list[str]:
 
 
 def _clean(answer: str) -> str:
-    """Strip math delimiters, a trailing period and thousands separators ("1,234" -> "1234")."""
+    """Strip math delimiters, a trailing period and thousands separators ("1,234", "1 234" -> "1234")."""
     a = answer.strip().rstrip(".").strip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if a.startswith(left) and a.endswith(right) and len(a) > len(left) + len(right):
             a = a[len(left):-len(right)].strip()
     a = a.rstrip(".").strip()
-    if _THOUSANDS.match(a):
+    if _THOUSANDS.fullmatch(a):
         a = a.replace(",", "")
+    elif _SPACED_THOUSANDS.fullmatch(a):
+        a = _SPACE.sub("", a).replace(",", ".")
     return a
+
+
+def readings(answer: str) -> tuple[str, ...]:
+    """The ways an extracted answer may be meant: ``1000,99`` is the list 1000, 99 or the number
+    1000.99 (a decimal comma); either may match the reference."""
+    if _DECIMAL_COMMA.fullmatch(answer):
+        return answer, answer.replace(",", ".")
+    return (answer,)
 
 
 def final_text(response: str) -> str | None:
@@ -214,11 +239,12 @@ def _worker_main(read_fd: int, write_fd: int) -> None:
     outbox.send("ready")
     while True:
         try:
-            _, a, b = inbox.recv()
+            op, a, b = inbox.recv()
         except EOFError:
             return
-        try:
-            gold, pred = parsed(a), parsed(b)
+        try:  # the reference is read as written; answers in every way they may be meant
+            gold = parsed(a) if op == "grade" else [x for r in readings(a) for x in parsed(r)]
+            pred = [x for r in readings(b) for x in parsed(r)]
             ok = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
         except Exception:  # math-verify raised on odd input: the answer does not match
             ok = False
