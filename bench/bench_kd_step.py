@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distill.train.data import Collator  # noqa: E402
-from distill.train.kd import CachedTeacher, _make_trainer_cls  # noqa: E402
-from distill.train.sft import trainer_class  # noqa: E402
-from distill.train.kd_losses import KDSettings  # noqa: E402
-from distill.train.logits_cache import FORMAT, LogitsCache, write_shard  # noqa: E402
 from distill.records import write_json  # noqa: E402
+from distill.train.batching import Collator  # noqa: E402
+from distill.train.kd_losses import KDSettings  # noqa: E402
+from distill.train.store import FORMAT, LogitsCache, write_shard  # noqa: E402
+from distill.train.teachers import CachedTeacher, OnlineTeacher  # noqa: E402
+from distill.train.trainers import KDTrainer, SFTTrainer  # noqa: E402
 
 QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
@@ -155,11 +155,11 @@ def main():
     args_kw = {"bf16": bf16, "gradient_checkpointing": True,
                "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": not cuda}
     data = Dataset(args.steps, length, s_spec["vocab_size"])
-    KDTrainer = _make_trainer_cls()
     rows = []
     teacher = model(t_spec, args.device, torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
     rows.append(run("distill online KD (gJSD)", KDTrainer, model(s_spec, args.device, torch.float32), data, args_kw,
-                    args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0), teacher_model=teacher))
+                    args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0),
+                    teacher=OnlineTeacher(teacher, s_spec["vocab_size"])))
     if (gkd := gkd_trainer_cls()) is not None:
         rows.append(run("TRL GKD loss path (gJSD)", gkd, model(s_spec, args.device, torch.float32), data, args_kw,
                         args.steps, teacher_model=teacher))
@@ -167,8 +167,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cached = fake_cache(Path(tmp), data, s_spec["vocab_size"], 64)
         rows.append(run("distill offline KD (top-64, fkl)", KDTrainer, model(s_spec, args.device, torch.float32),
-                        data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher_logits=cached))
-    rows.append(run("distill SFT (same data)", trainer_class(), model(s_spec, args.device, torch.float32), data, args_kw, args.steps))
+                        data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher=cached))
+    rows.append(run("distill SFT (same data)", SFTTrainer, model(s_spec, args.device, torch.float32), data, args_kw, args.steps))
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers

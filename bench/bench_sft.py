@@ -172,7 +172,7 @@ def main(argv=None) -> int:
 def _default_attn(device: str) -> str:
     """distill's choice for packed rows (flash-attn varlen, else flex_attention), used on every row."""
     if device.startswith("cuda"):
-        from distill.train.sft import default_attention
+        from distill.train.student import default_attention
 
         return default_attention(packing=True)
     return "sdpa"
@@ -187,9 +187,10 @@ def _fresh_model(config):
 
 def _distill(config, examples, args, max_len, steps, attn, packing: bool):
     """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer."""
-    from distill.train.config import TrainConfig
-    from distill.train.data import Collator, pack_examples
-    from distill.train.sft import ExampleDataset, trainer_class, training_arguments
+    from distill.train.batching import Collator, ExampleDataset, pack_examples
+    from distill.train.command import TrainConfig
+    from distill.train.student import training_arguments
+    from distill.train.trainers import SFTTrainer
 
     cfg = TrainConfig(out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
                       warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
@@ -202,7 +203,7 @@ def _distill(config, examples, args, max_len, steps, attn, packing: bool):
                                disable_tqdm=True, train_sampling_strategy="random")
     data = pack_examples(examples, max_len) if packing else examples
     meter = Meter(Collator(config.pad_token_id, packing=packing))
-    return trainer_class()(model=_fresh_model(config), args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
+    return SFTTrainer(model=_fresh_model(config), args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
 
 
 def _trl(config, examples, args, max_len, steps, packing: bool):

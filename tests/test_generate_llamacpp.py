@@ -12,16 +12,24 @@ from distill.cli import main
 from distill.records import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent / "servers"))
-from llama_server import llama_cpp_server  # noqa: E402
+from llama_server import LlamaCppServer  # noqa: E402
 from test_generate import assert_complete, kill_and_resume  # noqa: E402
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is in the 'test' extra")
 
 
 @pytest.fixture(scope="module")
-def llama_url(smollm2_gguf):
-    with llama_cpp_server(smollm2_gguf) as url:
-        yield url
+def llama_server(smollm2_gguf):
+    with LlamaCppServer(smollm2_gguf) as server:
+        yield server
+
+
+@pytest.fixture
+def llama_url(llama_server):
+    """The server's URL; a test during which the server died fails saying so, with its log."""
+    llama_server.check()
+    yield llama_server.base_url
+    llama_server.check()
 
 
 @pytest.fixture

@@ -40,13 +40,11 @@ def held_out_kl(student_dir, teacher_dir, traces_path):
     import torch
 
     from distill.models import load_model, load_tokenizer
-    from distill.train.config import TrainConfig
-    from distill.train.data import load_examples
+    from distill.train.rendering import RenderOptions, load_examples
     from distill.train.kd_losses import DenseTeacher, KDSettings, chunked_kd_loss
 
     tok = load_tokenizer(str(student_dir))
-    examples, _, _ = load_examples(TrainConfig(traces=str(traces_path), eval_fraction=0.0, max_length=96,
-                                               overlong="truncate"), tok, "think")
+    examples, _, _ = load_examples(str(traces_path), tok, RenderOptions(max_length=96, overlong="truncate"))
     student, teacher = load_model(str(student_dir), "cpu"), load_model(str(teacher_dir), "cpu")
     kd_sum, tokens = 0.0, 0
     with torch.no_grad():

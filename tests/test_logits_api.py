@@ -18,7 +18,7 @@ from distill.cli import main
 from distill.records import read_jsonl, write_jsonl
 
 from conftest import build_tiny
-from test_generate_llamacpp import args_for, llama_url  # noqa: F401  (llama_url: the server fixture)
+from test_generate_llamacpp import args_for, llama_server, llama_url  # noqa: F401  (the server fixtures)
 from test_kd import QUIET, shard_times
 
 K = 5
@@ -38,17 +38,19 @@ def prompts(work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def api_traces(llama_url, prompts, work) -> Path:  # noqa: F811
+def api_traces(llama_server, prompts, work) -> Path:  # noqa: F811
     out = work / "traces.jsonl"
     # short prompts and answers: llama-cpp-python computes log-probs for every prompt token too
     brief = ["--template", "{prompt}", "--system", "Be brief.", "--max-tokens", "16"]
-    assert main(args_for(llama_url, prompts, out, *brief, "--top-logprobs", str(K))) == 0
+    rc = main(args_for(llama_server.base_url, prompts, out, *brief, "--top-logprobs", str(K)))
+    llama_server.check()
+    assert rc == 0
     return out
 
 
 def smollm2_rows(trace: dict, tokenizer) -> list[int]:
     """The student's assistant tokens of a trace, as training labels them."""
-    from distill.train.data import render_messages, tokenize_example
+    from distill.train.rendering import render_messages, tokenize_example
 
     labels = tokenize_example(render_messages(trace, "think"), tokenizer)["labels"]
     return [label for label in labels if label != -100]
@@ -68,8 +70,8 @@ def one_token(tok, text: str) -> int | None:
 
 def test_api_logprobs_become_the_cache_and_train_kd(api_traces, work, smollm2_dir, tiny_llama, capsys):
     from distill.models import load_tokenizer
-    from distill.train.data import end_of_turn_id
-    from distill.train.logits_cache import LogitsCache
+    from distill.train.rendering import end_of_turn_id
+    from distill.train.store import LogitsCache
 
     cache = work / "logits"
     logits = ["logits", "--traces", str(api_traces), "--student", str(smollm2_dir), "--out", str(cache),
@@ -195,7 +197,7 @@ def test_a_student_of_another_tokenizer_is_refused(api_traces, work, other_token
 @pytest.fixture(scope="module")
 def smol_vocab(smollm2_dir):
     from distill.models import load_tokenizer
-    from distill.train.api_logits import StudentVocab
+    from distill.train.api_mapping import StudentVocab
 
     tok = load_tokenizer(str(smollm2_dir))
     return tok, StudentVocab(tok, "smollm2")
@@ -214,7 +216,7 @@ def api_tops(tok, vocab, ids: list[int], printed: str = "ignore") -> list[dict]:
 @pytest.mark.parametrize("printed", ["ignore", "replace"])  # llama.cpp prints fragments as '', vLLM as '\ufffd'
 def test_seams_and_fragments_map_onto_the_rendered_turn(smol_vocab, printed):
     """Reasoning inline with other whitespace, an emoji split over byte tokens, a non-canonical split."""
-    from distill.train.api_logits import trace_rows
+    from distill.train.api_mapping import trace_rows
 
     tok, vocab = smol_vocab
     generated = "<think>\n\nOkay 🎉 so 2 plus 3.\n\n</think>\n\n The answer is 5. \n"
@@ -243,7 +245,7 @@ def test_seams_and_fragments_map_onto_the_rendered_turn(smol_vocab, printed):
 
 
 def test_text_the_logprobs_are_not_for_is_refused(smol_vocab):
-    from distill.train.api_logits import Refusal, trace_rows
+    from distill.train.api_mapping import Refusal, trace_rows
 
     tok, vocab = smol_vocab
     ids = tok.encode("The answer is 5.", add_special_tokens=False)

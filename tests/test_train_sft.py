@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 
 from distill.cli import main
 from distill.errors import DistillError
-from distill.train.config import TrainConfig
-from distill.train.data import Collator
-from distill.train.sft import RUN_RECORD, run_training, trainer_class
+from distill.train.batching import Collator
+from distill.train.command import RUN_RECORD, TrainConfig, run_training
+from distill.train.trainers import SFTTrainer
 
 from test_train_sft_data import make_trace, write_traces
 
@@ -159,7 +159,7 @@ def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwe
         model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
         if chunked:
             args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
-            trainer = trainer_class()(model=model, args=args)
+            trainer = SFTTrainer(model=model, args=args)
             trainer.loss_settings.chunk_size = 3  # 6 labelled tokens: two chunks
             loss = trainer.compute_loss(model, batch)
         else:

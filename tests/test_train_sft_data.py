@@ -7,8 +7,9 @@ import json
 import pytest
 
 from distill.errors import DistillError
-from distill.train.config import TrainConfig
-from distill.train.data import (IGNORE_INDEX, Collator, end_of_turn_id, load_examples, pack_examples,
+from distill.train.batching import Collator, pack_examples
+from distill.train.command import TrainConfig
+from distill.train.rendering import (IGNORE_INDEX, RenderOptions, end_of_turn_id, load_examples,
                                 render_messages, tokenize_example)
 
 # The Llama 3 chat template's shape (header tokens, <|eot_id|> with nothing after it), to check
@@ -89,17 +90,17 @@ def test_template_without_end_of_turn_gets_eos_appended(tiny_qwen2):
     assert ex["input_ids"][-1] == tok.eos_token_id and ex["labels"][-1] == tok.eos_token_id
 
 
-def cfg_for(traces, **kw) -> TrainConfig:
-    return TrainConfig(traces=traces, **{"eval_fraction": 0.0, **kw})
+def load(path, tokenizer, eval_fraction=0.0, **options):
+    return load_examples(path, tokenizer, RenderOptions(**options), eval_fraction=eval_fraction, seed=42)
 
 
 def test_overlong_traces_are_dropped_or_truncated_and_counted(tmp_path, tokenizer):
     traces = [make_trace(i) for i in range(4)]
     traces[1]["reasoning"] = "long " * 200
     path = write_traces(tmp_path / "t.jsonl", traces)
-    train, _, stats = load_examples(cfg_for(path, max_length=120), tokenizer, "think")
+    train, _, stats = load(path, tokenizer, max_length=120)
     assert stats["overlong"] == 1 and len(train) == 3 and "p1#0" not in {e["id"] for e in train}
-    train, _, stats = load_examples(cfg_for(path, max_length=120, overlong="truncate"), tokenizer, "think")
+    train, _, stats = load(path, tokenizer, max_length=120, overlong="truncate")
     assert stats["overlong"] == 1 and len(train) == 4
     assert max(len(e["input_ids"]) for e in train) == 120
 
@@ -107,12 +108,12 @@ def test_overlong_traces_are_dropped_or_truncated_and_counted(tmp_path, tokenize
 def test_nothing_left_is_an_error_that_says_why(tmp_path, tokenizer):
     path = write_traces(tmp_path / "t.jsonl", [make_trace(i) for i in range(3)])
     with pytest.raises(DistillError, match=r"no training examples left.*3 over --max-length 10"):
-        load_examples(cfg_for(path, max_length=10), tokenizer, "think")
+        load(path, tokenizer, max_length=10)
 
 
 def test_incorrect_traces_are_skipped_and_counted(tmp_path, tokenizer):
     path = write_traces(tmp_path / "t.jsonl", [make_trace(0, correct=False), make_trace(1, correct=True), make_trace(2)])
-    train, _, stats = load_examples(cfg_for(path), tokenizer, "think")
+    train, _, stats = load(path, tokenizer)
     assert [e["id"] for e in train] == ["p1#0", "p2#0"] and stats["skipped_incorrect"] == 1
     assert [e["example_index"] for e in train] == [1, 2]
 
@@ -122,13 +123,13 @@ def test_missing_field_names_file_line_and_field(tmp_path, tokenizer):
     del bad["messages"]
     path = write_traces(tmp_path / "t.jsonl", [make_trace(0), bad])
     with pytest.raises(DistillError, match=r"t\.jsonl:2: missing field 'messages'"):
-        load_examples(cfg_for(path), tokenizer, "think")
+        load(path, tokenizer)
 
 
 def test_held_out_split_keeps_each_prompt_on_one_side(tmp_path, tokenizer):
     traces = [make_trace(i % 10) | {"id": f"p{i % 10}#{i}", "sample": i} for i in range(30)]
     path = write_traces(tmp_path / "t.jsonl", traces)
-    train, evals, stats = load_examples(cfg_for(path, eval_fraction=0.2), tokenizer, "think")
+    train, evals, stats = load(path, tokenizer, eval_fraction=0.2)
     held = {e["prompt_id"] for e in evals}
     assert len(held) == 2 and len(evals) == 6 and not held & {e["prompt_id"] for e in train}
 
@@ -182,7 +183,7 @@ def test_packed_sequences_do_not_attend_to_each_other(tiny_qwen2, attn):
 
 
 def test_student_without_chat_template_is_refused_with_a_fix(tmp_path, tiny_qwen2, without_chat_template):
-    from distill.train.sft import prepare
+    from distill.train.student import prepare
 
     student = without_chat_template(tiny_qwen2)
     traces = write_traces(tmp_path / "t.jsonl", [make_trace(0)])

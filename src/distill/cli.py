@@ -22,11 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "have a teacher write chain-of-thought traces for a prompt set"),
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
-    "logits": ("distill.train.logits_cache", "LogitsConfig", "cache_logits",
+    "logits": ("distill.train.logits", "LogitsConfig", "cache_logits",
                "cache top-k log-probs for offline KD: a local --teacher run once, or the traces' API top_logprobs"),
-    "train": ("distill.train.config", "TrainConfig", "train",
+    "train": ("distill.train.command", "TrainConfig", "train",
               "fine-tune a student on traces: SFT or logit distillation (KD)"),
-    "eval": ("distill.eval.config", "EvalConfig", "evaluate",
+    "eval": ("distill.eval.runner", "EvalConfig", "run_eval",
              "score a model on AIME/MATH-500/AMC/GSM8K with lm-eval: pass@1 over k, cons@k"),
     "compare": ("distill.report", "CompareConfig", "compare",
                 "table of evaluated students side by side (Markdown, CSV, HTML)"),
@@ -57,24 +57,9 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls) -> None:
                 kwargs["help"] = help_ + f" (default: {'on' if default else 'off'})"
         elif typing.get_origin(tp) is typing.Literal:
             kwargs["choices"] = typing.get_args(tp)
-        elif typing.get_origin(tp) is dict:
-            kwargs["type"] = _parse_mapping
-            kwargs["metavar"] = "K=V,..."
         else:
             kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         parser.add_argument(flag, **kwargs)
-
-
-def _parse_mapping(text: str) -> dict:
-    import yaml
-
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {part!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """Configuration: dataclasses per command, filled from defaults < presets < YAML < flags.
 
-Every command's options are one dataclass (TRL style). The CLI turns each field into a flag,
-a ``--config FILE.yaml`` supplies a section of the same keys, and flags override the file.
-Field metadata ``help`` becomes the flag's help text.
+Every command's options are one dataclass beside its command (TRL style). The CLI turns each
+field into a flag, a ``--config FILE.yaml`` supplies a section of the same keys, and flags
+override the file. Field metadata: ``help`` becomes the flag's help text; ``required: True``
+makes :func:`build` refuse a run without it. Fixed choices are ``Literal`` types.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ def build(cls, *layers: tuple[str, dict]):
                 known = ", ".join(sorted(types_))
                 raise DistillError(f"{source}: unknown key '{key}' (known: {known})")
             values[norm] = coerce(value, types_[norm], key, source)
+    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
+               if f.metadata.get("required") and values.get(f.name, f.default) in (None, "", [])]
+    if missing:
+        raise DistillError(f"missing {', '.join(missing)} (required)")
     try:
         return cls(**values)
     except TypeError as e:

@@ -15,8 +15,8 @@ from distill.config import to_dict
 from distill.errors import DistillError
 from distill.models import load_preset
 from distill.prompts import INSTRUCTION, Prompt, load_prompts
-from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_jsonl
-from distill.runinfo import run_record, write_run_record
+from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
+from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
 
 DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")  # braces doubled for str.format
@@ -24,9 +24,9 @@ DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}
 
 @dataclass
 class GenerateConfig:
-    prompts: str | None = field(default=None, metadata={"help": "JSONL/JSON/parquet file, local datasets dir, or hub dataset name"})
-    out: str | None = field(default=None, metadata={"help": "traces JSONL to append to (rerun resumes)"})
-    teacher: str | None = field(default=None, metadata={"help": "teacher preset name (teachers/*.yaml), preset file, or local model path"})
+    prompts: str | None = field(default=None, metadata={"help": "JSONL/JSON/parquet file, local datasets dir, or hub dataset name", "required": True})
+    out: str | None = field(default=None, metadata={"help": "traces JSONL to append to (rerun resumes)", "required": True})
+    teacher: str | None = field(default=None, metadata={"help": "teacher preset name (teachers/*.yaml), preset file, or local model path", "required": True})
     split: str = field(default="train", metadata={"help": "dataset split for hub/dataset-dir prompts"})
     prompt_field: str = field(default="problem", metadata={"help": "field holding the prompt text"})
     answer_field: str | None = field(default=None, metadata={"help": "field holding the reference answer (kept as 'reference')"})
@@ -122,9 +122,6 @@ def generate(cfg: GenerateConfig) -> int:
 
 
 def _check(cfg: GenerateConfig) -> None:
-    for name in ("prompts", "out", "teacher"):
-        if not getattr(cfg, name):
-            raise DistillError(f"--{name} is required")
     if cfg.n < 1 or cfg.concurrency < 1 or cfg.max_tokens < 1:
         raise DistillError("--n, --concurrency and --max-tokens must be at least 1")
     if cfg.top_logprobs is not None and not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -280,7 +277,7 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
                         summary={**stats.as_dict(), "requests_per_second": rate,
                                  "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
                         outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
-    write_run_record(f"{out}.run.json", record)
+    write_json(f"{out}.run.json", record)
 
 
 def _cost(price: dict | None, stats: Stats) -> tuple[float, str] | None:

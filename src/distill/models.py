@@ -116,6 +116,16 @@ def load_preset(kind: str, name_or_path: str) -> dict:
     return data
 
 
+def model_preset(kind: str, name_or_path: str) -> dict:
+    """A preset whose ``model`` is what transformers loads: GGUF converted, a directory made absolute."""
+    preset = dict(load_preset(kind, name_or_path))
+    if not preset.get("model"):
+        raise DistillError(f"{preset.get('preset_file', name_or_path)}: {kind.rstrip('s')} preset has no 'model'")
+    path = resolve_model(preset["model"])
+    preset["model"] = str(Path(path).resolve()) if Path(path).is_dir() else path
+    return preset
+
+
 def default_device() -> str:
     import torch
 

@@ -12,7 +12,3 @@ def asset_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"distill asset folder '{name}' not found")
-
-
-def repo_root() -> Path:
-    return _REPO

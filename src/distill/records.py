@@ -12,24 +12,57 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypedDict
 
 from distill.errors import DistillError
 
-# Fields every trace has; ``correct`` is added by verify, ``top_logprobs`` only when asked for.
-TRACE_FIELDS = (
-    "id",
-    "prompt_id",
-    "sample",
-    "messages",
-    "reasoning",
-    "answer",
-    "reference",
-    "finish_reason",
-    "usage",
-    "teacher",
-    "created_at",
-)
+class TopLogprob(TypedDict, total=False):
+    """One generated token's log-prob and its alternatives (``teachers.base.top_entry``)."""
+
+    token: str            # the token as the server printed it
+    logprob: float
+    bytes: list[int]      # only where the printed string is not the token's UTF-8 (a character fragment)
+    top: list[dict]       # the K most likely alternatives: {token, logprob, bytes?}
+
+
+class TeacherInfo(TypedDict, total=False):
+    """Who wrote a trace and how (``trace["teacher"]``)."""
+
+    name: str             # preset name (or model id / dataset id)
+    kind: str             # "api" | "local" | "import"
+    model: str            # model name on the server, or model path
+    endpoint: str | None  # API base URL (api teachers)
+    path: str | None      # local model path (local teachers)
+    sampling: dict        # temperature, top_p, max_tokens, seed, ... as sent
+
+
+class Trace(TypedDict, total=False):
+    """The trace record: one (prompt, sample) written by a teacher; one JSON line of a traces file.
+
+    ``generate`` and ``import`` write it, ``verify`` adds ``correct``, ``logits`` reads
+    ``top_logprobs``, ``train`` renders ``messages`` + ``reasoning`` + ``answer`` into the
+    student's chat template. Only :data:`REQUIRED` fields must be present.
+    """
+
+    id: str                    # trace_id(prompt_id, sample): unique within a file
+    prompt_id: str             # stable id of the prompt (a hash of its text unless the data has ids)
+    sample: int                # 0..n-1 among the samples of one prompt
+    prompt: str                # the prompt text before templating
+    messages: list[dict] | str  # the prompt turns ({role, content}: system?, user), no assistant turn
+    reasoning: str             # the chain of thought, without <think> markers ("" if none)
+    answer: str                # the final answer after the reasoning
+    reference: str | None      # the gold answer, where the prompt set has one
+    finish_reason: str         # "stop", "length" (truncated), ...
+    usage: dict                # {prompt_tokens, completion_tokens, total_tokens}
+    teacher: TeacherInfo
+    created_at: str            # ISO 8601 UTC
+    top_logprobs: list[TopLogprob] | None  # per generated token, with --top-logprobs
+    correct: bool              # set by verify (or by an imported dataset's verdict)
+    source: dict               # imported traces: {dataset, format, sha256 | revision, split, row}
+
+
+#: The fields every stage may rely on.
+REQUIRED = ("prompt_id", "messages", "answer")
 
 
 def trace_id(prompt_id: str, sample: int) -> str:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.records import write_json
 
 _PACKAGES = ("distill", "torch", "transformers", "accelerate", "peft", "datasets", "openai",
              "lm_eval", "math_verify", "vllm", "trl", "liger_kernel")
@@ -63,7 +62,3 @@ def run_record(command: str, config: dict, data_files: dict[str, str | Path] | N
         "host": {"platform": platform.platform(), "machine": platform.machine()},
         **extra,
     }
-
-
-def write_run_record(path: str | Path, record: dict) -> None:
-    write_json(path, record)

@@ -19,8 +19,8 @@ from distill.grading import Grader, apply_grades
 
 @dataclass
 class VerifyConfig:
-    input: str | None = field(default=None, metadata={"help": "traces JSONL to grade", "metavar": "FILE"})
-    out: str | None = field(default=None, metadata={"help": "kept traces JSONL"})
+    input: str | None = field(default=None, metadata={"help": "traces JSONL to grade", "metavar": "FILE", "required": True})
+    out: str | None = field(default=None, metadata={"help": "kept traces JSONL", "required": True})
     keep: Literal["correct", "all"] = field(default="correct", metadata={"help": "keep only correct samples, or all (still graded)"})
     drop_truncated: bool = field(default=True, metadata={"help": "drop samples with finish_reason 'length'"})
     max_per_prompt: int | None = field(default=None, metadata={"help": "keep at most N samples per prompt"})
@@ -137,11 +137,9 @@ def _check_references(records: list[dict], path: str) -> None:
 def verify_file(cfg: VerifyConfig) -> int:
     """``distill verify``: grade every trace, filter, write the kept ones and a run record."""
     from distill.config import to_dict
-    from distill.records import read_jsonl, write_jsonl
-    from distill.runinfo import run_record, write_run_record
+    from distill.records import read_jsonl, write_json, write_jsonl
+    from distill.runinfo import run_record
 
-    if not cfg.input or not cfg.out:
-        raise DistillError("verify needs --input traces.jsonl and --out kept.jsonl")
     if cfg.max_per_prompt is not None and cfg.max_per_prompt < 1:
         raise DistillError(f"--max-per-prompt must be at least 1, got {cfg.max_per_prompt}")
     records = read_jsonl(cfg.input, required=("prompt_id",))
@@ -169,7 +167,7 @@ def verify_file(cfg: VerifyConfig) -> int:
         "grading_seconds": round(seconds, 2),
     }
     data = {"input": cfg.input, **{f"decontaminate:{Path(f).name}": f for f in cfg.decontaminate or []}}
-    write_run_record(f"{cfg.out}.run.json", run_record("verify", to_dict(cfg), data_files=data, summary=summary))
+    write_json(f"{cfg.out}.run.json", run_record("verify", to_dict(cfg), data_files=data, summary=summary))
     _print_report(summary, cfg)
     return 0
 

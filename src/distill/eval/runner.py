@@ -13,15 +13,39 @@ import logging
 import re
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from distill.config import to_dict
 from distill.errors import DistillError
-from distill.eval.config import EvalConfig
 from distill.eval.metrics import task_metrics
 from distill.eval.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.records import read_jsonl, write_json, write_jsonl
-from distill.runinfo import run_record, versions, write_run_record
+from distill.runinfo import run_record, versions
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["distill_math500"], metadata={"help": "comma-separated tasks (distill_aime24, distill_aime25, distill_amc23, distill_math500, distill_gsm8k)"})
+    model: str | None = field(default=None, metadata={"help": "HF model path/id (or LoRA adapter dir) for the in-process backend"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server base URL (server backend)"})
+    model_name: str | None = field(default=None, metadata={"help": "model name on the server"})
+    api_key_env: str | None = field(default=None, metadata={"help": "environment variable with the server's API key"})
+    backend: Literal["hf", "server", "vllm"] | None = field(default=None, metadata={"help": "in-process transformers, an OpenAI-compatible server, or vLLM in-process (default: server if --base-url, else hf)"})
+    out: str = field(default="runs/eval", metadata={"help": "output directory; one run folder per (model, run)"})
+    run_name: str | None = field(default=None, metadata={"help": "name of this run's folder (default: from the model)"})
+    k: int | None = field(default=None, metadata={"help": "samples per problem (default per task)"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus top-p"})
+    max_gen_tokens: int = field(default=32768, metadata={"help": "max generated tokens (clamped to the model's context)"})
+    seed: int = field(default=1234, metadata={"help": "base seed; sample i of a problem uses seed+i"})
+    data_dir: str | None = field(default=None, metadata={"help": "directory with local benchmark JSONL files (e.g. ../shared/data)"})
+    limit: int | None = field(default=None, metadata={"help": "first N problems per task (smoke runs)"})
+    batch_size: int = field(default=8, metadata={"help": "generation batch size (hf) / concurrent requests (server)"})
+    rescore: str | None = field(default=None, metadata={"help": "re-score the saved generations of RUN_DIR without generating"})
+    timeout: float = field(default=5.0, metadata={"help": "seconds per answer comparison"})
+    label: str | None = field(default=None, metadata={"help": "row label in compare tables"})
 
 
 def run_eval(cfg: EvalConfig) -> int:
@@ -55,7 +79,7 @@ def run_eval(cfg: EvalConfig) -> int:
     }
     _write_run(run_dir, result, rows)
     data_files = {s.name: s.data["path"] for s in specs if s.data["sha256"]}
-    write_run_record(run_dir / "run.json", run_record("eval", to_dict(cfg), data_files=data_files))
+    write_json(run_dir / "run.json", run_record("eval", to_dict(cfg), data_files=data_files))
     return 0
 
 
@@ -67,8 +91,6 @@ def _build_backend(cfg: EvalConfig):
         if not cfg.base_url:
             raise DistillError("backend 'server' needs --base-url (e.g. http://localhost:8000/v1)")
         return backends.build_server(cfg.base_url, cfg.model_name, cfg.api_key_env, cfg.batch_size, cfg.seed)
-    if kind not in ("hf", "vllm"):
-        raise DistillError(f"unknown backend '{kind}' (known: hf, server, vllm)")
     if not cfg.model:
         raise DistillError(f"backend '{kind}' needs --model PATH_OR_ID (or --base-url for a server)")
     if kind == "vllm":

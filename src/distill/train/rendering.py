@@ -1,33 +1,69 @@
-"""Traces -> tokenized training examples with assistant-only labels, and the batch collator.
+"""Rendering: a trace becomes the student's tokens, and the one rule for which of them are trained.
+
+A trace (``records.Trace``) is rendered with the student's chat template: its prompt turns, then
+one assistant turn holding the reasoning and the answer (``think_style``). The labels are the
+assistant's tokens through the end-of-turn token, ``IGNORE_INDEX`` elsewhere. The output at
+position t predicts token t + 1, so :func:`target_mask` (labels shifted by one) says which
+outputs carry a loss term. SFT, KD, the logits cache and the API log-prob mapping all use it, so
+a cached teacher row and a training token can only line up one way. :class:`RenderOptions` is
+shared by ``train`` and ``logits`` for the same reason.
 
 Loss must fall on the assistant's tokens only and the end-of-turn token must be learned (a
 student that never stops is open-r1 #492), so distill computes the labels itself rather than
 trusting ``{% generation %}`` tags that most chat templates lack: it renders the prompt with
-``add_generation_prompt=True`` and the whole conversation, checks the first is a prefix of
-the second, tokenizes the two parts apart (as inference sees them: prompt tokens, then the model's),
+``add_generation_prompt=True`` and the whole conversation, checks the first is a prefix of the
+second, tokenizes the two parts apart (as inference sees them: prompt tokens, then the model's),
 and labels the completion up to and including the template's end-of-turn token.
-
-Public pieces (the KD trainer builds on them):
-
-- :func:`render_messages` - a trace as the student's chat messages.
-- :func:`tokenize_example` - messages -> ``{"input_ids", "labels"}`` (labels -100 off the assistant turn).
-- :func:`load_examples` - a traces file -> train / held-out examples plus counts.
-- :func:`pack_examples` - best-fit-decreasing packing of examples into rows of at most N tokens.
-- :class:`Collator` - padded batches, or padding-free packed rows with restarting ``position_ids``.
 """
 
 from __future__ import annotations
 
 import functools
 import random
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, get_args
 
 from distill.errors import DistillError
 
 IGNORE_INDEX = -100
-THINK_STYLES = ("think", "none")
-OVERLONG_POLICIES = ("drop", "truncate")
-REQUIRED_TRACE_FIELDS = ("prompt_id", "messages", "answer")
+ThinkStyle = Literal["think", "none"]
+Overlong = Literal["drop", "truncate"]
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How traces become token sequences (``train`` and ``logits`` must agree on all three)."""
+
+    think_style: ThinkStyle = "think"
+    max_length: int = 16384
+    overlong: Overlong = "drop"
+
+    @classmethod
+    def of(cls, cfg, preset: dict) -> "RenderOptions":
+        """From a command's config; the think style is the flag's, else the model preset's, else 'think'."""
+        return cls(think_style=cfg.think_style or preset.get("think_style") or "think",
+                   max_length=cfg.max_length, overlong=cfg.overlong)
+
+
+def target_mask(labels):
+    """Which outputs are trained: position t is a target when token t + 1 is labelled.
+
+    ``labels`` is a list (-> list of bool, one shorter) or a tensor ``[..., T]`` (-> bool tensor
+    ``[..., T - 1]``). The rows of a logits cache, the KD rows and the SFT loss terms are exactly
+    these positions, in order.
+    """
+    if isinstance(labels, (list, tuple)):
+        return [label != IGNORE_INDEX for label in labels[1:]]
+    return labels[..., 1:] != IGNORE_INDEX
+
+
+def n_targets(example: dict) -> int:
+    return sum(target_mask(example["labels"]))
+
+
+def target_tokens(example: dict) -> list[int]:
+    """The trained tokens of an example, in order (one per target position)."""
+    return [label for label in example["labels"][1:] if label != IGNORE_INDEX]
 
 
 # ---------------------------------------------------------------- rendering
@@ -39,8 +75,8 @@ def render_messages(trace: dict, think_style: str = "think") -> list[dict]:
     ``think_style='think'`` writes ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` (DeepSeek-R1
     distill format); ``'none'`` writes the answer only. A trace without reasoning gets the answer only.
     """
-    if think_style not in THINK_STYLES:
-        raise DistillError(f"think style '{think_style}' unknown (known: {', '.join(THINK_STYLES)})")
+    if think_style not in get_args(ThinkStyle):
+        raise DistillError(f"think style '{think_style}' unknown (known: {', '.join(get_args(ThinkStyle))})")
     prompt = trace["messages"]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
@@ -139,49 +175,58 @@ def _split_prompts(prompt_ids: list[str], eval_fraction: float, seed: int) -> se
     return set(random.Random(seed).sample(unique, n_eval))
 
 
-def load_examples(cfg, tokenizer, think_style: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Read ``cfg.traces``, render and tokenize each, apply ``cfg.max_length``, split off eval.
+def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float = 0.0, seed: int = 0,
+                  keep_trace: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Read a traces file once, render and tokenize each trace, apply the length policy, split off eval.
 
-    Returns (train, eval, stats). Each example: ``id``, ``prompt_id``, ``example_index`` (line
-    order in the traces file, for cached teacher logits), ``input_ids``, ``labels``. Traces with
-    ``correct: false`` are skipped; over-long ones are dropped or truncated (``cfg.overlong``);
-    every skip is counted in ``stats``.
+    Returns (train, held_out, stats). Each example: ``id``, ``prompt_id``, ``example_index`` (line
+    order in the traces file, for cached teacher logits), ``input_ids``, ``labels`` (and the
+    ``trace`` itself with ``keep_trace``). Traces with ``correct: false`` are skipped; over-long
+    ones are dropped or truncated (``options.overlong``); every skip is counted in ``stats``, which
+    also names the teacher of the first trace.
     """
-    from distill.records import iter_jsonl, trace_id
+    from distill.records import REQUIRED, iter_jsonl, trace_id
 
-    if cfg.overlong not in OVERLONG_POLICIES:
-        raise DistillError(f"--overlong must be one of {', '.join(OVERLONG_POLICIES)}, got '{cfg.overlong}'")
-    stats = {"traces": 0, "skipped_incorrect": 0, "overlong": 0, "overlong_policy": cfg.overlong,
-             "skipped_no_target": 0, "max_length": cfg.max_length}
+    stats = {"traces": 0, "skipped_incorrect": 0, "overlong": 0, "overlong_policy": options.overlong,
+             "skipped_no_target": 0, "max_length": options.max_length, "think_style": options.think_style,
+             "teacher": None}
     examples = []
-    for index, trace in enumerate(_progress(iter_jsonl(cfg.traces, required=REQUIRED_TRACE_FIELDS), "tokenizing")):
+    for index, trace in enumerate(_progress(iter_jsonl(path, required=REQUIRED), "tokenizing")):
         stats["traces"] += 1
+        if stats["traces"] == 1:
+            stats["teacher"] = _teacher_name(trace.get("teacher"))
         if trace.get("correct") is False:
             stats["skipped_incorrect"] += 1
             continue
-        _check_messages(trace, cfg.traces, index)
-        ex = tokenize_example(render_messages(trace, think_style), tokenizer)
-        if len(ex["input_ids"]) > cfg.max_length:
+        _check_messages(trace, path, index)
+        ex = tokenize_example(render_messages(trace, options.think_style), tokenizer)
+        if len(ex["input_ids"]) > options.max_length:
             stats["overlong"] += 1
-            if cfg.overlong == "drop":
+            if options.overlong == "drop":
                 continue
-            ex = {k: v[: cfg.max_length] for k, v in ex.items()}
-        if all(label == IGNORE_INDEX for label in ex["labels"]):
+            ex = {k: v[: options.max_length] for k, v in ex.items()}
+        if not n_targets(ex):
             stats["skipped_no_target"] += 1
             continue
         examples.append({"id": trace.get("id") or trace_id(trace["prompt_id"], trace.get("sample", 0)),
-                         "prompt_id": str(trace["prompt_id"]), "example_index": index, **ex})
+                         "prompt_id": str(trace["prompt_id"]), "example_index": index, **ex,
+                         **({"trace": trace} if keep_trace else {})})
     if not examples:
-        raise DistillError(f"{cfg.traces}: no training examples left ({_describe(stats)}); "
+        raise DistillError(f"{path}: no training examples left ({_describe(stats)}); "
                            "check the file, or raise --max-length / use --overlong truncate")
-    held_out = _split_prompts([e["prompt_id"] for e in examples], cfg.eval_fraction, cfg.seed)
+    held_out = _split_prompts([e["prompt_id"] for e in examples], eval_fraction, seed)
     train = [e for e in examples if e["prompt_id"] not in held_out]
     evals = [e for e in examples if e["prompt_id"] in held_out]
-    lengths = [len(e["input_ids"]) for e in train]
+    lengths = [len(e["input_ids"]) for e in train] or [0]
     stats.update(train_examples=len(train), eval_examples=len(evals),
-                 train_tokens=sum(lengths), train_target_tokens=sum(_n_targets(e) for e in train),
+                 train_tokens=sum(lengths), train_target_tokens=sum(n_targets(e) for e in train),
                  longest=max(lengths), mean_length=round(sum(lengths) / len(lengths), 1))
     return train, evals, stats
+
+
+def _teacher_name(teacher) -> str | None:
+    """The teacher model a trace names (``teacher.model``, else its name), for run summaries."""
+    return teacher.get("model") or teacher.get("name") if isinstance(teacher, dict) else teacher
 
 
 def _check_messages(trace: dict, path, index: int) -> None:
@@ -192,10 +237,6 @@ def _check_messages(trace: dict, path, index: int) -> None:
     if not ok:
         raise DistillError(f"{path}:{index + 1}: field 'messages' must be a prompt string or a list of "
                            "{role, content} messages")
-
-
-def _n_targets(example: dict) -> int:
-    return sum(label != IGNORE_INDEX for label in example["labels"])
 
 
 def _describe(stats: dict) -> str:
@@ -216,106 +257,3 @@ def _progress(items: Iterable, desc: str):
     except ImportError:  # tqdm comes with transformers; stay usable without it
         return items
     return tqdm(items, desc=desc, unit=" traces", mininterval=2.0)
-
-
-# ---------------------------------------------------------------- packing and batching
-
-
-def pack_examples(examples: list[dict], capacity: int) -> list[dict]:
-    """Pack examples into rows of at most ``capacity`` tokens (best-fit decreasing, as TRL's 'bfd').
-
-    A row keeps its sequences separate: ``position_ids`` restart at 0 for each, and
-    ``example_index`` lists the examples it holds, in order.
-    """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    bins: list[list[int]] = []
-    space: list[int] = []
-    for i in order:
-        n = len(examples[i]["input_ids"])
-        fits = [b for b, free in enumerate(space) if free >= n]
-        if fits:
-            b = min(fits, key=space.__getitem__)
-            bins[b].append(i)
-            space[b] -= n
-        else:
-            bins.append([i])
-            space.append(capacity - n)
-    rows = []
-    for members in bins:
-        row = {"input_ids": [], "labels": [], "position_ids": [], "example_index": []}
-        for i in members:
-            ex = examples[i]
-            row["input_ids"] += ex["input_ids"]
-            row["labels"] += ex["labels"]
-            row["position_ids"] += range(len(ex["input_ids"]))
-            row["example_index"].append(ex.get("example_index", i))
-        rows.append(row)
-    return rows
-
-
-class Collator:
-    """Examples (or packed rows) -> a batch of tensors.
-
-    ``packing=False``: right-padded ``input_ids`` / ``labels`` (-100) / ``attention_mask``.
-    ``packing=True``: padding-free - the whole batch becomes one row with ``position_ids`` that
-    restart at 0 per sequence and no ``attention_mask``, so transformers keeps attention inside
-    each sequence (flash-attention varlen on GPU; a block-diagonal mask built from the position
-    ids with sdpa/eager). The model must run with ``use_cache=False`` (training sets it; a teacher
-    forward must pass it too): with a KV cache transformers skips the packed-sequence detection
-    and the sequences would attend to each other. The first label of every sequence is -100 so
-    no sequence learns to predict the next one's first token.
-    Either way an ``example_index`` tensor (one entry per sequence, in batch order) is kept when
-    the examples carry it, for trainers that look up per-example data such as cached logits.
-    """
-
-    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = pad_token_id
-        self.packing = packing
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        index = _example_indices(features)
-        batch = self._packed(features) if self.packing else self._padded(features)
-        batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-        if index is not None:
-            batch["example_index"] = torch.tensor(index, dtype=torch.long)
-        return batch
-
-    def _padded(self, features: list[dict]) -> dict:
-        if any("position_ids" in f for f in features):
-            raise DistillError("packed rows need Collator(packing=True)")
-        width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {"input_ids": [], "labels": [], "attention_mask": []}
-        for f in features:
-            pad = width - len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-        return batch
-
-    def _packed(self, features: list[dict]) -> dict:
-        input_ids, labels, position_ids = [], [], []
-        for f in features:
-            positions = list(f.get("position_ids") or range(len(f["input_ids"])))
-            row_labels = list(f["labels"])
-            for t, pos in enumerate(positions):
-                if pos == 0:
-                    row_labels[t] = IGNORE_INDEX
-            input_ids += f["input_ids"]
-            labels += row_labels
-            position_ids += positions
-        return {"input_ids": [input_ids], "labels": [labels], "position_ids": [position_ids]}
-
-
-def _example_indices(features: list[dict]) -> list[int] | None:
-    if not all("example_index" in f for f in features):
-        return None
-    out: list[int] = []
-    for f in features:
-        value = f["example_index"]
-        out.extend(value if isinstance(value, (list, tuple)) else [value])
-    return out

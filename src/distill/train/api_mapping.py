@@ -1,11 +1,11 @@
-"""``distill logits`` without ``--teacher``: the traces' API top_logprobs become the offline logits cache.
+"""A trace's API top_logprobs as cache rows over the student's target tokens.
 
 ``distill generate --top-logprobs K`` stores, for every token the teacher generated (reasoning and
 answer, as the server tokenised them), the sampled token and its K most likely alternatives with
 their log-probs, as strings (plus the raw bytes where the server gave bytes that differ from the
-string). This module writes them as the cache ``distill logits --teacher`` writes (same shards,
-index, resume and checks; see ``logits_cache``), so ``distill train --method kd --teacher-logits``
-has one path whatever the teacher was. It works only when the teacher's tokens are the student's:
+string). :func:`trace_rows` turns them into the rows ``distill logits`` stores for a local teacher
+(``store``), so ``distill train --method kd --teacher-logits`` has one path whatever the teacher
+was. It works only when the teacher's tokens are the student's:
 
 1. Vocabulary. Every sampled token and every alternative must be exactly one token of the
    student's vocabulary, compared as raw bytes; the first that is not stops the run (the teacher
@@ -14,7 +14,7 @@ has one path whatever the teacher was. It works only when the teacher's tokens a
    (llama.cpp as '', vLLM as '\\ufffd'): such an alternative cannot be identified, so its
    probability stays in the tail bucket (counted in ``run.json``).
 2. Sequence. Training renders each trace with the student's chat template and labels the
-   assistant tokens (``train/data.py``); the cache needs one row per labelled token. The sampled
+   assistant tokens (``rendering``); the cache needs one row per target token. The sampled
    tokens are aligned with those tokens: where the rendered text is the text the teacher
    generated they must be the same tokens one for one, and the first difference stops the run
    (naming the position and both tokens). The rendering changes the text only in whitespace and
@@ -41,12 +41,8 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
-
-from distill.errors import DistillError
 
 FLOOR = -20.0           # log-prob of padding entries and of an empty tail
 WINDOW = 64             # tokens searched on either side to step over a seam
@@ -285,21 +281,21 @@ def trace_rows(trace: dict, student: list[int], vocab: StudentVocab, top_k: int,
 # ---------------------------------------------------------------- the command
 
 
-def _teacher_name(trace: dict) -> str:
+def teacher_name(trace: dict) -> str:
     teacher = trace.get("teacher") if isinstance(trace.get("teacher"), dict) else {}
     return str(teacher.get("name") or teacher.get("model") or "unknown")
 
 
-def _teacher_described(trace: dict) -> str:
+def teacher_described(trace: dict) -> str:
     """'NAME' or 'NAME' (model 'MODEL'): what the messages call the teacher."""
-    name = _teacher_name(trace)
+    name = teacher_name(trace)
     model = (trace.get("teacher") or {}).get("model") if isinstance(trace.get("teacher"), dict) else None
     return f"'{name}'" + (f" (model '{model}')" if model and model != name else "")
 
 
 def check_logprobs(trace: dict) -> int:
     """K of a trace's top_logprobs; refuses traces without usable ones."""
-    teacher = _teacher_described(trace)
+    teacher = teacher_described(trace)
     tops = trace.get("top_logprobs")
     if not tops:
         raise Refusal(
@@ -313,90 +309,3 @@ def check_logprobs(trace: dict) -> int:
             f"has top_logprobs with no alternatives (K = 0, teacher {teacher}): offline KD needs K >= 1; "
             f"regenerate with 'distill generate --top-logprobs K' (1 <= K <= 20)")
     return k
-
-
-def cache_api_logits(cfg) -> int:
-    """``distill logits --traces T --student S --out D`` (no ``--teacher``): resumable, like the local path."""
-    import torch
-    from tqdm import tqdm
-
-    from distill.models import load_preset, load_tokenizer
-    from distill.records import iter_jsonl
-    from distill.train.data import REQUIRED_TRACE_FIELDS, render_messages, tokenize_example
-    from distill.train.logits_cache import (_vocab_rows, add_shard, all_examples, finish, open_cache,
-                                            think_style_for, token_sha, tokenizer_sha)
-
-    if not cfg.student:
-        raise DistillError("distill logits without --teacher maps the traces' API top_logprobs onto a student's "
-                           "vocabulary and needs --student (or pass --teacher for a local teacher)")
-    if cfg.temperature != 1.0:
-        raise DistillError(f"--temperature {cfg.temperature}: API log-probs are the teacher's own distribution "
-                           f"(temperature 1) and cannot be re-tempered; leave --temperature at 1")
-    started = time.time()
-    preset = load_preset("students", cfg.student)
-    path = str(preset.get("model", cfg.student))
-    tokenizer = load_tokenizer(path)
-    think_style = think_style_for(cfg.think_style, preset)
-    examples = {e["example_index"]: e for e in all_examples(cfg, tokenizer, think_style)}
-
-    def records():
-        return enumerate(iter_jsonl(cfg.traces, required=REQUIRED_TRACE_FIELDS))
-
-    def where(index: int) -> str:
-        return f"{cfg.traces}:{index + 1}: trace '{examples[index]['id']}'"
-
-    first_index = min(examples)
-    first = next(t for index, t in records() if index == first_index)
-    try:
-        k_api = check_logprobs(first)
-    except Refusal as e:
-        raise DistillError(f"{where(first_index)} {e}") from None
-    teacher = _teacher_name(first)
-    header = {
-        "teacher": teacher, "source": "api top_logprobs", "rendered_for": cfg.student,
-        "tokenizer_sha": tokenizer_sha(tokenizer), "vocab_size": _vocab_rows(path),
-        "top_k": min(cfg.top_k, k_api), "temperature": 1.0, "max_length": cfg.max_length,
-        "overlong": cfg.overlong, "think_style": think_style,
-    }
-    out = Path(cfg.out)
-    index, done = open_cache(out, header)
-    todo = {i: e for i, e in examples.items() if e["id"] not in done}
-    n_tokens = sum(sum(label != -100 for label in e["labels"][1:]) for e in todo.values())
-    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, {len(todo)} to "
-          f"convert ({n_tokens:,} assistant tokens): API top-{header['top_k']} log-probs of '{teacher}' mapped "
-          f"onto the vocabulary of '{cfg.student}'", flush=True)
-    vocab = StudentVocab(tokenizer, cfg.student)
-    counts: Counter = Counter()
-    entries: list[dict] = []
-    with tqdm(total=n_tokens, unit="tok", desc="API top-k", dynamic_ncols=True) as bar:
-        for i, trace in records():
-            ex = todo.get(i)
-            if ex is None:
-                continue
-            n_rows = sum(label != -100 for label in ex["labels"][1:])
-            full = ex
-            if len(ex["input_ids"]) >= cfg.max_length:  # maybe truncated: align the whole turn, keep its head
-                full = tokenize_example(render_messages(trace, think_style), tokenizer)
-            student = [label for label in full["labels"] if label != -100]
-            try:
-                check_logprobs(trace)
-                ids, lps, tails = trace_rows(trace, student, vocab, header["top_k"], _teacher_described(trace),
-                                             counts)
-            except Refusal as e:
-                raise DistillError(f"{where(i)} {e}") from None
-            shape = (n_rows, header["top_k"])
-            entries.append({"id": ex["id"], "sha": token_sha(ex["input_ids"]),
-                            "ids": torch.tensor(ids[:n_rows], dtype=torch.int32).reshape(shape),
-                            "logprobs": torch.tensor(lps[:n_rows], dtype=torch.float32).reshape(shape),
-                            "log_tail": torch.tensor(tails[:n_rows], dtype=torch.float32)})
-            bar.update(n_rows)
-            if len(entries) == cfg.shard_size:
-                add_shard(out, index, entries)
-                entries = []
-        if entries:
-            add_shard(out, index, entries)
-    if counts:
-        print(f"distill logits: {counts['api_rows']:,} rows from the API's log-probs, {counts['one_hot_rows']:,} "
-              f"one-hot (think wrapper, end of turn, whitespace seams); {counts['lossy_alternatives']:,} "
-              f"alternatives printed lossily by the server kept in the tail", flush=True)
-    return finish(cfg, out, header, started, api={"teacher": teacher, "converted": dict(counts)})

@@ -1,0 +1,242 @@
+"""``distill train``: its options and the run, SFT or KD (online teacher or logits cache).
+
+Built on transformers' ``Trainer`` (accelerate underneath) so the same command scales from one
+GPU to many with ``accelerate launch --config_file configs/accelerate/fsdp.yaml -m distill.cli
+train ...`` (or DeepSpeed ZeRO-3 with ``configs/accelerate/zero3.yaml``).
+
+:func:`run_training` trains with any trainer class (``trainers``), resumes, saves model +
+tokenizer + chat template, and writes ``OUT/distill_run.json`` whose ``summary`` (method,
+base_model, teacher, train_examples, eval_examples, tokens_seen, lora, wall_time_s,
+final_train_loss, final_eval_loss) and ``loss_curve`` the eval/compare steps read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from distill.errors import DistillError
+from distill.records import write_json
+from distill.train.rendering import Overlong, ThinkStyle
+
+RUN_RECORD = "distill_run.json"
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["sft", "kd"] = field(default="sft", metadata={"help": "supervised fine-tuning on the traces, or logit distillation"})
+    student: str | None = field(default=None, metadata={"help": "student preset name (students/*.yaml), preset file, or model path", "required": True})
+    traces: str | None = field(default=None, metadata={"help": "traces JSONL (verified) to train on", "required": True})
+    out: str | None = field(default=None, metadata={"help": "output directory", "required": True})
+    # schedule
+    epochs: float = field(default=3.0, metadata={"help": "training epochs (ignored when --max-steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "linear warm-up fraction of steps"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=1, metadata={"help": "sequences (or packed rows) per device per micro-step"})
+    global_batch_size: int | None = field(default=None, metadata={"help": "target sequences per optimizer step; sets gradient accumulation"})
+    grad_accum: int | None = field(default=None, metadata={"help": "gradient accumulation steps (overrides --global-batch-size)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    seed: int = field(default=42, metadata={"help": "seed for init, data order and split"})
+    # data
+    max_length: int = field(default=16384, metadata={"help": "max tokens per sample"})
+    overlong: Overlong = field(default="drop", metadata={"help": "samples over --max-length are dropped or truncated (always counted and reported)"})
+    think_style: ThinkStyle | None = field(default=None, metadata={"help": "override the preset: 'think' (<think>..</think>) or 'none'"})
+    packing: bool = field(default=False, metadata={"help": "padding-free packing with attention kept inside each sequence"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "held-out fraction of traces for eval loss"})
+    eval_steps: int = field(default=50, metadata={"help": "eval loss every N steps"})
+    # model
+    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "override the preset's LoRA target modules"})
+    qlora: bool = field(default=False, metadata={"help": "4-bit base weights (bitsandbytes) under the LoRA adapter"})
+    merge: bool = field(default=False, metadata={"help": "also save a merged model (LoRA) under OUT/merged"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
+    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under FSDP/DeepSpeed); pip install liger-kernel"})
+    # run
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "keep only the newest N checkpoints"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard|none|wandb"})
+    fsdp: str | None = field(default=None, metadata={"help": "transformers FSDP option string (or use accelerate configs in configs/)"})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config path"})
+    # KD
+    teacher: str | None = field(default=None, metadata={"help": "KD: online teacher preset/path (same tokenizer family)"})
+    teacher_logits: str | None = field(default=None, metadata={"help": "KD: cached top-k logits directory from 'distill logits'"})
+    loss: Literal["fkl", "rkl", "jsd", "skew", "tvd"] = field(default="fkl", metadata={"help": "KD loss"})
+    alpha: float = field(default=0.5, metadata={"help": "KD: weight of the KD term; (1-alpha) weights the SFT cross-entropy"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "KD: softmax temperature of the loss (T^2-scaled)"})
+    beta: float = field(default=0.5, metadata={"help": "KD: JSD beta / skew-KL alpha"})
+    kd_chunk_size: int = field(default=1024, metadata={"help": "KD: tokens per loss chunk (memory stays flat)"})
+    teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
+
+
+def _last_checkpoint(out: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(out) if Path(out).is_dir() else None
+
+
+def loss_curve(log_history: list[dict]) -> list[dict]:
+    """Trainer logs -> [{step, loss, eval_loss?}], one entry per logged step."""
+    by_step: dict[int, dict] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None or ("loss" not in entry and "eval_loss" not in entry):
+            continue
+        point = by_step.setdefault(step, {"step": step})
+        for key in ("loss", "eval_loss"):
+            if key in entry:
+                point[key] = entry[key]
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _last(curve: list[dict], key: str) -> float | None:
+    values = [p[key] for p in curve if key in p]
+    return values[-1] if values else None
+
+
+def _set_stop_tokens(model, tokenizer) -> None:
+    """Make generation stop on the token the student was trained to end its turn with."""
+    from distill.train.rendering import end_of_turn_id
+
+    eot = end_of_turn_id(tokenizer)
+    for config in (model.config, model.generation_config):
+        eos = config.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if eot not in ids:
+            ids.insert(0, eot)
+        config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _save(trainer, setup, cfg) -> None:
+    """Model (or adapter, plus OUT/merged with --merge), tokenizer and chat template into OUT."""
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _set_stop_tokens(base, setup.tokenizer)
+    trainer.save_model(cfg.out)
+    if trainer.is_world_process_zero():
+        setup.tokenizer.save_pretrained(cfg.out)
+        base.generation_config.save_pretrained(cfg.out)
+    if (cfg.lora or cfg.qlora) and cfg.merge:
+        merged_dir = Path(cfg.out) / "merged"
+        merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(merged_dir)
+            setup.tokenizer.save_pretrained(merged_dir)
+
+
+def run_training(cfg, trainer_cls=None, setup=None,
+                 extra_record: dict | None = None, **trainer_kwargs) -> int:
+    """Train with ``trainer_cls`` (default ``SFTTrainer``), save, write the run record.
+
+    ``trainer_kwargs`` go to the trainer's constructor (e.g. ``teacher=`` for KD);
+    ``extra_record`` is merged into ``distill_run.json`` (e.g. KD loss settings).
+    """
+    import torch
+
+    from distill.config import to_dict
+    from distill.runinfo import run_record
+    from distill.train.student import prepare
+    from distill.train.trainers import SFTTrainer
+
+    setup = setup or prepare(cfg)
+    trainer_cls = trainer_cls or SFTTrainer
+    trainer = trainer_cls(model=setup.model, args=setup.args, train_dataset=setup.train_dataset,
+                          eval_dataset=setup.eval_dataset, data_collator=setup.collator,
+                          processing_class=setup.tokenizer, **trainer_kwargs)
+    checkpoint = _last_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume:
+        print(f"train: resuming from {checkpoint}" if checkpoint else
+              f"train: --resume: no checkpoint in {cfg.out} yet, starting fresh", flush=True)
+    started = time.time()
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError:
+        raise DistillError(
+            f"CUDA out of memory (batch {cfg.batch_size} x max length {cfg.max_length}); lower --batch-size "
+            "(raise --global-batch-size accumulation instead), lower --max-length, keep "
+            "--gradient-checkpointing on, or train with --lora / several GPUs (configs/accelerate/)") from None
+    wall = time.time() - started
+    if setup.eval_dataset is not None and trainer.state.global_step % cfg.eval_steps:
+        trainer.evaluate()  # the final eval loss, unless the last step just logged one
+    _save(trainer, setup, cfg)
+    curve = loss_curve(trainer.state.log_history)
+    summary = {
+        "method": cfg.method,
+        "base_model": setup.student.get("model"),
+        "student_preset": setup.student.get("name"),
+        "teacher": setup.stats.get("teacher"),
+        "train_examples": setup.stats.get("train_examples"),
+        "eval_examples": setup.stats.get("eval_examples"),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "lora": bool(cfg.lora or cfg.qlora),
+        "global_step": trainer.state.global_step,
+        "wall_time_s": round(wall, 2),
+        "final_train_loss": _last(curve, "loss"),
+        "final_eval_loss": _last(curve, "eval_loss"),
+    }
+    if trainer.is_world_process_zero():
+        record = run_record(f"train --method {cfg.method}", to_dict(cfg), {"traces": cfg.traces},
+                            summary=summary, data_stats=setup.stats, loss_curve=curve, **(extra_record or {}))
+        write_json(Path(cfg.out) / RUN_RECORD, record)
+        print(f"train: saved {'adapter' if summary['lora'] else 'model'} to {cfg.out} "
+              f"({summary['global_step']} steps, {summary['tokens_seen']} tokens, "
+              f"final loss {summary['final_train_loss']}, eval loss {summary['final_eval_loss']})", flush=True)
+    return 0
+
+
+def train(cfg: TrainConfig) -> int:
+    """``distill train``: SFT, or KD with an online teacher or a logits cache."""
+    if cfg.method == "sft":
+        return run_training(cfg)
+    return run_kd(cfg)
+
+
+def kd_settings(cfg):
+    from distill.train.kd_losses import KDSettings
+
+    try:
+        return KDSettings(loss=cfg.loss, beta=cfg.beta, temperature=cfg.kd_temperature, alpha=cfg.alpha,
+                          chunk_size=cfg.kd_chunk_size)
+    except ValueError as e:
+        raise DistillError(f"KD settings: {e}") from None
+
+
+def run_kd(cfg: TrainConfig) -> int:
+    """``--method kd``: the SFT run with a teacher (online model or logits cache) and the KD loss."""
+    from distill.train.student import prepare
+    from distill.train.teachers import CachedTeacher, OnlineTeacher, local_teacher_path
+    from distill.train.trainers import KDTrainer
+
+    if bool(cfg.teacher) == bool(cfg.teacher_logits):
+        raise DistillError("--method kd needs exactly one of --teacher (online) or --teacher-logits (offline cache)")
+    kd = kd_settings(cfg)
+    if cfg.teacher:
+        local_teacher_path(cfg.teacher)  # refuse an API teacher before loading the student
+    setup = prepare(cfg)
+    student_out = setup.model.get_output_embeddings().weight
+    extra = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
+                    "chunk_size": kd.chunk_size}}
+    if cfg.teacher:
+        teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student,
+                                     cfg.teacher_device or str(student_out.device), student_out.shape[0])
+        extra["kd"].update(mode="online", teacher=cfg.teacher)
+    else:
+        teacher = CachedTeacher.open(cfg.teacher_logits, setup.tokenizer, setup.examples, student=cfg.student,
+                                     traces=cfg.traces, kd_temperature=cfg.kd_temperature,
+                                     student_rows=student_out.shape[0])
+        extra["kd"].update(mode="offline", teacher=teacher.cache.header["teacher"], cache=str(cfg.teacher_logits),
+                           cache_header=teacher.cache.header)
+    return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher)

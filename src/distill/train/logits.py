@@ -1,0 +1,194 @@
+"""``distill logits``: the teacher's top-k log-probs per target token, cached once for offline KD.
+
+Two sources fill the same store (``store``: shards, index, resume, checks), so ``distill train
+--method kd --teacher-logits DIR`` reads either:
+
+- ``--teacher``: a local model runs over the traces (``teachers.teacher_top_k``);
+- no ``--teacher``: the traces' own API log-probs (``distill generate --top-logprobs K``) are
+  mapped onto the student's vocabulary (``api_mapping``).
+
+Rendering follows ``train`` exactly (``rendering.RenderOptions``; same flags, same defaults).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.records import write_json
+from distill.train.rendering import Overlong, RenderOptions, ThinkStyle, n_targets
+from distill.train.store import CacheWriter
+
+
+@dataclass
+class LogitsConfig:
+    teacher: str | None = field(default=None, metadata={"help": "teacher preset/path (local model); leave out to convert the traces' API top_logprobs (needs --student)"})
+    traces: str | None = field(default=None, metadata={"help": "traces JSONL", "required": True})
+    out: str | None = field(default=None, metadata={"help": "output directory for the sharded cache", "required": True})
+    student: str | None = field(default=None, metadata={"help": "student preset/path whose chat rendering (and, for API log-probs, vocabulary) the cache follows (default: the teacher's)"})
+    top_k: int = field(default=64, metadata={"help": "top-k log-probs kept per token (API log-probs: at most the K they were generated with)"})
+    max_length: int = field(default=16384, metadata={"help": "max tokens per sample"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per teacher forward"})
+    shard_size: int = field(default=256, metadata={"help": "traces per shard file"})
+    think_style: ThinkStyle | None = field(default=None, metadata={"help": "override the preset's think style"})
+    overlong: Overlong = field(default="drop", metadata={"help": "samples over --max-length are dropped or truncated (use the same as 'distill train')"})
+    temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)"})
+    chunk_size: int = field(default=1024, metadata={"help": "tokens per top-k chunk (bounds memory on long traces)"})
+
+
+def cache_logits(cfg: LogitsConfig) -> int:
+    """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
+    if cfg.top_k < 1:
+        raise DistillError(f"--top-k must be >= 1, got {cfg.top_k}")
+    if not cfg.teacher:
+        return cache_api_logits(cfg)
+    return cache_local_logits(cfg)
+
+
+def cache_local_logits(cfg: LogitsConfig) -> int:
+    """``--teacher``: a local model's forward over every trace, in length-sorted batches."""
+    from tqdm import tqdm
+
+    from distill.models import load_model, load_tokenizer, model_preset
+    from distill.train.store import token_sha
+    from distill.train.teachers import check_same_tokenizer, local_teacher_path, teacher_top_k, vocab_rows
+
+    started = time.time()
+    teacher_path = local_teacher_path(cfg.teacher)
+    render_name = cfg.student or cfg.teacher
+    render_preset = model_preset("students", cfg.student) if cfg.student else model_preset("teachers", cfg.teacher)
+    tokenizer = load_tokenizer(render_preset["model"])
+    check_same_tokenizer(tokenizer, render_name, load_tokenizer(teacher_path, require_chat_template=False), cfg.teacher)
+    options = RenderOptions.of(cfg, render_preset)
+    model = load_model(teacher_path).eval()
+    vocab_size = min(model.get_output_embeddings().weight.shape[0], vocab_rows(render_preset["model"]))
+    header = _header(cfg, options, tokenizer, teacher=cfg.teacher, rendered_for=render_name, vocab_size=vocab_size,
+                     top_k=min(cfg.top_k, vocab_size), temperature=cfg.temperature)
+    writer = CacheWriter(cfg.out, header)
+    examples = _all_examples(cfg, tokenizer, options)
+    todo = [e for e in examples if e["id"] not in writer.done]
+    n_tokens = sum(n_targets(e) for e in todo)
+    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, "
+          f"{len(todo)} to run ({n_tokens:,} target tokens), top-{header['top_k']}", flush=True)
+    with tqdm(total=n_tokens, unit="tok", desc="teacher top-k", dynamic_ncols=True) as bar:
+        for first in range(0, len(todo), cfg.shard_size):
+            entries = []
+            by_length = sorted(todo[first:first + cfg.shard_size], key=lambda e: len(e["input_ids"]))
+            for b in range(0, len(by_length), cfg.batch_size):
+                batch = by_length[b:b + cfg.batch_size]
+                for e, (ids, lps, tail) in zip(batch, teacher_top_k(model, batch, header["top_k"], cfg.temperature,
+                                                                   vocab_size, cfg.chunk_size)):
+                    entries.append({"id": e["id"], "sha": token_sha(e["input_ids"]), "ids": ids,
+                                    "logprobs": lps, "log_tail": tail})
+                    bar.update(int(ids.shape[0]))
+            writer.add_shard(entries)
+    return _finish(cfg, header, started)
+
+
+def cache_api_logits(cfg: LogitsConfig) -> int:
+    """No ``--teacher``: the traces' API top_logprobs mapped onto the student's vocabulary (``api_mapping``)."""
+    import torch
+    from tqdm import tqdm
+
+    from distill.models import load_tokenizer, model_preset
+    from distill.train.api_mapping import (Refusal, StudentVocab, check_logprobs, teacher_described,
+                                           teacher_name, trace_rows)
+    from distill.train.rendering import render_messages, target_tokens, tokenize_example
+    from distill.train.store import token_sha
+    from distill.train.teachers import vocab_rows
+
+    if not cfg.student:
+        raise DistillError("distill logits without --teacher maps the traces' API top_logprobs onto a student's "
+                           "vocabulary and needs --student (or pass --teacher for a local teacher)")
+    if cfg.temperature != 1.0:
+        raise DistillError(f"--temperature {cfg.temperature}: API log-probs are the teacher's own distribution "
+                           f"(temperature 1) and cannot be re-tempered; leave --temperature at 1")
+    started = time.time()
+    preset = model_preset("students", cfg.student)
+    tokenizer = load_tokenizer(preset["model"])
+    options = RenderOptions.of(cfg, preset)
+    examples = _all_examples(cfg, tokenizer, options, keep_trace=True)
+
+    def where(ex: dict) -> str:
+        return f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}'"
+
+    first = min(examples, key=lambda e: e["example_index"])
+    try:
+        k_api = check_logprobs(first["trace"])
+    except Refusal as e:
+        raise DistillError(f"{where(first)} {e}") from None
+    teacher = teacher_name(first["trace"])
+    header = _header(cfg, options, tokenizer, teacher=teacher, source="api top_logprobs", rendered_for=cfg.student,
+                     vocab_size=vocab_rows(preset["model"]), top_k=min(cfg.top_k, k_api), temperature=1.0)
+    writer = CacheWriter(cfg.out, header)
+    todo = sorted((e for e in examples if e["id"] not in writer.done), key=lambda e: e["example_index"])
+    n_tokens = sum(n_targets(e) for e in todo)
+    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, {len(todo)} to "
+          f"convert ({n_tokens:,} target tokens): API top-{header['top_k']} log-probs of '{teacher}' mapped "
+          f"onto the vocabulary of '{cfg.student}'", flush=True)
+    vocab = StudentVocab(tokenizer, cfg.student)
+    counts: Counter = Counter()
+    entries: list[dict] = []
+    with tqdm(total=n_tokens, unit="tok", desc="API top-k", dynamic_ncols=True) as bar:
+        for ex in todo:
+            trace, n_rows = ex["trace"], n_targets(ex)
+            full = ex
+            if len(ex["input_ids"]) >= cfg.max_length:  # maybe truncated: align the whole turn, keep its head
+                full = tokenize_example(render_messages(trace, options.think_style), tokenizer)
+            try:
+                check_logprobs(trace)
+                ids, lps, tails = trace_rows(trace, target_tokens(full), vocab, header["top_k"],
+                                             teacher_described(trace), counts)
+            except Refusal as e:
+                raise DistillError(f"{where(ex)} {e}") from None
+            shape = (n_rows, header["top_k"])
+            entries.append({"id": ex["id"], "sha": token_sha(ex["input_ids"]),
+                            "ids": torch.tensor(ids[:n_rows], dtype=torch.int32).reshape(shape),
+                            "logprobs": torch.tensor(lps[:n_rows], dtype=torch.float32).reshape(shape),
+                            "log_tail": torch.tensor(tails[:n_rows], dtype=torch.float32)})
+            bar.update(n_rows)
+            if len(entries) == cfg.shard_size:
+                writer.add_shard(entries)
+                entries = []
+        if entries:
+            writer.add_shard(entries)
+    if counts:
+        print(f"distill logits: {counts['api_rows']:,} rows from the API's log-probs, {counts['one_hot_rows']:,} "
+              f"one-hot (think wrapper, end of turn, whitespace seams); {counts['lossy_alternatives']:,} "
+              f"alternatives printed lossily by the server kept in the tail", flush=True)
+    return _finish(cfg, header, started, api={"teacher": teacher, "converted": dict(counts)})
+
+
+def _header(cfg: LogitsConfig, options: RenderOptions, tokenizer, **settings) -> dict:
+    """What a cache was made with; a rerun with other settings is refused (``store.CacheWriter``)."""
+    from distill.train.store import tokenizer_sha
+
+    return {**settings, "tokenizer_sha": tokenizer_sha(tokenizer), "max_length": options.max_length,
+            "overlong": options.overlong, "think_style": options.think_style}
+
+
+def _all_examples(cfg: LogitsConfig, tokenizer, options: RenderOptions, keep_trace: bool = False) -> list[dict]:
+    """Every example training can see (its train and held-out parts), tokenized as training does."""
+    from distill.train.rendering import load_examples
+
+    train, held_out, _ = load_examples(cfg.traces, tokenizer, options, keep_trace=keep_trace)
+    return train + held_out
+
+
+def _finish(cfg: LogitsConfig, header: dict, started: float, **extra) -> int:
+    """The closing line and ``run.json`` beside the cache."""
+    from distill.config import to_dict
+    from distill.runinfo import run_record
+    from distill.train.store import cache_stats
+
+    out = Path(cfg.out)
+    stats = cache_stats(out)
+    print(f"distill logits: {stats['traces']} traces, {stats['tokens']:,} tokens, "
+          f"{stats['bytes_per_token']:.1f} bytes/token -> {out}", flush=True)
+    write_json(out / "run.json", run_record("logits", to_dict(cfg), data_files={"traces": cfg.traces},
+                                            header=header, stats=stats, seconds=round(time.time() - started, 1),
+                                            **extra))
+    return 0

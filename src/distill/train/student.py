@@ -1,0 +1,184 @@
+"""The student side of a training run: the model (full weights, LoRA or QLoRA), its tokenized
+data, and the ``TrainingArguments`` the flags map onto (:func:`prepare` -> :class:`TrainSetup`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill.errors import DistillError
+
+
+@dataclass
+class TrainSetup:
+    """Everything a ``Trainer`` needs, built from a ``TrainConfig`` (see :func:`prepare`)."""
+
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    collator: Any
+    args: Any  # transformers.TrainingArguments
+    stats: dict = field(default_factory=dict)
+    student: dict = field(default_factory=dict)  # the student preset (``model`` = resolved path)
+    examples: list = field(default_factory=list)  # train + eval examples, unpacked (KD checks cached logits per example)
+
+
+def gradient_accumulation(cfg, world_size: int) -> int:
+    """Micro-steps per optimizer step: --grad-accum, else global batch / (batch size x devices)."""
+    if cfg.grad_accum:
+        return cfg.grad_accum
+    if not cfg.global_batch_size:
+        return 1
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        print(f"train: --global-batch-size {cfg.global_batch_size} is not a multiple of batch size x devices "
+              f"({per_step}); rounding up", flush=True)
+    return max(1, math.ceil(cfg.global_batch_size / per_step))
+
+
+def _use_bf16(cfg) -> bool:
+    import torch
+
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def default_attention(packing: bool) -> str | None:
+    """Packed rows on a GPU need varlen attention: sdpa can only take them as a dense block mask
+    (1.9x slower per step on an H100, bench/RESULTS.md), so flash-attn when installed, else
+    flex_attention's block-sparse mask. Otherwise transformers' own choice (sdpa)."""
+    import torch
+
+    if not packing or not torch.cuda.is_available():
+        return None
+    try:
+        import flash_attn  # noqa: F401
+        return "flash_attention_2"
+    except ImportError:
+        return "flex_attention"
+
+
+def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
+    """The student model: full weights in fp32 (bf16 autocast trains them), or a LoRA/QLoRA adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    attn = cfg.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.packing)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    if cfg.qlora:
+        if not torch.cuda.is_available():
+            raise DistillError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --lora on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise DistillError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    # LoRA leaves the base frozen, so it can sit in bf16; trained weights stay fp32 masters.
+    dtype = torch.bfloat16 if (cfg.lora or cfg.qlora) and use_bf16 else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise DistillError(f"{cfg.student}: cannot load model ({str(e).splitlines()[0]})") from None
+    model.config.use_cache = False
+    if cfg.lora or cfg.qlora:
+        model = _add_lora(cfg, model, preset)
+    return model
+
+
+def _add_lora(cfg, model, preset: dict):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    targets = cfg.lora_target_modules or preset.get("lora_target_modules") or "all-linear"
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise DistillError(f"LoRA target modules {targets}: {e}") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, **overrides):
+    """``TrainingArguments`` for the config (the one place flags map onto transformers);
+    ``overrides`` replace any of them (benchmarks turn saving off)."""
+    from transformers import TrainingArguments
+
+    eval_kwargs = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps} if has_eval else {"eval_strategy": "no"}
+    kwargs = dict(
+        output_dir=cfg.out,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers reads a value below 1 as a fraction of all steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        bf16=use_bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        use_liger_kernel=cfg.liger,
+        # Without packing, batches of similar length waste less on padding.
+        train_sampling_strategy="random" if cfg.packing else "group_by_length",
+        remove_unused_columns=False,  # keep example_index etc. for trainers that need them
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
+        # Packed rows have no padding (and no attention_mask to count it by).
+        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
+        fsdp=cfg.fsdp or "",
+        deepspeed=cfg.deepspeed,
+        dataloader_num_workers=0,
+        **eval_kwargs,
+    )
+    return TrainingArguments(**{**kwargs, **overrides})
+
+
+def prepare(cfg) -> TrainSetup:
+    """Resolve the student, tokenize the traces, load the model, and build ``TrainingArguments``."""
+    from distill.models import load_tokenizer, model_preset
+    from distill.train.batching import Collator, ExampleDataset, pack_examples
+    from distill.train.rendering import RenderOptions, describe_stats, load_examples
+
+    preset = model_preset("students", cfg.student)
+    tokenizer = load_tokenizer(preset["model"])
+    options = RenderOptions.of(cfg, preset)
+    train, evals, stats = load_examples(cfg.traces, tokenizer, options, cfg.eval_fraction, cfg.seed)
+    examples = train + evals
+    print(describe_stats(stats), flush=True)
+    if stats["overlong"]:
+        verb = "dropped" if cfg.overlong == "drop" else "truncated (their end-of-turn is lost)"
+        print(f"data: {stats['overlong']} traces longer than --max-length {cfg.max_length} were {verb}", flush=True)
+    if cfg.packing:
+        train = pack_examples(train, cfg.max_length)
+        stats["packed_rows"] = len(train)
+        print(f"data: packed into {len(train)} rows of at most {cfg.max_length} tokens", flush=True)
+    use_bf16 = _use_bf16(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_arguments(cfg, has_eval=bool(evals), use_bf16=use_bf16,
+                              grad_accum=gradient_accumulation(cfg, world_size))
+    model = _load_student(cfg, preset["model"], preset, use_bf16)
+    collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
+    return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
+                      eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
+                      args=args, stats=stats, student=preset, examples=examples)
