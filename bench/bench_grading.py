@@ -1,4 +1,4 @@
-"""Grading throughput: MATH-500 x 4 samples (2,000 responses) through distill.verify.Grader.
+"""Grading throughput: MATH-500 x 4 samples (2,000 responses) through distill.grading.Grader.
 
 Responses look like teacher output: the reference solution as the thinking (with its own
 \\boxed{} that must be ignored), then a final answer. Per problem the 4 samples are: the gold as
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distill.verify import Grader  # noqa: E402
+from distill.grading import Grader  # noqa: E402
 
 DATA = Path(os.environ.get("DISTILL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

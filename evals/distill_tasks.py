@@ -5,9 +5,8 @@ The grading itself lives in ``distill.eval.scoring`` (math-verify behind distill
 """
 
 from distill.eval.scoring import score_problem
-from distill.verify import normalize_gold
-
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from distill.grading import normalize_gold
+from distill.prompts import INSTRUCTION
 
 
 def _normalise(doc: dict, index: int) -> dict:

@@ -15,9 +15,11 @@ import yaml
 
 from distill.cli import main
 from distill.decontaminate import Decontaminator
-from distill.verify import Grader, extract_answer, grade, normalize_gold
+from distill.grading import Grader, extract_answer, grade, normalize_gold
 
-CASES = yaml.safe_load((Path(__file__).parent / "grading_cases.yaml").read_text())["cases"]
+TABLE = yaml.safe_load((Path(__file__).parent / "grading_cases.yaml").read_text())
+CASES = TABLE["cases"]
+FORMS = TABLE["forms"]  # several boxes, decimal commas, space separators (issue 22)
 HANGS = r"9^{9^{9^{9}}}"  # sympy grinds on this for minutes; math-verify's SIGALRM only works on the main thread
 
 
@@ -36,6 +38,28 @@ def test_final_answer_comes_after_thinking():
     assert extract_answer("no answer here") is None
 
 
+def test_boxes_joined_only_by_separators_are_one_answer():
+    assert extract_answer(r"\boxed{(2, 2)} \quad \text{and} \quad \boxed{(6, 2)}") == "(2, 2), (6, 2)"
+    assert extract_answer(r"$x_1 = \boxed{2}$ and $x_2 = \boxed{5}$.") == "2, 5"
+    assert extract_answer(r"\boxed{\boxed{6}}, \boxed{7}") == "6, 7"
+    assert extract_answer(r"\boxed{5}.\n\n\boxed{5}") == "5"
+    assert extract_answer(r"The area is \boxed{12}, so the perimeter is \boxed{14}.") == "14"
+    assert extract_answer(r"\boxed{1}" + " ," * 50 + r"\boxed{2}") == "2"  # too far apart to be one answer
+
+
+def test_numbers_with_spaces_and_decimal_commas():
+    assert extract_answer(r"\boxed{1\,000\,000}") == "1000000"
+    assert extract_answer("The answer is 12 345,5.") == "12345.5"
+    assert normalize_gold("0,111") == "0,111"  # a decimal, not 111
+    assert normalize_gold("#### 1,234") == "1234"
+
+
+def test_equivalent_answers_with_a_decimal_comma(grader):
+    assert grader.equivalent("1000,99", "1000.99")
+    assert grader.equivalent("2, 1", "1,2")
+    assert not grader.equivalent("1,2", "1.3")
+
+
 def test_gold_normalisation():
     assert normalize_gold("007") == "7"
     assert normalize_gold("0") == "0"
@@ -50,8 +74,22 @@ def test_table_has_enough_cases():
     assert sum(c["expect"] for c in CASES) >= 25 and sum(not c["expect"] for c in CASES) >= 25
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{i}:{c['response'][:40]}" for i, c in enumerate(CASES)])
+def ids(cases: list[dict]) -> list[str]:
+    return [f"{i}:{c['response'][:40]}" for i, c in enumerate(cases)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_hand_written_verdicts(grader, case):
+    assert grader.grade(case["response"], case["gold"]) is case["expect"], case.get("note", "")
+
+
+def test_forms_table_covers_each_kind():
+    assert len(FORMS) >= 30
+    assert sum(c["expect"] for c in FORMS) >= 15 and sum(not c["expect"] for c in FORMS) >= 10
+
+
+@pytest.mark.parametrize("case", FORMS, ids=ids(FORMS))
+def test_answers_in_several_boxes_and_other_number_forms(grader, case):
     assert grader.grade(case["response"], case["gold"]) is case["expect"], case.get("note", "")
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from distill.config import to_dict
 from distill.errors import DistillError
 from distill.models import load_preset
-from distill.prompts import Prompt, load_prompts
+from distill.prompts import INSTRUCTION, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
 from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
 
-DEFAULT_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")  # braces doubled for str.format
 
 
 @dataclass
@@ -290,7 +290,7 @@ def _cost(price: dict | None, stats: Stats) -> tuple[float, str] | None:
 
 def _verify(out: Path, console) -> None:
     """Grade every trace that has no verdict yet and rewrite the file with ``correct`` set."""
-    from distill.verify import Grader, apply_grades
+    from distill.grading import Grader, apply_grades
 
     records = read_jsonl(out)
     todo = [r for r in records if "correct" not in r]

@@ -17,6 +17,11 @@ from distill.records import iter_jsonl
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
+# The user-turn instruction of the R1 protocol, after the problem. generate's default template
+# and the eval tasks (evals/distill_tasks.py) both use it: students are scored on the prompt
+# they were trained on.
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
 
 @dataclass(frozen=True)
 class Prompt:

@@ -1,4 +1,4 @@
-"""Grading the k responses to one problem with distill's grader (``distill.verify``).
+"""Grading the k responses to one problem with distill's grader (``distill.grading``).
 
 Used by the lm-eval tasks' ``process_results`` (evals/distill_tasks.py) during a run and by
 ``distill eval --rescore`` on saved generations, so both give the same numbers. One grader
@@ -18,7 +18,7 @@ _grader = None
 @contextlib.contextmanager
 def use_grader(timeout: float = 5.0):
     """Open a grader for the duration of a run and make it the one scoring uses."""
-    from distill.verify import Grader
+    from distill.grading import Grader
 
     global _grader
     previous = _grader
@@ -32,7 +32,7 @@ def use_grader(timeout: float = 5.0):
 
 def active_grader():
     """The installed grader, else the process-wide one (plain lm-eval runs)."""
-    from distill.verify import shared_grader
+    from distill.grading import shared_grader
 
     return _grader or shared_grader()
 
@@ -47,7 +47,7 @@ def score_problem(responses: list[str], gold: str, grader=None) -> dict:
     ``boxed``: the response has a final ``\\boxed{}`` answer (after its last ``</think>``).
     ``timeout``: the grader gave up on the comparison (counted wrong).
     """
-    from distill.verify import extract_answer
+    from distill.grading import extract_answer
 
     grader = grader or active_grader()
     samples = []
