@@ -87,6 +87,7 @@ class TrainConfig:
     rollout_max_tokens: int = field(default=1024, metadata={"help": "on-policy: max tokens the student writes per rollout"})
     rollout_temperature: float = field(default=1.0, metadata={"help": "on-policy: sampling temperature of the rollouts (0: greedy)"})
     rollouts_per_prompt: int = field(default=1, metadata={"help": "on-policy: rollouts per prompt"})
+    rollout_cache: Literal["auto", "dynamic", "static"] = field(default="auto", metadata={"help": "on-policy: 'static' samples from a bf16 copy of the student with a fixed KV cache that transformers compiles with CUDA graphs (4.6x faster on an H200, bench/RESULTS.md); auto: static on a GPU for full fine-tuning, else dynamic"})
     rollout_log_steps: int = field(default=50, metadata={"help": "on-policy: write a few rollouts to OUT/rollouts.jsonl every N steps (0: never)"})
 
 
@@ -290,13 +291,19 @@ def run_kd(cfg: TrainConfig) -> int:
 
 def on_policy_schedule(cfg: TrainConfig, setup):
     """The student's rollouts for the training prompts, sampled with transformers' ``generate``."""
+    import torch
+
     from distill.train.on_policy import OnPolicy
     from distill.train.rollouts import HFRollouts, RolloutSettings, prompt_ids
 
     if cfg.rollout_max_tokens < 1 or cfg.rollouts_per_prompt < 1 or cfg.rollout_temperature < 0:
         raise DistillError("--rollout-max-tokens and --rollouts-per-prompt must be >= 1, --rollout-temperature >= 0")
+    cache = cfg.rollout_cache
+    if cache == "auto":  # the Trainer puts the student on the GPU when there is one
+        cache = "static" if torch.cuda.is_available() and not (cfg.lora or cfg.qlora) else "dynamic"
     engine = HFRollouts(setup.tokenizer, RolloutSettings(max_tokens=cfg.rollout_max_tokens,
                                                          temperature=cfg.rollout_temperature,
-                                                         per_prompt=cfg.rollouts_per_prompt))
+                                                         per_prompt=cfg.rollouts_per_prompt,
+                                                         cache=cache))
     prompts = {ex["example_index"]: prompt_ids(ex) for ex in setup.examples}
     return OnPolicy(cfg.on_policy, engine, prompts, setup.tokenizer, log_dir=cfg.out, log_steps=cfg.rollout_log_steps)
