@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -79,10 +81,17 @@ def test_quickstart_pipeline_end_to_end(repo, smollm2_gguf, tmp_path, monkeypatc
 
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| model ") and "distill_gsm8k pass@1" in table[0]
-    assert [row.split("|")[1].strip() for row in table[2:]] == [
-        "teacher SmolLM2-135M", "half-depth student, SFT", "half-depth student, KD"]
-    assert [row.split("|")[2].strip() for row in table[2:]] == ["—", "sft", "kd"]
+    header = [cell.strip() for cell in table[0].split("|")[1:-1]]
+    assert header[0] == "model" and "distill_gsm8k pass@1" in header
+    assert {"NLL/token", "KL to teacher", "top-1 agree", "train time", "CPU-hours", "teacher tokens"} <= set(header)
+    rows = [dict(zip(header, (cell.strip() for cell in row.split("|")[1:-1]))) for row in table[2:]]
+    assert [row["model"] for row in rows] == [
+        "teacher SmolLM2-135M", "half-depth student, untrained", "half-depth student, SFT", "half-depth student, KD"]
+    assert [row["method"] for row in rows] == ["—", "base", "sft", "kd"]
+    assert rows[0]["KL to teacher"] == "0.000" and rows[0]["top-1 agree"] == "100.0"  # the teacher is itself
+    assert all(float(row["KL to teacher"]) > 0 for row in rows[1:])
     assert (runs / "compare.csv").is_file() and (runs / "compare.png").is_file()
-    for name in ("student-sft", "student-kd"):
-        assert (runs / name / "distill_run.json").is_file()
+    held_out = json.loads((runs / "student-sft" / "distill_run.json").read_text())["held_out"]["prompt_ids"]
+    assert held_out == json.loads((runs / "student-kd" / "distill_run.json").read_text())["held_out"]["prompt_ids"]
+    fidelity = json.loads((runs / "eval" / "student-kd" / "results.json").read_text())["fidelity"]
+    assert fidelity["held_out_from"].endswith("student-kd/distill_run.json") and fidelity["prompts"] == len(held_out)

@@ -28,7 +28,8 @@
          "prompts": int, "examples": int, "examples_sha256": str, "target_tokens": int,
          "render": {"think_style", "max_length", "overlong"}, "tokenizer_sha": str,
          "teacher": {"name", "kind": "online"|"cache", ...}|null,
-         "metrics": {"nll": float, "kl": float|null, "top1_agreement": float|null}}}   # per token
+         "metrics": {"nll": float, "kl": float|null, "top1_agreement": float|null},   # per token
+         "wall_s": float}}
 
   Metric definitions are in ``distill.eval.metrics``. ``finished_rate``: samples that ended on
   their own within the token budget (not cut off: finish != "length"); ``boxed_rate``: samples

@@ -63,10 +63,10 @@ def run_eval(cfg: EvalConfig) -> int:
     tasks = data.check_tasks(cfg.tasks)
     specs = [data.task_spec(t, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_gen_tokens=cfg.max_gen_tokens, data_dir=cfg.data_dir) for t in tasks]
-    started = time.time()
     fidelity = _fidelity(cfg)  # first: quick, and it checks the traces and the teacher before the long part
     backend = _build_backend(cfg)
     run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
+    started = time.time()
     out = _evaluate(backend.lm, specs, cfg)
     rows = _generation_rows(out["samples"], backend, cfg)
     budgets = getattr(backend.lm, "budgets", {})
@@ -101,7 +101,9 @@ def _fidelity(cfg: EvalConfig) -> dict | None:
         return None
     from distill.eval.fidelity import describe, measure
 
+    started = time.time()
     out = measure(cfg.model, cfg.fidelity_traces, cfg.teacher, cfg.teacher_logits, cfg.think_style, cfg.batch_size)
+    out["wall_s"] = round(time.time() - started, 3)
     print(describe(out), flush=True)
     return out
 
