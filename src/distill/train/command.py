@@ -12,6 +12,8 @@ final_train_loss, final_eval_loss) and ``loss_curve`` the eval/compare steps rea
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,7 +168,7 @@ def run_training(cfg, trainer_cls=None, setup=None,
     from distill.config import to_dict
     from distill.runinfo import run_record
     from distill.train.student import prepare
-    from distill.train.trainers import SFTTrainer
+    from distill.train.trainers import SaveAndStopOnSignal, SFTTrainer
 
     setup = setup or prepare(cfg)
     trainer_cls = trainer_cls or SFTTrainer
@@ -178,13 +180,20 @@ def run_training(cfg, trainer_cls=None, setup=None,
         print(f"train: resuming from {checkpoint}" if checkpoint else
               f"train: --resume: no checkpoint in {cfg.out} yet, starting fresh", flush=True)
     started = time.time()
+    stopper = SaveAndStopOnSignal()
+    trainer.add_callback(stopper)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with stopper:
+            trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
         raise DistillError(
             f"CUDA out of memory (batch {cfg.batch_size} x max length {cfg.max_length}); lower --batch-size "
             "(raise --global-batch-size accumulation instead), lower --max-length, keep "
             "--gradient-checkpointing on, or train with --lora / several GPUs (configs/accelerate/)") from None
+    if stopper.received is not None:
+        print(f"train: {signal.Signals(stopper.received).name}: stopped after step {trainer.state.global_step}, "
+              f"checkpoint saved in {cfg.out}; rerun with --resume to continue", file=sys.stderr, flush=True)
+        return 128 + stopper.received
     wall = time.time() - started
     if setup.eval_dataset is not None and trainer.state.global_step % cfg.eval_steps:
         trainer.evaluate()  # the final eval loss, unless the last step just logged one
