@@ -128,3 +128,36 @@ def test_a_file_size_limit_leaves_no_half_logits_shard_and_a_rerun_resumes(tmp_p
     assert not list(out.glob("shard-*")) and not list(out.glob("*.tmp"))
     assert main(args) == 0
     assert [p.name for p in sorted(out.glob("shard-*"))] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+
+
+def test_max_cost_stops_sending_at_the_limit_and_a_higher_limit_resumes(tmp_path, prompts_file):  # noqa: F811
+    import json
+
+    srv = FaultServer(schedules=[[]]).start()
+    preset = tmp_path / "paid.yaml"              # one dollar per token, in or out
+    preset.write_text(f"kind: api\nmodel: {srv.model}\nbase_url: {srv.base_url}\n"
+                      "price: {input_per_million: 1000000, output_per_million: 1000000, currency: USD}\n")
+    out = tmp_path / "traces.jsonl"
+    args = api_args(srv, prompts_file, out, "--n", "2", "--concurrency", "2", "--max-tokens", "40")
+    args[args.index("--teacher") + 1] = str(preset)
+    try:
+        assert main([*args, "--max-cost", "600"]) == 3
+        records = read_jsonl(out)
+        spent = sum(r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] for r in records)
+        assert srv.posts == len(records) and 0 < len(records) < 24   # no request went out and was dropped
+        assert spent <= 600
+        run = json.loads((tmp_path / "traces.jsonl.run.json").read_text())
+        assert run["status"] == "limit reached"
+        assert main([*args, "--max-cost", "100000"]) == 0
+    finally:
+        srv.stop()
+    assert_complete(out, prompts_file, n=2)
+
+
+def test_max_cost_needs_prices_and_a_budget_above_one_request(tmp_path, prompts_file, capsys):  # noqa: F811
+    base = ["generate", "--teacher", "vllm-local", "--base-url", "http://127.0.0.1:9/v1", "--prompts",
+            str(prompts_file), "--prompt-field", "question", "--out", str(tmp_path / "t.jsonl")]
+    assert main([*base, "--max-cost", "5"]) == 2
+    assert "has no 'price'" in capsys.readouterr().err
+    assert main([*base, "--max-output-tokens", "10", "--max-tokens", "100"]) == 2
+    assert "no request could go out" in capsys.readouterr().err
