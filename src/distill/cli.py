@@ -61,6 +61,8 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls) -> None:
         else:
             kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         parser.add_argument(flag, **kwargs)
+        for old in f.metadata.get("aliases", ()):  # former names: config.build says what replaced them
+            parser.add_argument("--" + old.replace("_", "-"), **{**kwargs, "dest": old, "help": argparse.SUPPRESS})
 
 
 def build_parser() -> argparse.ArgumentParser:

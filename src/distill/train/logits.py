@@ -35,7 +35,7 @@ class LogitsConfig:
     shard_size: int = field(default=256, metadata={"help": "traces per shard file"})
     think_style: ThinkStyle | None = field(default=None, metadata={"help": "override the preset's think style"})
     overlong: Overlong = field(default="drop", metadata={"help": "samples over --max-length are dropped or truncated (use the same as 'distill train')"})
-    temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)", "aliases": ["temperature"]})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per top-k chunk (bounds memory on long traces)"})
 
 
@@ -67,7 +67,7 @@ def cache_local_logits(cfg: LogitsConfig) -> int:
     model = load_model(teacher_path).eval()
     vocab_size = min(model.get_output_embeddings().weight.shape[0], vocab_rows(render_preset["model"]))
     header = _header(cfg, options, tokenizer, teacher=cfg.teacher, rendered_for=render_name, vocab_size=vocab_size,
-                     top_k=min(cfg.top_k, vocab_size), temperature=cfg.temperature)
+                     top_k=min(cfg.top_k, vocab_size), temperature=cfg.kd_temperature)
     writer = CacheWriter(cfg.out, header)
     examples = _all_examples(cfg, tokenizer, options)
     todo = [e for e in examples if e["id"] not in writer.done]
@@ -80,7 +80,7 @@ def cache_local_logits(cfg: LogitsConfig) -> int:
             by_length = sorted(todo[first:first + cfg.shard_size], key=lambda e: len(e["input_ids"]))
             for b in range(0, len(by_length), cfg.batch_size):
                 batch = by_length[b:b + cfg.batch_size]
-                for e, (ids, lps, tail) in zip(batch, teacher_top_k(model, batch, header["top_k"], cfg.temperature,
+                for e, (ids, lps, tail) in zip(batch, teacher_top_k(model, batch, header["top_k"], cfg.kd_temperature,
                                                                    vocab_size, cfg.chunk_size)):
                     entries.append({"id": e["id"], "sha": token_sha(e["input_ids"]), "ids": ids,
                                     "logprobs": lps, "log_tail": tail})
@@ -104,9 +104,9 @@ def cache_api_logits(cfg: LogitsConfig) -> int:
     if not cfg.student:
         raise DistillError("distill logits without --teacher maps the traces' API top_logprobs onto a student's "
                            "vocabulary and needs --student (or pass --teacher for a local teacher)")
-    if cfg.temperature != 1.0:
-        raise DistillError(f"--temperature {cfg.temperature}: API log-probs are the teacher's own distribution "
-                           f"(temperature 1) and cannot be re-tempered; leave --temperature at 1")
+    if cfg.kd_temperature != 1.0:
+        raise DistillError(f"--kd-temperature {cfg.kd_temperature}: API log-probs are the teacher's own distribution "
+                           f"(temperature 1) and cannot be re-tempered; leave --kd-temperature at 1")
     started = time.time()
     preset = model_preset("students", cfg.student)
     tokenizer = load_tokenizer(preset["model"])
