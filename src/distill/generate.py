@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distill.config import to_dict
 from distill.errors import DistillError
+from distill.locks import exclusive
 from distill.models import load_preset
 from distill.prompts import INSTRUCTION, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
@@ -82,6 +83,11 @@ def generate(cfg: GenerateConfig) -> int:
                            id_field=cfg.id_field, template=cfg.template, system=cfg.system,
                            split=cfg.split, limit=cfg.limit)
     out = Path(cfg.out)
+    with exclusive(out):
+        return _generate(cfg, teacher, prompts, out)
+
+
+def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path) -> int:
     errors_path = Path(f"{out}.errors.jsonl")
     present = _present(out)
     jobs = [Job(p, s, None if cfg.seed is None else cfg.seed + s)
@@ -115,7 +121,8 @@ def generate(cfg: GenerateConfig) -> int:
         status = "error"
         raise
     finally:
-        _report(cfg, teacher, stats, out, errors_path, status, console)
+        if status != "error" or stats.done or stats.failed:  # a failed start leaves nothing behind
+            _report(cfg, teacher, stats, out, errors_path, status, console)
     if cfg.verify and status == "complete":
         _verify(out, console)
     return 1 if stats.failed else 0

@@ -128,17 +128,23 @@ class JsonlAppender:
     for milliseconds per request (0.70x of the ideal API throughput in bench/RESULTS.md).
     ``sync_every=0`` fsyncs every line; ``None`` never.
     Usable from one thread/task at a time (the async generator appends from the event loop).
+    The file is created at the first write: a run that fails before producing anything leaves none.
     """
 
     def __init__(self, path: str | Path, sync_every: float | None = 1.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = -1
         self._sync_every = sync_every
         self._synced = time.monotonic()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         _cut_torn_tail(self._fd)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._fd < 0:
+            self._open()
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         view = memoryview(line)
         while view:  # os.write on a regular file writes everything or raises; loop is for safety

@@ -227,10 +227,13 @@ def run_training(cfg, trainer_cls=None, setup=None,
 
 def train(cfg: TrainConfig) -> int:
     """``distill train``: SFT, or KD with an online teacher or a logits cache, off- or on-policy."""
+    from contextlib import nullcontext
+
+    from distill.locks import exclusive, is_main_process
+
     check_data_flags(cfg)
-    if cfg.method == "sft":
-        return run_training(cfg)
-    return run_kd(cfg)
+    with exclusive(cfg.out) if is_main_process() else nullcontext():  # rank 0 holds it for the launch
+        return run_training(cfg) if cfg.method == "sft" else run_kd(cfg)
 
 
 def check_data_flags(cfg: TrainConfig) -> None:

@@ -1,0 +1,90 @@
+"""One writer per output, and nothing left behind by a failed start.
+
+Two real ``distill generate`` processes against the fault-injecting server; the other writing
+commands are checked with the lock held by the test itself (they must refuse at once, naming it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from distill.cli import main
+from distill.locks import exclusive, lock_path
+from distill.records import read_jsonl
+
+from test_generate import (FaultServer, api_args, assert_complete, prompts_file, socket_port,  # noqa: F401
+                           start_cli, wait_for_lines)
+from test_train_sft_data import make_trace, write_traces
+
+
+def test_a_second_generate_on_the_same_output_stops_at_once_naming_the_holder(tmp_path, prompts_file):  # noqa: F811
+    srv = FaultServer(schedules=[[]], latency=0.1).start()   # no injected faults: one request per sample
+    out = tmp_path / "traces.jsonl"
+    args = api_args(srv, prompts_file, out, "--n", "2", "--concurrency", "2")
+    try:
+        first = start_cli(args)
+        wait_for_lines(out, first, at_least=2)
+        second = start_cli(args)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 2 and f"PID {first.pid}" in err and str(out) in err
+        first.communicate(timeout=120)
+        assert first.returncode == 0
+        posts = srv.posts
+    finally:
+        srv.stop()
+    assert_complete(out, prompts_file, n=2)
+    assert posts == 24                         # every sample requested (and paid for) once
+    assert not lock_path(out).exists()
+
+
+def test_a_sigkilled_run_leaves_no_lock_that_stops_the_next(tmp_path, prompts_file):  # noqa: F811
+    srv = FaultServer(latency=0.1).start()
+    out = tmp_path / "traces.jsonl"
+    args = api_args(srv, prompts_file, out, "--n", "2", "--concurrency", "2")
+    try:
+        first = start_cli(args)
+        wait_for_lines(out, first, at_least=2)
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+        assert lock_path(out).exists()         # the file stays, the kernel dropped its lock
+        assert main(args) == 0
+    finally:
+        srv.stop()
+    assert_complete(out, prompts_file, n=2)
+
+
+@pytest.fixture
+def traces(tmp_path):
+    return write_traces(tmp_path / "t.jsonl", [make_trace(i) for i in range(3)])
+
+
+@pytest.mark.parametrize("command", ["verify", "logits", "train"])
+def test_every_writing_command_refuses_an_output_another_run_holds(tmp_path, traces, tiny_llama, capsys, command):
+    out = tmp_path / "out"
+    args = {
+        "verify": ["verify", "--input", traces, "--out", str(out), "--keep", "all"],
+        "logits": ["logits", "--teacher", str(tiny_llama), "--traces", traces, "--out", str(out)],
+        "train": ["train", "--student", str(tiny_llama), "--traces", traces, "--out", str(out), "--max-steps", "1",
+                  "--report-to", "none"],
+    }[command]
+    with exclusive(out):
+        assert main(args) == 2
+        assert f"PID {os.getpid()}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_failed_starts_leave_no_files(tmp_path, prompts_file, capsys):  # noqa: F811
+    out = tmp_path / "traces.jsonl"
+    base = ["generate", "--prompts", str(prompts_file), "--prompt-field", "question", "--out", str(out)]
+    assert main([*base, "--teacher", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "'nosuch' is not a preset" in err and "deepseek-reasoner" in err and "hub id" in err
+    assert "huggingface.co" not in err
+    with socket_port() as closed_port:
+        assert main([*base, "--teacher", "vllm-local", "--base-url", f"http://127.0.0.1:{closed_port}/v1"]) == 2
+    assert "cannot reach the teacher endpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+    assert read_jsonl(prompts_file)
