@@ -130,6 +130,9 @@ def test_report_counts_rows_skips_and_markers_and_a_rerun_is_idempotent(tmp_path
         assert re.search(re.escape(label) + rf"\W+{n}\b", report), (label, report)
     assert [(r["sample"], r["reasoning"], r["answer"], r["source"]["row"]) for r in got] == [
         (0, "", "Hi!", 0), (0, "hmm", "yes", 3), (1, "hmm", "", 4)]
+    run = json.loads((tmp_path / "traces.jsonl.run.json").read_text())
+    assert run["summary"]["skipped"] == {"no assistant turn": 1, "multi-turn": 1, "empty completion": 1}
+    assert run["data"]["input"]["sha256"] == got[0]["source"]["sha256"]
     before = out.read_bytes()
     assert run_import(path, out) == got and out.read_bytes() == before
     assert len(run_import(path, out, "--limit", "1")) == 1
@@ -191,4 +194,4 @@ def test_export_reads_back_with_load_dataset_with_a_card(tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nconfigs:") and "4 chain-of-thought traces for 2 prompts" in card
     assert f'"name": "{tmp_path / "openr1.jsonl"}"' in card and '"format": "openr1"' in card
-    assert "## Verify report (kept.jsonl)" in card and '"kept": 4' in card
+    assert "## verify report (kept.jsonl)" in card and '"kept": 4' in card

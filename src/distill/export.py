@@ -3,8 +3,8 @@
 The directory is what the hub expects (``data/train-*.parquet`` and a README.md whose YAML header
 names the files), so ``datasets.load_dataset(DIR)`` reads it back and
 ``huggingface-cli upload USER/NAME DIR --repo-type dataset`` publishes it. The card says where
-the traces came from (teachers, imported datasets with their hashes) and, when ``verify``'s run
-record sits beside the traces, how they were filtered.
+the traces came from (teachers, imported datasets with their hashes) and, when the run record of
+``verify`` (or ``import``) sits beside the traces, how they were filtered.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def export(cfg: ExportConfig) -> int:
     import datasets
     import pyarrow
 
+    from distill.locks import exclusive
     from distill.records import REQUIRED, read_jsonl
 
     records = [r for path in cfg.traces for r in read_jsonl(path, required=REQUIRED)]
@@ -43,14 +44,15 @@ def export(cfg: ExportConfig) -> int:
         raise DistillError(f"{', '.join(cfg.traces)}: traces do not fit one table ({e})") from None
     out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / DATA_FILE).parent.mkdir(parents=True)
-    ds.to_parquet(str(tmp / DATA_FILE))
-    (tmp / "README.md").write_text(card(records, cfg))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with exclusive(out):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / DATA_FILE).parent.mkdir(parents=True)
+        ds.to_parquet(str(tmp / DATA_FILE))
+        (tmp / "README.md").write_text(card(records, cfg))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
     print(f"distill export: {len(records)} traces -> {out} (datasets.load_dataset('{out}'))")
     return 0
 
@@ -97,7 +99,7 @@ def card(records: list[dict], cfg: ExportConfig) -> str:
         run = Path(f"{path}.run.json")
         if run.is_file():
             record = json.loads(run.read_text())
-            lines += [f"## Verify report ({Path(path).name})", "",
+            lines += [f"## {record.get('command', 'run')} report ({Path(path).name})", "",
                       f"`{' '.join(record.get('argv') or ['distill', 'verify'])}`", "", "```json",
                       json.dumps({"config": record.get("config"), "summary": record.get("summary")}, indent=2),
                       "```", ""]

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from distill.errors import DistillError
 
@@ -236,20 +236,22 @@ def _hub_revision(name: str) -> str | None:
 
 def import_traces(cfg: ImportConfig) -> int:
     """``distill import``: read every row, write trace records, print what was found."""
-    from distill.prompts import prompt_hash, rows
-    from distill.records import trace_id, write_jsonl
+    from distill.locks import exclusive
 
     if cfg.limit is not None and cfg.limit < 1:
         raise DistillError(f"--limit must be at least 1, got {cfg.limit}")
-    stream = rows(cfg.input, cfg.split, cfg.subset)
-    first: list[tuple[str, Any]] = []
-    for item in stream:
-        first.append(item)
-        if len(first) == 5:
-            break
-    for loc, row in first:
-        if not isinstance(row, dict):
-            raise DistillError(f"{loc}: expected a JSON object per row")
+    with exclusive(cfg.out):
+        return _import(cfg)
+
+
+def _import(cfg: ImportConfig) -> int:
+    from distill.config import to_dict
+    from distill.prompts import prompt_hash, rows
+    from distill.records import trace_id, write_json, write_jsonl
+    from distill.runinfo import run_record
+
+    stream = _objects(rows(cfg.input, cfg.split, cfg.subset))
+    first = list(itertools.islice(stream, 5))
     if not first:
         raise DistillError(f"{cfg.input}: no rows")
     fmt, why = (cfg.format, "--format") if cfg.format != "auto" else detect([r for _, r in first], cfg, cfg.input)
@@ -267,8 +269,6 @@ def import_traces(cfg: ImportConfig) -> int:
         if cfg.limit is not None and index >= cfg.limit:
             break
         n_rows += 1
-        if not isinstance(row, dict):
-            raise DistillError(f"{loc}: expected a JSON object per row")
         try:
             completions = reader(row, loc, fields)
         except Skip as e:
@@ -304,19 +304,31 @@ def import_traces(cfg: ImportConfig) -> int:
             record["source"] = {"dataset": cfg.input, "format": fmt, **shared, "row": index}
             records.append(record)
     write_jsonl(cfg.out, records)
-    _report(cfg, n_rows, len(records), skipped, markers)
+    summary = {"format": fmt, "why": why, "rows": n_rows, "records": len(records), "skipped": dict(skipped),
+               "markers": dict(markers)}
+    data = {"input": cfg.input} if Path(cfg.input).is_file() else {}
+    write_json(f"{cfg.out}.run.json", run_record("import", to_dict(cfg), data_files=data, source=shared,
+                                                 summary=summary))
+    _report(cfg, summary)
     return 0
 
 
-def _report(cfg: ImportConfig, n_rows: int, n_records: int, skipped: Counter, markers: Counter) -> None:
+def _objects(stream: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, dict]]:
+    for loc, row in stream:
+        if not isinstance(row, dict):
+            raise DistillError(f"{loc}: expected a JSON object per row")
+        yield loc, row
+
+
+def _report(cfg: ImportConfig, summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"distill import: {cfg.input} -> {cfg.out}", show_header=False)
-    table.add_row("rows read", str(n_rows))
-    table.add_row("records written", f"[bold]{n_records}[/]")
-    for reason, n in sorted(skipped.items()):
+    table.add_row("rows read", str(summary["rows"]))
+    table.add_row("records written", f"[bold]{summary['records']}[/]")
+    for reason, n in sorted(summary["skipped"].items()):
         table.add_row(f"  skipped: {reason}", str(n))
-    for marker, n in sorted(markers.items()):
+    for marker, n in sorted(summary["markers"].items()):
         table.add_row(f"  reasoning markers: {marker}", str(n))
     Console().print(table)
