@@ -88,3 +88,43 @@ def test_failed_starts_leave_no_files(tmp_path, prompts_file, capsys):  # noqa: 
     assert "cannot reach the teacher endpoint" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
     assert read_jsonl(prompts_file)
+
+
+def run_limited(args: list[str], max_bytes: int):
+    """``distill ARGS`` in a process whose files may not grow past ``max_bytes`` (as on a full disk)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], preexec_fn=limit, text=True,
+                          capture_output=True, timeout=300)
+
+
+def test_a_file_size_limit_stops_generate_without_a_torn_line_and_a_rerun_resumes(tmp_path, prompts_file):  # noqa: F811
+    srv = FaultServer(schedules=[[]]).start()
+    out = tmp_path / "traces.jsonl"
+    args = api_args(srv, prompts_file, out, "--n", "2", "--concurrency", "2")
+    try:
+        stopped = run_limited(args, 4000)
+        assert stopped.returncode == 2 and "File too large" in stopped.stderr, stopped.stderr
+        assert "Traceback" not in stopped.stderr
+        kept = out.read_bytes()
+        assert 0 < len(kept) <= 4000 and kept.endswith(b"\n")
+        assert 0 < len(read_jsonl(out)) < 24
+        assert main(args) == 0
+    finally:
+        srv.stop()
+    assert_complete(out, prompts_file, n=2)
+
+
+def test_a_file_size_limit_leaves_no_half_logits_shard_and_a_rerun_resumes(tmp_path, traces, tiny_llama):
+    out = tmp_path / "logits"
+    args = ["logits", "--teacher", str(tiny_llama), "--traces", traces, "--out", str(out), "--shard-size", "2"]
+    stopped = run_limited(args, 20_000)
+    assert stopped.returncode == 2 and "cannot write the shard" in stopped.stderr, stopped.stderr
+    assert not list(out.glob("shard-*")) and not list(out.glob("*.tmp"))
+    assert main(args) == 0
+    assert [p.name for p in sorted(out.glob("shard-*"))] == ["shard-00000.safetensors", "shard-00001.safetensors"]

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from distill.config import to_dict
+from distill.costs import estimated_cost
 from distill.errors import DistillError
 from distill.locks import exclusive
 from distill.models import load_preset
@@ -271,7 +272,7 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
     rate = (stats.done + stats.failed) / stats.seconds if stats.seconds else 0.0
     line = (f"generate {status}: {stats.done} done, {stats.skipped} skipped, {stats.failed} failed | "
             f"tokens in {stats.tokens_in:,} out {stats.tokens_out:,} | {rate:.1f} req/s")
-    cost = _cost(teacher.get("price"), stats)
+    cost = estimated_cost(teacher.get("price"), stats.tokens_in, stats.tokens_out)
     if cost:
         line += f" | est. cost {cost[0]:.4f} {cost[1]}"
     console.print(line)
@@ -285,14 +286,6 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
                                  "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
                         outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
     write_json(f"{out}.run.json", record)
-
-
-def _cost(price: dict | None, stats: Stats) -> tuple[float, str] | None:
-    if not isinstance(price, dict) or "input_per_million" not in price:
-        return None
-    amount = (stats.tokens_in * float(price["input_per_million"])
-              + stats.tokens_out * float(price.get("output_per_million", 0))) / 1e6
-    return amount, price.get("currency", "USD")
 
 
 def _verify(out: Path, console) -> None:

@@ -6,8 +6,9 @@ train ...`` (or DeepSpeed ZeRO-3 with ``configs/accelerate/zero3.yaml``).
 
 :func:`run_training` trains with any trainer class (``trainers``), resumes, saves model +
 tokenizer + chat template, and writes ``OUT/distill_run.json`` whose ``summary`` (method,
-base_model, teacher, train_examples, eval_examples, tokens_seen, lora, wall_time_s,
-final_train_loss, final_eval_loss) and ``loss_curve`` the eval/compare steps read.
+base_model, teacher, train_examples, eval_examples, tokens_seen, lora, wall_time_s, device,
+final_train_loss, final_eval_loss) and ``loss_curve`` the eval/compare steps read, and ``held_out``
+(the traces' path and sha256 and the prompt ids kept out of training), where eval measures fidelity.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def run_training(cfg, trainer_cls=None, setup=None,
         "lora": bool(cfg.lora or cfg.qlora),
         "global_step": trainer.state.global_step,
         "wall_time_s": round(wall, 2),
+        "device": _device(trainer),
         "final_train_loss": _last(curve, "loss"),
         "final_eval_loss": _last(curve, "eval_loss"),
     }
@@ -218,11 +220,26 @@ def run_training(cfg, trainer_cls=None, setup=None,
                 if path and Path(path).is_file()}
         record = run_record(f"train --method {cfg.method}", to_dict(cfg), data,
                             summary=summary, data_stats=setup.stats, loss_curve=curve, **(extra_record or {}))
+        if "traces" in record["data"]:  # the prompts not trained on: eval scores fidelity on them
+            held_out = setup.eval_dataset.examples if setup.eval_dataset is not None else []
+            record["held_out"] = {**record["data"]["traces"], "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+                                  "prompt_ids": sorted({ex["prompt_id"] for ex in held_out})}
         write_json(Path(cfg.out) / RUN_RECORD, record)
         print(f"train: saved {'adapter' if summary['lora'] else 'model'} to {cfg.out} "
               f"({summary['global_step']} steps, {summary['tokens_seen']} tokens, "
               f"final loss {summary['final_train_loss']}, eval loss {summary['final_eval_loss']})", flush=True)
     return 0
+
+
+def _device(trainer) -> dict:
+    """What trained: GPUs (type, count across processes) or CPU threads, for GPU/CPU-hours."""
+    import torch
+
+    kind = trainer.args.device.type
+    if kind == "cuda":
+        return {"type": kind, "count": trainer.args.world_size, "name": torch.cuda.get_device_name()}
+    threads = torch.get_num_threads() if kind == "cpu" else 1
+    return {"type": kind, "count": trainer.args.world_size * threads}
 
 
 def train(cfg: TrainConfig) -> int:
