@@ -21,6 +21,8 @@ from distill.errors import DistillError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("distill.generate", "GenerateConfig", "generate",
                  "have a teacher write chain-of-thought traces for a prompt set"),
+    "import": ("distill.importer", "ImportConfig", "import_traces",
+               "turn a public reasoning dataset (OpenR1, OpenThoughts, ShareGPT, messages, prompt/completion) into traces"),
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
     "logits": ("distill.train.logits", "LogitsConfig", "cache_logits",
@@ -31,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "score a model on AIME/MATH-500/AMC/GSM8K with lm-eval: pass@1 over k, cons@k"),
     "compare": ("distill.report", "CompareConfig", "compare",
                 "table of evaluated students side by side (Markdown, CSV, HTML)"),
+    "export": ("distill.export", "ExportConfig", "export",
+               "write traces as a datasets directory (parquet + dataset card) to share or push to the hub"),
 }
 
 
