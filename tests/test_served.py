@@ -149,6 +149,18 @@ def test_unusable_servers_are_refused_in_one_line(tmp_path, traces, tok, smollm2
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_trace_the_server_refuses_is_named(tmp_path, traces, tok, smollm2_dir, capsys):
+    server = serve(tok, max_model_len=40)  # the probe fits, no trace does
+    try:
+        assert main(logits_args(server.base_url, traces, smollm2_dir, tmp_path / "logits")) == 2
+    finally:
+        server.stop()
+    # (not always the last line: the test server may log a connection the failed run dropped)
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("distill logits: error: "))
+    assert line.startswith(f"distill logits: error: {traces}:1: trace 'p0#0': ") and "HTTP 400" in line, line
+    assert "maximum context length is 40 tokens" in line and "not retried" in line
+
+
 def padded_and_packed(examples: list[dict]) -> list[tuple[dict, torch.Tensor]]:
     from distill.train.batching import Collator
 

@@ -7,7 +7,8 @@ a test can write down (:func:`teacher_top`): after token ``p`` the teacher ranks
 ``(31 p + 7 j + 1) mod V`` with probability ``2^-(j+1)`` for ``j < RANKED``, and spreads the rest
 evenly. The faults of ``FaultServer`` (429, 5xx, slow, dropped connections) hit every request,
 keyed by its prompt. Options make it a server distill must refuse: no log-probs, a lower
-``max_logprobs``, another tokenizer (every id shifted by one), or no ``/tokenize`` endpoint.
+``max_logprobs``, another tokenizer (every id shifted by one), or no ``/tokenize`` endpoint;
+``max_model_len`` makes it refuse longer prompts as vLLM does.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def teacher_logprob(prev: int, token: int, vocab: int) -> float:
 
 class ScoringServer(FaultServer):
     def __init__(self, tokenizer, *, max_logprobs: int = 20, logprobs: bool = True, tokenize: bool = True,
-                 vocab_shift: int = 0, **kwargs):
+                 vocab_shift: int = 0, max_model_len: int = 4096, **kwargs):
         super().__init__(**kwargs)
-        self.tokenizer, self.vocab = tokenizer, len(tokenizer)
+        self.tokenizer, self.vocab, self.max_model_len = tokenizer, len(tokenizer), max_model_len
         self.max_logprobs, self.logprobs, self.tokenize, self.vocab_shift = max_logprobs, logprobs, tokenize, vocab_shift
         self.scored: list[list[int]] = []  # every prompt scored with a 200
 
@@ -54,7 +55,7 @@ class ScoringServer(FaultServer):
             return self.completion
         if path == "/tokenize" and self.tokenize:
             return lambda body: (200, {"count": len(ids := self.ids(body["prompt"])), "tokens": ids,
-                                       "max_model_len": 4096, "token_strs": None})
+                                       "max_model_len": self.max_model_len, "token_strs": None})
         return None
 
     def ids(self, text: str) -> list[int]:
@@ -67,9 +68,11 @@ class ScoringServer(FaultServer):
         ids = list(prompt) if isinstance(prompt, list) else self.ids(prompt)
         k = body.get("prompt_logprobs")
         if k is not None and k > self.max_logprobs:
-            message = f"Requested prompt logprobs of {k}, which is greater than max allowed: {self.max_logprobs}"
-            return 400, {"error": {"message": message, "type": "BadRequestError", "param": "prompt_logprobs",
-                                   "code": 400}}
+            return self.bad_request(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
+                                    f"{self.max_logprobs}")
+        if len(ids) + body.get("max_tokens", 16) > self.max_model_len:
+            return self.bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                    f"you requested {len(ids) + body.get('max_tokens', 16)} tokens.")
         choice = {"index": 0, "text": " the", "logprobs": None, "finish_reason": "length", "stop_reason": None}
         if self.logprobs and k is not None:
             choice["prompt_logprobs"] = [None] + [self.position(prev, token, k) for prev, token in zip(ids, ids[1:])]
@@ -78,6 +81,10 @@ class ScoringServer(FaultServer):
         return 200, {"id": f"cmpl-{len(self.bodies)}", "object": "text_completion", "model": body.get("model"),
                      "choices": [choice],
                      "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
+
+    @staticmethod
+    def bad_request(message: str) -> tuple[int, dict]:
+        return 400, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
 
     def position(self, prev: int, token: int, k: int) -> dict:
         top, lps, _ = teacher_top(prev, k, self.vocab)

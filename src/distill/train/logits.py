@@ -194,11 +194,14 @@ def cache_served_logits(cfg: LogitsConfig) -> int:
                                              f"served by {client.server} at {cfg.base_url}")
             with tqdm(total=n_tokens, unit="tok", desc="served top-k", dynamic_ncols=True) as bar:
                 async def entry(ex: dict) -> dict:
+                    where = f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}'"
                     positions = [t for t, on in enumerate(target_mask(ex["labels"])) if on]
-                    rows = await client.score(ex["input_ids"], positions)
+                    try:
+                        rows = await client.score(ex["input_ids"], positions)
+                    except DistillError as e:
+                        raise DistillError(f"{where}: {e}") from None
                     if not bool(rows.known.all()):
-                        raise DistillError(f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}': the server "
-                                           f"gave no log-probs for some of its target tokens")
+                        raise DistillError(f"{where}: the server gave no log-probs for some of its target tokens")
                     bar.update(len(positions))
                     return {"id": ex["id"], "sha": token_sha(ex["input_ids"]), "ids": rows.ids.int(),
                             "logprobs": rows.logprobs, "log_tail": rows.log_tail}

@@ -165,7 +165,7 @@ class ServedClient:
         self.vocab = PrintedVocab(tokenizer)
         self.bos = tokenizer.bos_token_id
         self.server: str | None = None   # "vllm" (token-id prompts) or "llama-cpp-python" (text prompts), set by check
-        self.stats: Counter = Counter()  # requests, retries, bytes_received
+        self.stats = Counter(requests=0, retries=0, bytes_received=0)
         self.http = None
 
     async def __aenter__(self) -> "ServedClient":
@@ -266,7 +266,10 @@ class ServedClient:
 
     def _probe_text(self) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(PROBE, tokenize=False)
+            try:
+                return self.tokenizer.apply_chat_template(PROBE, tokenize=False)
+            except Exception:  # noqa: BLE001  a template that refuses this conversation (a system turn, roles)
+                pass
         return "\n\n".join(m["content"] for m in PROBE)
 
     async def _round_trip(self, text: str) -> list[int]:
