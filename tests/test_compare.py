@@ -137,8 +137,8 @@ def test_bad_results_files_are_named(tmp_path):
     bad.write_text(json.dumps(broken))
     with pytest.raises(DistillError, match=r"results.json: missing field 'tasks.distill_gsm8k.metrics.pass@1'"):
         load_result(bad)
-    bad.write_text(json.dumps({**res, "schema_version": 2}))
-    with pytest.raises(DistillError, match="schema_version.*expected 1, got 2"):
+    bad.write_text(json.dumps({**res, "schema_version": 3}))
+    with pytest.raises(DistillError, match="schema_version.*expected one of 1, 2, got 3"):
         load_result(bad)
     bad.write_text("{\n  oops")
     with pytest.raises(DistillError, match=r"results.json:2: bad JSON"):
@@ -146,3 +146,108 @@ def test_bad_results_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DistillError, match="empty: no results.json found"):
         compare(CompareConfig(results=[str(tmp_path / "empty")]))
+
+
+# ---------------------------------------------------------------- fidelity, the base row, compute and cost
+
+HALF = "/models/smollm2-half"  # the students' base model, as training records it (absolute)
+GENERATED = {"traces": "runs/q/traces.jsonl", "teacher": "deepseek-reasoner", "samples": 32,
+             "tokens_in": 1_200_000, "tokens_out": 3_400_000, "cost": {"amount": 1.764, "currency": "USD"}}
+
+
+def fidelity(nll, kl, top1, examples="e" * 64):
+    return {"traces": {"path": "runs/q/traces.kept.jsonl", "sha256": "d" * 64},
+            "held_out_from": "runs/q/student-sft/distill_run.json", "prompts": 5, "examples": 5,
+            "examples_sha256": examples, "target_tokens": 812,
+            "render": {"think_style": "none", "max_length": 512, "overlong": "drop"}, "tokenizer_sha": "f" * 16,
+            "teacher": {"name": "smollm2-135m-instruct", "kind": "online"},
+            "metrics": {"nll": nll, "kl": kl, "top1_agreement": top1}}
+
+
+def zero_run(label, fid, training=None, path=None):
+    res = result(label, {"distill_gsm8k": task(0.0, 0.0, 0.0, 0.0, k=2)}, training=training)
+    res["model"].update(path=path, base=training and training["base_model"],
+                        data=training and {"traces": {"path": "runs/q/traces.kept.jsonl", "sha256": "d" * 64},
+                                           "generation": GENERATED})
+    res["fidelity"] = fid
+    return res
+
+
+def trained(method, wall, tokens):
+    return {"method": method, "base_model": HALF, "teacher": "deepseek-reasoner", "train_examples": 21,
+            "tokens_seen": tokens, "lora": False, "wall_time_s": wall, "device": {"type": "cpu", "count": 2}}
+
+
+@pytest.fixture
+def zero_runs(tmp_path):
+    """The quickstart's shape: every pass@1 is 0; the untrained base, SFT and KD students with fidelity."""
+    runs = tmp_path / "eval"
+    files = {
+        "teacher": write(runs, "teacher", zero_run("teacher", fidelity(1.1, 0.0, 1.0))),
+        "base": write(runs, "student-base", zero_run("untrained", fidelity(3.2501, 2.0504, 0.41), path=HALF)),
+        "sft": write(runs, "student-sft", zero_run("SFT", fidelity(2.1, 0.95, 0.5812), trained("sft", 56.3, 6512))),
+        "kd": write(runs, "student-kd", zero_run("KD", fidelity(1.9, 0.62, 0.66), trained("kd", 93.1, 6512))),
+    }
+    return files
+
+
+ZERO_EXPECTED = """\
+| model     | method | teacher           | train examples | train tokens | distill_gsm8k pass@1 | distill_gsm8k cons@2 | distill_gsm8k finished | NLL/token | KL to teacher | top-1 agree | train time | CPU-hours | teacher tokens | teacher cost |
+| --------- | ------ | ----------------- | -------------- | ------------ | -------------------- | -------------------- | ---------------------- | --------- | ------------- | ----------- | ---------- | --------- | -------------- | ------------ |
+| teacher   | —      | —                 | —              | —            | 0.0 ± 0.0            | 0.0                  | 0                      | 1.100     | 0.000         | 100.0       | —          | —         | —              | —            |
+| untrained | base   | —                 | —              | —            | 0.0 ± 0.0            | 0.0                  | 0                      | 3.250     | 2.050         | 41.0        | —          | —         | —              | —            |
+| SFT       | sft    | deepseek-reasoner | 21             | 6.5k         | 0.0 ± 0.0            | 0.0                  | 0                      | 2.100     | 0.950         | 58.1        | 56 s       | 0.031     | 4.6M           | 1.76 USD     |
+| KD        | kd     | deepseek-reasoner | 21             | 6.5k         | 0.0 ± 0.0            | 0.0                  | 0                      | 1.900     | 0.620         | 66.0        | 93 s       | 0.052     | 4.6M           | 1.76 USD     |
+
+Scores in %: pass@1 ± standard error over k samples per problem, cons@k = majority vote of k; \
+finished = answers that ended before the token limit (distill_gsm8k n=16).
+Fidelity on 5 held-out teacher traces (812 tokens), per token: NLL = the model's negative log-likelihood \
+of the teacher's tokens, KL = KL(teacher || model) in nats, top-1 agree = % of tokens where model and teacher \
+rank the same token first; closer to the teacher = lower NLL and KL, higher agreement.
+base = the untrained model the students started from.
+train time and device-hours: the training run (wall time x GPUs, or x CPU threads); teacher tokens and cost: \
+generating the traces the student learned from, rejected ones included.
+"""
+
+
+def test_fidelity_compute_and_the_base_row_found_beside_the_students(zero_runs, capsys):
+    """The base model's results were not named, but sit in the same eval directory: its row comes in."""
+    files = [zero_runs[name] for name in ("teacher", "sft", "kd")]
+    assert main(["compare", *map(str, files)]) == 0
+    assert capsys.readouterr().out == ZERO_EXPECTED
+
+
+def test_fidelity_and_compute_in_the_csv(zero_runs, tmp_path, capsys):
+    out_csv = tmp_path / "table.csv"
+    assert main(["compare", str(zero_runs["base"].parent.parent), "--csv", str(out_csv)]) == 0
+    rows = {r["label"]: r for r in csv.DictReader(out_csv.open())}
+    assert rows["untrained"]["method"] == "base" and rows["teacher"]["method"] == ""
+    assert float(rows["untrained"]["fidelity_kl"]) == 2.0504 and float(rows["SFT"]["fidelity_top1_agreement"]) == 0.5812
+    assert rows["KD"]["fidelity_teacher"] == "smollm2-135m-instruct" and rows["KD"]["fidelity_target_tokens"] == "812"
+    assert rows["KD"]["device"] == "CPU" and float(rows["KD"]["device_hours"]) == round(93.1 * 2 / 3600, 6)
+    assert rows["KD"]["train_wall_time_s"] == "93.1" and rows["KD"]["teacher_tokens_out"] == "3400000"
+    assert float(rows["SFT"]["teacher_cost"]) == 1.764 and rows["SFT"]["teacher_cost_currency"] == "USD"
+    assert rows["teacher"]["teacher_cost"] == "" and rows["teacher"]["device_hours"] == ""
+
+
+def test_the_chart_shows_fidelity_when_every_pass1_is_zero(zero_runs):
+    import matplotlib.pyplot as plt
+
+    from distill.report import add_base_rows, bar_chart_png, chart, load_rows
+
+    rows = add_base_rows(load_rows([zero_runs[n] for n in ("teacher", "base", "sft", "kd")]))
+    fig = chart(rows)
+    (ax,) = fig.axes
+    heights = [round(bar.get_height(), 4) for bar in ax.patches]
+    assert heights == [0.0, 2.0504, 0.95, 0.62] and "KL" in ax.get_ylabel()
+    plt.close(fig)
+    assert bar_chart_png(rows).startswith(b"\x89PNG")
+
+
+def test_rows_scored_on_other_held_out_traces_are_not_comparable(zero_runs, capsys):
+    res = json.loads(zero_runs["kd"].read_text())
+    res["fidelity"]["examples_sha256"] = "0" * 64
+    zero_runs["kd"].write_text(json.dumps(res))
+    assert main(["compare", *map(str, zero_runs.values())]) == 2
+    err = capsys.readouterr().err
+    assert "not comparable: 'KD'" in err and "fidelity examples '000000000000…' vs 'eeeeeeeeeeee…'" in err

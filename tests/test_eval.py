@@ -14,6 +14,8 @@ from distill.cli import main
 from distill.eval.results import load_results
 from distill.records import read_jsonl
 
+from test_train_sft_data import make_trace, write_traces
+
 sys.path.insert(0, str(Path(__file__).parent / "servers"))
 from eval_server import EvalServer  # noqa: E402
 
@@ -137,7 +139,7 @@ def test_hf_budget_is_clamped_to_the_context(tiny_llama, shared_data, tmp_path):
     assert rows[0]["gen_tokens"] <= task["max_gen_tokens"]
 
 
-def test_lora_adapter_records_its_base(tiny_llama, shared_data, tmp_path):
+def test_lora_adapter_records_its_base_and_its_fidelity(tiny_llama, shared_data, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,11 +150,20 @@ def test_lora_adapter_records_its_base(tiny_llama, shared_data, tmp_path):
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(adapter)
     (adapter / "distill_run.json").write_text(json.dumps({"summary": {
         "method": "sft", "base_model": str(tiny_llama), "teacher": "deepseek-reasoner", "train_examples": 3}}))
+    traces = write_traces(tmp_path / "traces.jsonl", [make_trace(i) for i in range(3)])
+    # a fresh adapter (LoRA's B starts at zero) is still its base: the base as teacher is matched exactly
     assert run_eval("--tasks", "distill_amc23", "--model", adapter, "--k", 1, "--limit", 1, "--max-gen-tokens", 4,
-                    "--data-dir", shared_data, "--out", tmp_path, "--run-name", "lora", "--label", "tiny-sft") == 0
+                    "--data-dir", shared_data, "--out", tmp_path, "--run-name", "lora", "--label", "tiny-sft",
+                    "--fidelity-traces", traces, "--teacher", tiny_llama) == 0
     res = load_results(tmp_path / "lora")
     assert res["model"]["base"] == str(tiny_llama) and res["model"]["teacher"] == "deepseek-reasoner"
     assert res["model"]["training"]["method"] == "sft" and res["label"] == "tiny-sft"
+    assert res["schema_version"] == 2 and res["model"]["path"] == str(adapter.resolve())
+    fidelity = res["fidelity"]
+    assert fidelity["examples"] == 3 and fidelity["held_out_from"] is None and fidelity["metrics"]["nll"] > 0
+    assert abs(fidelity["metrics"]["kl"]) < 1e-6 and fidelity["metrics"]["top1_agreement"] == 1.0
+    run = json.loads((tmp_path / "lora" / "run.json").read_text())
+    assert run["data"]["fidelity_traces"]["sha256"] == fidelity["traces"]["sha256"]
 
 
 def error_line(capsys) -> str:

@@ -141,6 +141,31 @@ def test_rollout_targets_are_the_sampled_tokens_through_the_stop_token_and_nothi
     assert example["labels"] == [-100] * len(prompts[0]) + tokens[:cut + 1]
 
 
+def test_static_cache_samples_from_a_bf16_copy_refreshed_before_each_rollout(tiny_llama):
+    """--rollout-cache static samples as the student's current weights in bf16 would, also after the
+    weights change (a training step), and leaves the fp32 student as it was."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    static = HFRollouts(tok, RolloutSettings(max_tokens=6, temperature=0.0, cache="static"), stop_ids=[])
+    dynamic = HFRollouts(tok, RolloutSettings(max_tokens=6, temperature=0.0), stop_ids=[])
+    prompt = [tok("a b c")["input_ids"]]
+
+    def greedy_in_bf16():
+        copy = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+        copy.load_state_dict(model.state_dict())
+        return dynamic.sample(copy, prompt, 0)[0].completion
+
+    first = static.sample(model, prompt, 0)[0].completion
+    assert first == greedy_in_bf16()
+    torch.manual_seed(1)
+    with torch.no_grad():                     # as training steps would
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    second = static.sample(model, prompt, 0)[0].completion
+    assert second == greedy_in_bf16() and second != first
+    assert model.dtype == torch.float32
+
+
 def test_rollouts_stop_at_the_end_of_turn_token(teacher, traces):
     """The fitted teacher, greedy on a training prompt, writes (about) its trace and ends the turn:
     the template's end-of-turn token is a stop token, and it is the last target."""

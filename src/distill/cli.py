@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import signal
 import sys
 import time
 import typing
@@ -124,6 +125,8 @@ def run_pipeline(recipe: str, only: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # past a file-size limit, writes fail with EFBIG (handled: no torn output) instead of a SIGXFSZ kill
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

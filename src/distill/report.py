@@ -4,6 +4,11 @@ Reads the ``results.json`` files that ``distill eval`` writes, one row per evalu
 prints a Markdown table (optionally CSV, and an HTML page with a bar chart). Scores are only
 comparable when the rows were generated the same way on the same data, so rows whose generation
 settings or task data differ are refused, or, with ``--force``, shown under a loud marker.
+
+Beside the benchmark scores: fidelity to the teacher on held-out traces (``eval --fidelity``),
+the untrained base model as a row of its own (method ``base``) wherever it was evaluated, and
+what each student cost: training wall time, GPU- (or CPU-) hours, and the teacher's generation
+of its data (``distill.costs``).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from distill.costs import device_hours
 from distill.errors import DistillError
 
 DEFAULT_RESULTS_DIR = "runs/eval"
@@ -41,6 +47,7 @@ class Row:
     path: Path
     result: dict
     differences: list[str] = field(default_factory=list)
+    is_base: bool = False  # the untrained model another row was trained from
 
     @property
     def label(self) -> str:
@@ -55,8 +62,22 @@ class Row:
     def method(self) -> str:
         method = self.training.get("method")
         if not method:
-            return MISSING
+            return "base" if self.is_base else MISSING
         return f"{method}+lora" if self.training.get("lora") else str(method)
+
+    @property
+    def model_path(self) -> str:
+        """The evaluated model, as an absolute path where it is a local one."""
+        model = self.result["model"]
+        return model.get("path") or str(Path(str(model.get("name_or_path"))).expanduser().resolve())
+
+    @property
+    def generation(self) -> dict:
+        """The teacher's generation of the data this model learned from (``distill.costs``)."""
+        return (self.result["model"].get("data") or {}).get("generation") or {}
+
+    def fidelity(self, metric: str) -> float | None:
+        return ((self.result.get("fidelity") or {}).get("metrics") or {}).get(metric)
 
     @property
     def teacher(self) -> str:
@@ -122,6 +143,41 @@ def load_rows(paths: list[str | Path]) -> list[Row]:
     return [Row(p, load_result(p)) for p in find_results(paths)]
 
 
+def _same_model(row: Row, model: str) -> bool:
+    return row.model_path == str(Path(model).expanduser().resolve())
+
+
+def add_base_rows(rows: list[Row]) -> list[Row]:
+    """Mark the untrained rows that evaluated a trained row's base model; when none was given,
+    take a comparable one from beside the trained row's results (the same eval directory)."""
+    out = list(rows)
+    for row in rows:
+        base = row.result["model"].get("base")
+        if not row.training or not base:
+            continue
+        match = next((r for r in out if not r.training and _same_model(r, base)), None)
+        if match is None:
+            match = _find_base(row, base, {r.path.resolve() for r in out})
+            if match is None:
+                continue
+            out.insert(out.index(row), match)
+        match.is_base = True
+    return out
+
+
+def _find_base(row: Row, base: str, taken: set[Path]) -> Row | None:
+    for path in sorted(row.path.parent.parent.glob(f"*/{row.path.name}")):
+        if path.resolve() in taken:
+            continue
+        try:
+            candidate = Row(path, load_result(path))
+        except DistillError:
+            continue
+        if not candidate.training and _same_model(candidate, base) and not _differences(candidate, row):
+            return candidate
+    return None
+
+
 # ---------------------------------------------------------------- comparability
 
 
@@ -132,6 +188,13 @@ def settings(result: dict) -> dict[str, Any]:
         out[f"{name} k"] = task.get("k")
         out[f"{name} max_gen_tokens"] = task.get("max_gen_tokens")  # the budget after clamping to the context
         out[f"{name} data sha256"] = (task.get("data") or {}).get("sha256")
+    fidelity = result.get("fidelity")
+    if fidelity:  # fidelity numbers compare on the same traces, tokens and teacher
+        out["fidelity traces sha256"] = fidelity["traces"]["sha256"]
+        out["fidelity examples"] = fidelity["examples_sha256"]
+        out["fidelity tokenizer"] = fidelity["tokenizer_sha"]
+        if fidelity.get("teacher"):
+            out["fidelity teacher"] = fidelity["teacher"]["name"]
     return out
 
 
@@ -142,18 +205,20 @@ def _show(value: Any) -> str:
     return text
 
 
+def _differences(row: Row, ref: Row) -> list[str]:
+    """The settings both rows have and ``row`` has otherwise than ``ref``."""
+    mine, theirs = settings(row.result), settings(ref.result)
+    return [f"{k} {_show(mine[k])} vs {_show(theirs[k])}" for k in mine if k in theirs and mine[k] != theirs[k]]
+
+
 def mark_differences(rows: list[Row]) -> list[str]:
     """Compare every row with the first; record and return what differs (empty when comparable)."""
     if not rows:
         return []
     ref = rows[0]
-    ref_settings = settings(ref.result)
     problems = []
     for row in rows[1:]:
-        mine = settings(row.result)
-        shared = [k for k in mine if k in ref_settings]
-        row.differences = [f"{k} {_show(mine[k])} vs {_show(ref_settings[k])}" for k in shared
-                           if mine[k] != ref_settings[k]]
+        row.differences = _differences(row, ref)
         if row.differences:
             problems.append(f"'{row.label}' ({row.path}) differs from '{ref.label}' ({ref.path}) in "
                             + ", ".join(row.differences))
@@ -184,33 +249,88 @@ def _count(n: int | float | None) -> str:
     return str(int(n))
 
 
+def _nats(x: float | None) -> str:
+    return MISSING if x is None else f"{x:.3f}"
+
+
+def _duration(seconds: float | None) -> str:
+    """76 s, 12.5 min, 3.2 h."""
+    if seconds is None:
+        return MISSING
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:.0f}" if hours >= 100 else f"{hours:.1f}" if hours >= 1 else f"{hours:.3f}"
+
+
 def _cons_header(rows: list[Row], task: str) -> str:
     ks = {row.task(task).get("k") for row in rows if row.task(task)}
     return f"cons@{ks.pop()}" if len(ks) == 1 else "cons@k"
 
 
+def _hours_header(rows: list[Row]) -> tuple[str, bool]:
+    """'GPU-hours' (or CPU-hours) when every row trained on one kind, else 'device-hours' and
+    each cell names its kind."""
+    kinds = {h[1] for row in rows if (h := device_hours(row.training))}
+    return (f"{kinds.pop()}-hours", False) if len(kinds) == 1 else ("device-hours", True)
+
+
+def _task_columns(rows: list[Row], t: str) -> list[tuple[str, Callable[[Row], str]]]:
+    def metric(row: Row, key: str, digits: int = 1) -> str:
+        task = row.task(t)
+        return MISSING if task is None else _pct(task["metrics"].get(key), digits)
+
+    def pass1(row: Row) -> str:
+        stderr = (row.task(t) or {}).get("metrics", {}).get("pass@1_stderr")
+        return metric(row, "pass@1") + (f" ± {_pct(stderr)}" if row.task(t) and stderr is not None else "")
+
+    return [(f"{t} pass@1", pass1), (f"{t} {_cons_header(rows, t)}", lambda row: metric(row, "cons@k")),
+            (f"{t} finished", lambda row: metric(row, "finished_rate", 0))]
+
+
+def _compute_columns(rows: list[Row]) -> list[tuple[str, Callable[[Row], str]]]:
+    hours_header, name_kind = _hours_header(rows)
+
+    def hours(row: Row) -> str:
+        h = device_hours(row.training)
+        return MISSING if h is None else _hours(h[0]) + (f" {h[1]}" if name_kind else "")
+
+    def cost(row: Row) -> str:
+        c = row.generation.get("cost")
+        if not c:
+            return MISSING
+        return f"{'<0.01' if 0 < c['amount'] < 0.01 else format(c['amount'], '.2f')} {c['currency']}"
+
+    def tokens(row: Row) -> str:
+        g = row.generation
+        return _count(g["tokens_in"] + g["tokens_out"]) if g else MISSING
+
+    return [("train time", lambda row: _duration(row.training.get("wall_time_s"))), (hours_header, hours),
+            ("teacher tokens", tokens), ("teacher cost", cost)]
+
+
+def columns(rows: list[Row]) -> list[tuple[str, Callable[[Row], str]]]:
+    """(header, cell) per column. The fidelity and compute columns show only where some row has a value."""
+    fixed = [("model", lambda row: f"{row.label} {MARKER}" if row.differences else row.label),
+             ("method", lambda row: row.method), ("teacher", lambda row: row.teacher),
+             ("train examples", lambda row: _count(row.training.get("train_examples"))),
+             ("train tokens", lambda row: _count(row.training.get("tokens_seen")))]
+    for t in task_names(rows):
+        fixed += _task_columns(rows, t)
+    optional = [("NLL/token", lambda row: _nats(row.fidelity("nll"))),
+                ("KL to teacher", lambda row: _nats(row.fidelity("kl"))),
+                ("top-1 agree", lambda row: _pct(row.fidelity("top1_agreement"))),
+                *_compute_columns(rows)]
+    return fixed + [(h, cell) for h, cell in optional if any(cell(row) != MISSING for row in rows)]
+
+
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and display cells: one row per model; pass@1 ± stderr, cons@k and finished rate in %."""
-    tasks = task_names(rows)
-    header = ["model", "method", "teacher", "train examples", "train tokens"]
-    for t in tasks:
-        header += [f"{t} pass@1", f"{t} {_cons_header(rows, t)}", f"{t} finished"]
-    body = []
-    for row in rows:
-        label = f"{row.label} {MARKER}" if row.differences else row.label
-        cells = [label, row.method, row.teacher, _count(row.training.get("train_examples")),
-                 _count(row.training.get("tokens_seen"))]
-        for t in tasks:
-            task = row.task(t)
-            if task is None:
-                cells += [MISSING] * 3
-                continue
-            m = task["metrics"]
-            stderr = m.get("pass@1_stderr")
-            pass1 = _pct(m["pass@1"]) + (f" ± {_pct(stderr)}" if stderr is not None else "")
-            cells += [pass1, _pct(m.get("cons@k")), _pct(m.get("finished_rate"), 0)]
-        body.append(cells)
-    return header, body
+    cols = columns(rows)
+    return [h for h, _ in cols], [[cell(row) for _, cell in cols] for row in rows]
 
 
 def notes(rows: list[Row]) -> list[str]:
@@ -218,6 +338,17 @@ def notes(rows: list[Row]) -> list[str]:
     sizes = ", ".join(f"{t} n={_first_task_field(rows, t, 'n_problems')}" for t in task_names(rows))
     lines = [f"Scores in %: pass@1 ± standard error over k samples per problem, cons@k = majority vote of k; "
              f"finished = answers that ended before the token limit ({sizes})."]
+    fidelity = next((row.result["fidelity"] for row in rows if row.result.get("fidelity")), None)
+    if fidelity:
+        lines.append(f"Fidelity on {fidelity['examples']} held-out teacher traces ({fidelity['target_tokens']} tokens), "
+                     "per token: NLL = the model's negative log-likelihood of the teacher's tokens, KL = "
+                     "KL(teacher || model) in nats, top-1 agree = % of tokens where model and teacher rank the same "
+                     "token first; closer to the teacher = lower NLL and KL, higher agreement.")
+    if any(row.is_base for row in rows):
+        lines.append("base = the untrained model the students started from.")
+    if {"train time", "teacher tokens"} & {h for h, _ in columns(rows)}:
+        lines.append("train time and device-hours: the training run (wall time x GPUs, or x CPU threads); "
+                     "teacher tokens and cost: generating the traces the student learned from, rejected ones included.")
     lines += [f"{MARKER}: '{row.label}' differs from '{rows[0].label}' in {', '.join(row.differences)}"
               for row in rows if row.differences]
     return lines
@@ -239,13 +370,29 @@ def to_markdown(rows: list[Row]) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(notes(rows)) + "\n"
 
 
+CSV_EXTRA = ["fidelity_nll", "fidelity_kl", "fidelity_top1_agreement", "fidelity_examples", "fidelity_target_tokens",
+             "fidelity_teacher", "train_wall_time_s", "device", "device_hours", "teacher_samples",
+             "teacher_tokens_in", "teacher_tokens_out", "teacher_cost", "teacher_cost_currency"]
+
+
+def _csv_extra(row: Row) -> list:
+    fidelity = row.result.get("fidelity") or {}
+    hours = device_hours(row.training)
+    gen, cost = row.generation, row.generation.get("cost") or {}
+    return [row.fidelity("nll"), row.fidelity("kl"), row.fidelity("top1_agreement"), fidelity.get("examples"),
+            fidelity.get("target_tokens"), (fidelity.get("teacher") or {}).get("name"),
+            row.training.get("wall_time_s"), hours and hours[1], hours and round(hours[0], 6),
+            gen.get("samples"), gen.get("tokens_in"), gen.get("tokens_out"), cost.get("amount"), cost.get("currency")]
+
+
 def write_csv(rows: list[Row], path: str | Path) -> None:
-    """Raw numbers (fractions, not %) for spreadsheets and plots."""
+    """Raw numbers (fractions, not %) for spreadsheets and plots; every column always, empty where unknown."""
     tasks = task_names(rows)
     header = ["label", "run_name", "results_file", "model", "method", "teacher", "train_examples",
               "tokens_seen", "not_comparable"]
     for t in tasks:
         header += [f"{t} {k}" for k in ("pass@1", "pass@1_stderr", "cons@k", "k", "finished_rate", "n_problems")]
+    header += CSV_EXTRA
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -262,41 +409,77 @@ def write_csv(rows: list[Row], path: str | Path) -> None:
                 m = task.get("metrics", {})
                 cells += [m.get("pass@1", ""), m.get("pass@1_stderr", ""), m.get("cons@k", ""),
                           task.get("k", ""), m.get("finished_rate", ""), task.get("n_problems", "")]
+            cells += _csv_extra(row)
             w.writerow(["" if c is None else c for c in cells])
 
 
 # ---------------------------------------------------------------- chart and HTML
 
 
-def bar_chart_png(rows: list[Row]) -> bytes:
-    """Grouped bars: pass@1 (%) per task, one bar per model, stderr as error bars."""
+def _panels(rows: list[Row]) -> list[tuple[str, list[str], Callable[[Row, str], tuple[float, float] | None]]]:
+    """What the chart shows, as (y label, groups, value(row, group) -> (bar, error) or None): pass@1
+    per task when some model scores above zero; fidelity (KL to the teacher, else NLL) when the
+    results have it; pass@1 alone, zeros and all, when there is nothing else."""
+    tasks = task_names(rows)
+
+    def pass1(row: Row, t: str):
+        m = row.task(t)["metrics"] if row.task(t) else None
+        return None if m is None else (100 * m["pass@1"], 100 * (m.get("pass@1_stderr") or 0))
+
+    panels = []
+    scored = any(v[0] > 0 for row in rows for t in tasks if (v := pass1(row, t)))
+    if scored:
+        panels.append(("pass@1 (%)", tasks, pass1))
+    metric = next((m for m in ("kl", "nll") if any(row.fidelity(m) is not None for row in rows)), None)
+    if metric:
+        name = {"kl": "KL to the teacher", "nll": "NLL of the teacher's tokens"}[metric]
+        panels.append((f"{name} (nats/token)", ["held-out teacher traces\n(lower = closer to the teacher)"],
+                       lambda row, _: None if row.fidelity(metric) is None else (row.fidelity(metric), 0.0)))
+    return panels or [("pass@1 (%)", tasks, pass1)]
+
+
+def chart(rows: list[Row]):
+    """The matplotlib figure of :func:`_panels`: one axis per panel, one bar per model and group."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = task_names(rows)
+    panels = _panels(rows)
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + len(tasks) * len(rows) * 0.7), 3.6), dpi=100)
-    for i, row in enumerate(rows):
-        xs, ys, errs = [], [], []
-        for j, t in enumerate(tasks):
-            if row.task(t):
-                m = row.task(t)["metrics"]
-                xs.append(j + (i - (len(rows) - 1) / 2) * width)
-                ys.append(100 * m["pass@1"])
-                errs.append(100 * (m.get("pass@1_stderr") or 0))
-        label = f"{row.label} ({MARKER})" if row.differences else row.label
-        ax.bar(xs, ys, width * 0.95, yerr=errs, capsize=3, label=label,
-               hatch="//" if row.differences else None)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("pass@1 (%)")
-    tops = [100 * (m["pass@1"] + (m.get("pass@1_stderr") or 0))
-            for row in rows for t in tasks if row.task(t) for m in [row.task(t)["metrics"]]]
-    ax.set_ylim(0, min(100.0, max(5.0, 1.15 * max(tops))))  # small scores stay visible
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
+    groups = sum(len(p[1]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, dpi=100,
+                             figsize=(max(5.0, 1.2 + groups * len(rows) * 0.7 + 1.5 * (len(panels) - 1)), 3.6),
+                             gridspec_kw={"width_ratios": [len(p[1]) for p in panels]})
+    for ax, (ylabel, names, value) in zip(axes[0], panels):
+        tops = []
+        for i, row in enumerate(rows):
+            bars = [(j + (i - (len(rows) - 1) / 2) * width, *v) for j, g in enumerate(names) if (v := value(row, g))]
+            label = f"{row.label} ({MARKER})" if row.differences else row.label
+            errors = [b[2] for b in bars] if any(b[2] for b in bars) else None
+            ax.bar([b[0] for b in bars], [b[1] for b in bars], width * 0.95, yerr=errors,
+                   capsize=3, label=label, color=f"C{i}", hatch="//" if row.differences else None)
+            tops += [b[1] + b[2] for b in bars]
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(ylabel)
+        top = max(tops, default=0.0)
+        if ylabel.startswith("pass@1"):
+            ax.set_ylim(0, min(100.0, max(5.0, 1.15 * top)))  # small scores stay visible
+            if top == 0:
+                ax.text(0.5, 0.5, "pass@1 is 0 for every model", transform=ax.transAxes, ha="center")
+        else:
+            ax.set_ylim(0, 1.15 * top or 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
+    return fig
+
+
+def bar_chart_png(rows: list[Row]) -> bytes:
+    """The chart (:func:`chart`) as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = chart(rows)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
@@ -334,7 +517,7 @@ tr.bad td {{ background: #fdd; font-weight: bold; }}
 {trs}
 </table>
 {notes_html}
-<img alt="pass@1 per task and model" src="data:image/png;base64,{img}">
+<img alt="pass@1 per task and fidelity to the teacher, per model" src="data:image/png;base64,{img}">
 </body></html>
 """)
     return png_path
@@ -345,7 +528,7 @@ tr.bad td {{ background: #fdd; font-weight: bold; }}
 
 def compare(cfg: CompareConfig) -> int:
     paths = cfg.results or [DEFAULT_RESULTS_DIR]
-    rows = load_rows(paths)
+    rows = add_base_rows(load_rows(paths))
     problems = mark_differences(rows)
     if problems and not cfg.force:
         raise DistillError("rows are not comparable: " + "; ".join(problems)

@@ -77,10 +77,20 @@ def _has_tokenizer(path: str) -> bool:
     return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def model_parts(model: str) -> tuple[str, str | None, str]:
+    """(the model as transformers loads it, its base model when it is a LoRA adapter, where its
+    tokenizer is: the adapter's own, else the base's)."""
+    from distill.models import resolve_model
+
+    model = resolve_model(model)
+    base = _adapter_base(model)
+    return model, base, model if (base is None or _has_tokenizer(model)) else base
+
+
 def build_hf(model: str, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
-    from distill.models import default_device, load_tokenizer, resolve_model
+    from distill.models import default_device, load_tokenizer
 
     class DistillHFLM(_ClampedBudget, HFLM):
         def tok_decode(self, tokens, skip_special_tokens: bool = True):
@@ -102,9 +112,7 @@ def build_hf(model: str, batch_size: int):
             ids = set(ids if isinstance(ids, list) else [ids])
             return ids | {self.tokenizer.eos_token_id} - {None}
 
-    model = resolve_model(model)
-    base = _adapter_base(model)
-    tok_path = model if (base is None or _has_tokenizer(model)) else base
+    model, base, tok_path = model_parts(model)
     tokenizer = load_tokenizer(tok_path, require_chat_template=True)
     device = default_device()
     kwargs = {"pretrained": base or model, "tokenizer": tokenizer, "device": device,
@@ -124,14 +132,13 @@ def build_vllm(model: str, batch_size: int, seed: int):
         from lm_eval.models.vllm_causallms import VLLM
     except ImportError:
         raise DistillError("backend 'vllm' needs vLLM: pip install vllm (or serve the model and use --base-url)") from None
-    from distill.models import load_tokenizer, resolve_model
+    from distill.models import load_tokenizer
 
     class DistillVLLM(_ClampedBudget, VLLM):
         pass
 
-    model = resolve_model(model)
-    base = _adapter_base(model)
-    tokenizer = load_tokenizer(model if (base is None or _has_tokenizer(model)) else base)
+    model, base, tok_path = model_parts(model)
+    tokenizer = load_tokenizer(tok_path)
     kwargs = {"pretrained": base or model, "seed": seed, "batch_size": "auto", "max_batch_size": max(batch_size, 256)}
     if base:
         kwargs["lora_local_path"] = model

@@ -3,11 +3,16 @@
 - ``generations.jsonl``: one line per sample: task, doc_id, repeat, seed (server backend), prompt,
   gold, response, answer (extracted; null when none), correct, boxed, timeout, gen_tokens, finish
   ("stop" or "length").
-- ``results.json`` (schema_version 1)::
+- ``results.json`` (schema_version 2; version 1 files, which lack ``model.path``, ``model.data``
+  and ``fidelity``, still load)::
 
-    {"schema_version": 1, "run_name": str, "label": str, "created_at": "YYYY-MM-DDTHH:MM:SSZ",
-     "model": {"name_or_path": str, "base": str|null, "teacher": str|null,
-               "training": dict|null},   # the `summary` of the model dir's distill_run.json
+    {"schema_version": 2, "run_name": str, "label": str, "created_at": "YYYY-MM-DDTHH:MM:SSZ",
+     "model": {"name_or_path": str, "path": str|null,   # absolute, for a local model
+               "base": str|null, "teacher": str|null,
+               "training": dict|null,   # the `summary` of the model dir's distill_run.json
+               "data": {"traces": {"path", "sha256"},   # what it trained on, and the teacher's
+                        "generation": {"traces", "teacher", "samples", "tokens_in", "tokens_out",
+                                       "cost": {"amount", "currency"}|null}|null}|null},  # distill.costs
      "backend": "hf"|"server"|"vllm",
      "generation": {"temperature", "top_p", "max_gen_tokens", "seed",
                     "chat_template": true, "system_prompt": null},
@@ -17,7 +22,13 @@
                       "data": {"path": str, "sha256": str|null},   # null for hub datasets
                       "metrics": {"pass@1", "pass@1_stderr", "pass@k", "cons@k", "cons@k_stderr",
                                   "finished_rate", "boxed_rate", "mean_gen_tokens", "timeouts"},
-                      "per_problem": [{"doc_id", "n", "correct", "cons_correct"}]}}}
+                      "per_problem": [{"doc_id", "n", "correct", "cons_correct"}]}},
+     "fidelity": {                      # only with `eval --fidelity` (distill.eval.fidelity)
+         "traces": {"path": str, "sha256": str}, "held_out_from": str|null,   # the run whose split
+         "prompts": int, "examples": int, "examples_sha256": str, "target_tokens": int,
+         "render": {"think_style", "max_length", "overlong"}, "tokenizer_sha": str,
+         "teacher": {"name", "kind": "online"|"cache", ...}|null,
+         "metrics": {"nll": float, "kl": float|null, "top1_agreement": float|null}}}   # per token
 
   Metric definitions are in ``distill.eval.metrics``. ``finished_rate``: samples that ended on
   their own within the token budget (not cut off: finish != "length"); ``boxed_rate``: samples
@@ -33,7 +44,9 @@ from pathlib import Path
 
 from distill.errors import DistillError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions :func:`load_results` reads (each later one only adds fields)
+READABLE_VERSIONS = (1, 2)
 RESULTS_FILE = "results.json"
 GENERATIONS_FILE = "generations.jsonl"
 
@@ -50,6 +63,7 @@ def load_results(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise DistillError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
-        raise DistillError(f"{path}: field 'schema_version': expected {SCHEMA_VERSION}, got {version!r}")
+    if version not in READABLE_VERSIONS:
+        raise DistillError(f"{path}: field 'schema_version': expected one of "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}, got {version!r}")
     return data

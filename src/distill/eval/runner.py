@@ -23,6 +23,7 @@ from distill.eval.metrics import task_metrics
 from distill.eval.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import run_record, versions
+from distill.train.rendering import ThinkStyle
 
 
 @dataclass
@@ -46,6 +47,12 @@ class EvalConfig:
     rescore: str | None = field(default=None, metadata={"help": "re-score the saved generations of RUN_DIR without generating"})
     timeout: float = field(default=5.0, metadata={"help": "seconds per answer comparison"})
     label: str | None = field(default=None, metadata={"help": "row label in compare tables"})
+    # fidelity to the teacher, on held-out teacher traces
+    fidelity: bool = field(default=False, metadata={"help": "also score the model on teacher traces it never trained on: NLL per target token, and with --teacher/--teacher-logits KL(teacher || model) and top-1 agreement (on by itself with any of the fidelity flags)"})
+    fidelity_traces: str | None = field(default=None, metadata={"help": "fidelity: a training run's OUT dir (its held-out prompts) or a traces JSONL (all of it); default: the prompts the model's own training held out"})
+    teacher: str | None = field(default=None, metadata={"help": "fidelity: local teacher preset/path (same tokenizer) for KL and top-1 agreement"})
+    teacher_logits: str | None = field(default=None, metadata={"help": "fidelity: a 'distill logits' cache of the traces (temperature 1) instead of --teacher"})
+    think_style: ThinkStyle | None = field(default=None, metadata={"help": "fidelity: how traces render (default: as the model's training did, else 'think')"})
 
 
 def run_eval(cfg: EvalConfig) -> int:
@@ -56,9 +63,10 @@ def run_eval(cfg: EvalConfig) -> int:
     tasks = data.check_tasks(cfg.tasks)
     specs = [data.task_spec(t, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_gen_tokens=cfg.max_gen_tokens, data_dir=cfg.data_dir) for t in tasks]
+    started = time.time()
+    fidelity = _fidelity(cfg)  # first: quick, and it checks the traces and the teacher before the long part
     backend = _build_backend(cfg)
     run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
-    started = time.time()
     out = _evaluate(backend.lm, specs, cfg)
     rows = _generation_rows(out["samples"], backend, cfg)
     budgets = getattr(backend.lm, "budgets", {})
@@ -77,10 +85,25 @@ def run_eval(cfg: EvalConfig) -> int:
                            "max_gen_tokens": budgets.get(s.name, cfg.max_gen_tokens)} for s in specs},
         "wall_s": round(time.time() - started, 3),
     }
+    if fidelity:
+        result["fidelity"] = fidelity
     _write_run(run_dir, result, rows)
     data_files = {s.name: s.data["path"] for s in specs if s.data["sha256"]}
+    if fidelity:
+        data_files["fidelity_traces"] = fidelity["traces"]["path"]
     write_json(run_dir / "run.json", run_record("eval", to_dict(cfg), data_files=data_files))
     return 0
+
+
+def _fidelity(cfg: EvalConfig) -> dict | None:
+    """``results.json``'s ``fidelity`` entry (``eval.fidelity``), when any fidelity flag asks for it."""
+    if not (cfg.fidelity or cfg.fidelity_traces or cfg.teacher or cfg.teacher_logits):
+        return None
+    from distill.eval.fidelity import describe, measure
+
+    out = measure(cfg.model, cfg.fidelity_traces, cfg.teacher, cfg.teacher_logits, cfg.think_style, cfg.batch_size)
+    print(describe(out), flush=True)
+    return out
 
 
 def _build_backend(cfg: EvalConfig):
@@ -207,21 +230,30 @@ def rescore(run_dir: str, timeout: float) -> int:
 
 
 def model_info(model: str | None, served_name: str | None = None) -> dict:
-    """Path/name, base and teacher of the evaluated model, from its adapter and distill_run.json.
+    """Path/name, base and teacher of the evaluated model, from its adapter and distill_run.json,
+    and the data it learned from with what generating it cost (``costs.generation_cost``).
 
     ``model`` may name the local directory of a served model, to record where it came from.
     """
-    info = {"name_or_path": model or served_name, "base": None, "teacher": None, "training": None}
-    if not model or not Path(model).is_dir():
+    from distill.costs import generation_cost
+
+    info = {"name_or_path": model or served_name, "path": None, "base": None, "teacher": None, "training": None,
+            "data": None}
+    if not model or not Path(model).exists():
         return info
+    info["path"] = str(Path(model).resolve())
     run_file = Path(model) / "distill_run.json"
     if run_file.is_file():
         try:
-            summary = json.loads(run_file.read_text()).get("summary")
+            record = json.loads(run_file.read_text())
+            summary = record.get("summary")
         except (json.JSONDecodeError, AttributeError):
             raise DistillError(f"{run_file}: not a distill run record (bad JSON)") from None
         if isinstance(summary, dict):
             info.update(training=summary, base=summary.get("base_model"), teacher=summary.get("teacher"))
+        traces = (record.get("data") or {}).get("traces")
+        if isinstance(traces, dict) and traces.get("path"):
+            info["data"] = {"traces": traces, "generation": generation_cost(traces["path"])}
     adapter = Path(model) / "adapter_config.json"
     if adapter.is_file() and not info["base"]:
         info["base"] = json.loads(adapter.read_text()).get("base_model_name_or_path")

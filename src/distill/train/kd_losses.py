@@ -123,6 +123,11 @@ class DenseTeacher:
         """Student and teacher log-probs at ``temperature`` over the shared vocabulary."""
         return _dense_pair(student_logits, *self.chunk(rows, student_logits.device), temperature)[:2]
 
+    @staticmethod
+    def top1(chunk: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The teacher's most likely token per row of a ``chunk``."""
+        return chunk[0].argmax(-1)
+
 
 class SparseTeacher:
     """Offline teacher: top-k token ids and log-probs per token plus the log of the tail mass.
@@ -144,6 +149,13 @@ class SparseTeacher:
     def pair(self, student_logits: torch.Tensor, rows: slice, temperature: float):
         """Student and teacher log-probs at ``temperature`` over the k + 1 buckets."""
         return _sparse_pair(student_logits, *self.chunk(rows, student_logits.device), temperature)[:2]
+
+    @staticmethod
+    def top1(chunk: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The teacher's most likely token per row of a ``chunk`` (its best top-k entry: every
+        token in the tail is less likely than each of the k)."""
+        ids, logprobs, _ = chunk
+        return ids.gather(1, logprobs.argmax(-1, keepdim=True)).squeeze(1)
 
 
 def _dense_pair(logits, t_logits, temperature):
@@ -279,10 +291,14 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     return run
 
 
-def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool):
-    """Loop over token chunks; with_grads also returns d(loss)/d(hidden) and d(loss)/d(weight)."""
+def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool, top1: bool = False):
+    """Loop over token chunks; with_grads also returns d(loss)/d(hidden) and d(loss)/d(weight).
+
+    The sums are (loss, KD, CE), and with ``top1`` a fourth: the rows where the student's most
+    likely token is the teacher's.
+    """
     n = hidden.shape[0]
-    sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+    sums = torch.zeros(4 if top1 else 3, dtype=torch.float32, device=hidden.device)
     grad_h = torch.zeros_like(hidden) if with_grads else None
     want_w = with_grads and weight.requires_grad
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -300,7 +316,10 @@ def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: b
             grad_h[rows] = grads[0]
             if want_w:
                 grad_w += grads[1]
-        sums += torch.stack([total.detach(), kd.detach(), ce.detach()])
+        terms = [total.detach(), kd.detach(), ce.detach()]
+        if top1:
+            terms.append((logits.argmax(-1) == teacher.top1(teacher_rows)).sum().float())
+        sums += torch.stack(terms)
     return sums, grad_h, grad_w
 
 
@@ -340,3 +359,23 @@ def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         sums, _, _ = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=False)
         total = sums[0]
     return total, sums[1:]
+
+
+def fidelity_sums(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher,
+                  chunk_size: int = 1024) -> dict[str, float | None]:
+    """How closely a model follows a teacher on these tokens, summed over rows, without gradient.
+
+    ``nll``: the model's negative log-likelihood of ``targets``; with a teacher (``DenseTeacher``
+    or ``SparseTeacher``, as for :func:`chunked_kd_loss`) also ``kl``, forward KL(teacher || model)
+    at temperature 1 (over the k + 1 buckets of a sparse teacher: a lower bound on the full KL),
+    and ``top1``, the rows where both put the most probability on the same token. The same
+    chunked maths as training, so memory stays flat in the number of rows.
+    """
+    cfg = KDSettings(loss="fkl", temperature=1.0, alpha=1.0, chunk_size=chunk_size)
+    if hidden.shape[0] == 0:
+        return {"nll": 0.0, "kl": None if teacher is None else 0.0, "top1": None if teacher is None else 0.0}
+    with torch.no_grad():
+        sums, _, _ = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=False, top1=teacher is not None)
+    if teacher is None:
+        return {"nll": float(sums[2]), "kl": None, "top1": None}
+    return {"nll": float(sums[2]), "kl": float(sums[1]), "top1": float(sums[3])}

@@ -49,13 +49,14 @@ class LogitsConfig:
 
 def cache_logits(cfg: LogitsConfig) -> int:
     """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
+    from distill.locks import exclusive
+
     if cfg.top_k < 1:
         raise DistillError(f"--top-k must be >= 1, got {cfg.top_k}")
-    if cfg.base_url:
-        return cache_served_logits(cfg)
-    if not cfg.teacher:
-        return cache_api_logits(cfg)
-    return cache_local_logits(cfg)
+    with exclusive(cfg.out):
+        if cfg.base_url:
+            return cache_served_logits(cfg)
+        return cache_local_logits(cfg) if cfg.teacher else cache_api_logits(cfg)
 
 
 def cache_local_logits(cfg: LogitsConfig) -> int:

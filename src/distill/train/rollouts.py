@@ -20,6 +20,10 @@ class RolloutSettings:
     max_tokens: int = 1024
     temperature: float = 1.0     # 0: greedy
     per_prompt: int = 1
+    #: "static": sample from a bf16 copy of the student (refreshed in place before each rollout) with
+    #: a fixed-size KV cache, with which transformers compiles the decoding step (CUDA graphs) on a
+    #: GPU; prompt widths are rounded up to a multiple of 64 so the shapes repeat
+    cache: str = "dynamic"
 
 
 @dataclass
@@ -55,10 +59,12 @@ class HFRollouts:
     how many tokens were sampled.
     """
 
-    def __init__(self, tokenizer, settings: RolloutSettings):
+    def __init__(self, tokenizer, settings: RolloutSettings, stop_ids: list[int] | None = None):
         self.settings = settings
+        self._copy = None
         self.pad_id = tokenizer.pad_token_id
-        self.stop_ids = sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})
+        self.stop_ids = stop_ids if stop_ids is not None else \
+            sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})
 
     def sample(self, model, prompts: list[list[int]], seed: int) -> list[Rollout]:
         import torch
@@ -67,6 +73,8 @@ class HFRollouts:
         s = self.settings
         device = model.get_input_embeddings().weight.device
         width = max(len(p) for p in prompts)
+        if s.cache == "static":
+            width = -(-width // 64) * 64
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
@@ -75,16 +83,18 @@ class HFRollouts:
         sampling = dict(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0) if s.temperature > 0 \
             else dict(do_sample=False)
         config = GenerationConfig(max_new_tokens=s.max_tokens, num_return_sequences=s.per_prompt,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True, **sampling)
-        was_training = model.training
-        model.eval()
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
+                                  cache_implementation="static" if s.cache == "static" else None, **sampling)
+        sampler = self._bf16_copy(model) if s.cache == "static" else model
+        was_training = sampler.training
+        sampler.eval()
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
+                out = sampler.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       generation_config=config)
         finally:
-            model.train(was_training)
+            sampler.train(was_training)
         rollouts = []
         for row, tokens in enumerate(out[:, width:].tolist()):
             prompt = prompts[row // s.per_prompt]
@@ -92,3 +102,26 @@ class HFRollouts:
             completion = tokens if end is None else tokens[:end + 1]
             rollouts.append(Rollout(prompt=list(prompt), completion=completion, ended=end is not None))
         return rollouts
+
+    def _bf16_copy(self, model):
+        """The student's current weights in a bf16 model of its own: generation then runs without
+        autocast's per-step weight casts, in the dtype of the static cache, and the compiled decoding
+        graphs keep their addresses because the copy is refreshed in place."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if hasattr(model, "peft_config"):
+            from distill.errors import DistillError
+
+            raise DistillError("--rollout-cache static samples from a copy of the full weights; LoRA students "
+                               "sample with --rollout-cache dynamic")
+        with torch.no_grad():
+            if self._copy is None:
+                device = model.get_input_embeddings().weight.device
+                with torch.device(device):
+                    self._copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
+                self._copy.generation_config = model.generation_config
+                self._copy.requires_grad_(False)
+            for dst, src in zip(self._copy.state_dict().values(), model.state_dict().values()):
+                dst.copy_(src)
+        return self._copy

@@ -14,11 +14,13 @@ there SFT lets the model compute its own loss, and KD refuses.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import replace
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from distill.errors import DistillError
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
@@ -217,3 +219,32 @@ class RolloutStats:
                **{f"time_{part}_s": round(t, 3) for part, t in self.seconds.items()}}
         self._reset()
         return out
+
+
+class SaveAndStopOnSignal(TrainerCallback):
+    """SIGTERM (what cluster schedulers send before they kill) or Ctrl-C: finish the current step,
+    save a checkpoint, stop; ``--resume`` continues from it. A second signal acts at once (its
+    previous handler is back after the first). Used as a context manager around ``train()``."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True

@@ -1,0 +1,210 @@
+"""On-policy distillation step: distill's KDTrainer (--on-policy 1) beside TRL's GKDTrainer (lmbda=1).
+
+    python bench/bench_on_policy.py --device cuda     # Qwen2.5-1.5B-arch student, 7B-arch teacher, 1,024-token rollouts
+    python bench/bench_on_policy.py --tiny            # CPU smoke run at tiny sizes
+
+Equal settings on every row: random-weight models of the real architectures, the student in fp32
+master weights under bf16 autocast, the teacher frozen in bf16, no gradient checkpointing (TRL
+generates without a KV cache when it is on), the same prompts (random tokens) and batch, sampling
+at temperature 1 from the full distribution (top-k 0, top-p 1), reverse KL (TRL: beta = 1) on the
+sampled tokens. Random students never stop, so every rollout is exactly --new-tokens long.
+Rows: distill with the dynamic KV cache, distill with the static cache (transformers compiles the
+decoding step with CUDA graphs; GPU only), TRL's GKDTrainer with its own generation path (skipped
+when trl is not importable). tokens/s counts sampled tokens per second of whole optimizer steps
+after one untimed warm-up step; the split is rollout / teacher / update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kd_step import QWEN_1_5B, QWEN_7B, TINY_S, TINY_T, model  # noqa: E402
+from distill.train.batching import Collator  # noqa: E402
+from distill.train.kd_losses import KDSettings  # noqa: E402
+from distill.train.on_policy import OnPolicy  # noqa: E402
+from distill.train.rollouts import HFRollouts, RolloutSettings  # noqa: E402
+from distill.train.teachers import OnlineTeacher  # noqa: E402
+from distill.train.trainers import KDTrainer  # noqa: E402
+
+EOS, PAD = 1, 0
+
+
+def tokenizer():
+    """A word-level tokenizer with only pad and eos: the models see token ids, nothing is decoded."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<pad>": PAD, "</s>": EOS}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+class Rows:
+    """Prompt rows as a dataset: distill reads the prompt before the first label; TRL reads ``prompts``."""
+
+    def __init__(self, items: list[list[int]]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        p = self.items[i]
+        return {"input_ids": p, "labels": [-100] * len(p), "example_index": i}
+
+
+def trl_collate(features):
+    """TRL's batch keys. The labels only give the Trainer a non-zero token count (TRL normalises its
+    loss by it; all -100 would make that 0 and the loss NaN); on-policy steps replace them."""
+    ids = torch.tensor([f["input_ids"] for f in features])
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone(), "prompts": ids,
+            "prompt_attention_mask": mask}
+
+
+def args_for(cuda: bool, batch: int, steps: int, out: str, trl: bool = False):
+    kwargs = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-6,
+                  report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False,
+                  disable_tqdm=True, bf16=cuda, use_cpu=not cuda, gradient_checkpointing=False)
+    if not trl:
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**kwargs)
+    from trl.experimental.gkd import GKDConfig
+
+    return GKDConfig(**kwargs, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=ARGS.new_tokens,
+                     disable_dropout=True, max_length=None)
+
+
+def timed(trainer, steps: int, cuda: bool, generated, after_warm_up=lambda: None) -> dict:
+    """Warm-up step, then ``steps`` timed optimizer steps: tokens/s of sampled tokens and peak memory."""
+    trainer.args.max_steps = 1
+    trainer.train()
+    after_warm_up()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.args.max_steps = steps
+    started = time.perf_counter()
+    trainer.train()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"tokens_per_s": generated * steps / seconds, "step_s": seconds / steps,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
+
+
+def distill_row(cache: str, student, teacher, data: Rows, tok, cuda: bool) -> dict:
+    engine = HFRollouts(tok, RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, cache=cache),
+                        stop_ids=[EOS])
+    schedule = OnPolicy(1.0, engine, {i: p for i, p in enumerate(data.items)}, tok)
+    trainer = KDTrainer(model=student, args=args_for(cuda, ARGS.batch, ARGS.steps, "/tmp/bench_op_distill"),
+                        train_dataset=data, data_collator=Collator(PAD), kd=KDSettings(loss="rkl", alpha=1.0),
+                        teacher=OnlineTeacher(teacher, student.get_output_embeddings().weight.shape[0]),
+                        on_policy=schedule)
+    row = timed(trainer, ARGS.steps, cuda, ARGS.batch * ARGS.new_tokens)
+    logs = [e for e in trainer.state.log_history if "time_rollout_s" in e][-ARGS.steps:]
+    total = sum(sum(e[f"time_{p}_s"] for p in ("rollout", "teacher", "update")) for e in logs)
+    row["split"] = " / ".join(f"{100 * sum(e[f'time_{p}_s'] for e in logs) / total:.0f}%"
+                              for p in ("rollout", "teacher", "update"))
+    return row
+
+
+def trl_row(student, teacher, data: Rows, tok, cuda: bool) -> dict | None:
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        return None
+    spent = {"rollout": 0.0}
+    generate = GKDTrainer.generate_on_policy_outputs
+
+    def timed_generate(model, inputs, config):  # measure TRL's own generation, unchanged
+        started = time.perf_counter()
+        out = generate(model, inputs, config)
+        if cuda:
+            torch.cuda.synchronize()
+        spent["rollout"] += time.perf_counter() - started
+        return out
+
+    GKDTrainer.generate_on_policy_outputs = staticmethod(timed_generate)
+    student.generation_config.eos_token_id = EOS
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"input_ids": p} for p in data.items])  # TRL takes only `datasets` datasets
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args_for(cuda, ARGS.batch, ARGS.steps,
+                         "/tmp/bench_op_trl", trl=True), train_dataset=rows, data_collator=trl_collate,
+                         processing_class=tok)
+    try:
+        row = timed(trainer, ARGS.steps, cuda, ARGS.batch * ARGS.new_tokens, lambda: spent.update(rollout=0.0))
+    except torch.OutOfMemoryError:
+        return {"tokens_per_s": None}
+    finally:
+        GKDTrainer.generate_on_policy_outputs = staticmethod(generate)
+    rollout_share = spent["rollout"] / (row["step_s"] * ARGS.steps)
+    row["split"] = f"{100 * rollout_share:.0f}% / (teacher + update) {100 * (1 - rollout_share):.0f}%"
+    return row
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch", type=int, default=8, help="prompts per step")
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=None, help="rollout length (default 1024; tiny 16)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
+    p.add_argument("--rows", default="dynamic,static,trl")
+    ARGS = p.parse_args()
+    ARGS.new_tokens = ARGS.new_tokens or (16 if ARGS.tiny else 1024)
+    cuda = ARGS.device.startswith("cuda")
+    t_spec, s_spec = (TINY_T, TINY_S) if ARGS.tiny else (QWEN_7B, QWEN_1_5B)
+    # TRL's GKDTrainer refuses output embeddings of different sizes (Qwen2.5-7B pads to 152,064 rows,
+    # 1.5B to 151,936; distill cuts both to the shared vocabulary): every row uses the student's size
+    t_spec = {**t_spec, "vocab_size": s_spec["vocab_size"]}
+    tok = tokenizer()
+    data = Rows(prompts(ARGS.batch * (ARGS.steps + 1), ARGS.prompt_tokens, s_spec["vocab_size"]))
+    teacher = model(t_spec, ARGS.device, torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
+    results = {}
+    for name in ARGS.rows.split(","):
+        if name == "static" and not cuda:
+            continue
+        torch.manual_seed(0)
+        student = model(s_spec, ARGS.device, torch.float32)
+        label = {"dynamic": "distill --on-policy 1 (dynamic KV cache)",
+                 "static": "distill --on-policy 1 --rollout-cache static",
+                 "trl": "TRL GKDTrainer lmbda=1 (its generation path)"}[name]
+        row = trl_row(student, teacher, data, tok, cuda) if name == "trl" else \
+            distill_row(name, student, teacher, data, tok, cuda)
+        if row is not None:
+            results[label] = row
+        del student
+        if cuda:
+            torch.cuda.empty_cache()
+    import transformers
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; batch {ARGS.batch} "
+          f"prompts x {ARGS.prompt_tokens} tokens; rollouts {ARGS.new_tokens} tokens; {ARGS.steps} timed steps\n")
+    print("| run | sampled tokens/s | s/step | rollout / teacher / update | peak GiB |")
+    print("|---|---:|---:|---|---:|")
+    for label, r in results.items():
+        if r["tokens_per_s"] is None:
+            print(f"| {label} | OOM | | | |")
+            continue
+        print(f"| {label} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['split']} | {r['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Fidelity to the teacher: how closely a model follows its teacher on teacher traces it never trained on.
+
+pass@1 on a few dozen problems is noisy and, for small students, often zero; the held-out
+distance to the teacher moves with every step of distillation (Minitron and DistillKit report it).
+Per target token of the traces (the assistant's tokens, ``rendering.target_mask``):
+
+- ``nll``: the model's negative log-likelihood of the teacher's tokens (nats);
+- ``kl``: KL(teacher || model) at temperature 1 over the whole vocabulary with a local teacher,
+  or over the cache's top-k + tail buckets with a logits cache (a lower bound on the full KL);
+- ``top1_agreement``: the share of positions where both put most probability on the same token.
+
+The traces are rendered exactly as training renders them, the teacher is training's own
+(``teachers.OnlineTeacher`` / ``CachedTeacher``, so cache rows line up with tokens as in
+training), and the sums are training's chunked maths (``kd_losses.fidelity_sums``): memory
+stays flat in sequence length. Which traces: by default the prompts the model's training held
+out (``held_out`` in its ``distill_run.json``); ``--fidelity-traces`` names another training
+run (its held-out prompts: so an untrained base model is scored on the same ones) or a traces
+file (all of it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.train.command import RUN_RECORD
+from distill.train.rendering import RenderOptions
+
+
+@dataclass
+class FidelityData:
+    """The traces to score: a file, the prompts of it to keep (None: all), how to render them."""
+
+    traces: str
+    prompt_ids: set[str] | None
+    options: RenderOptions
+    split_from: str | None = None      # the run record whose held-out prompts these are
+    recorded_sha256: str | None = None  # the traces' sha256 when that run trained
+
+
+def _run_file(path: str | None) -> Path | None:
+    """The run record a path names: a training OUT directory or its distill_run.json."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return p / RUN_RECORD
+    return p if p.name == RUN_RECORD else None
+
+
+def _read_run(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except OSError:
+        raise DistillError(f"{path}: no training run record here (train with 'distill train', or pass "
+                           f"--fidelity-traces TRACES.jsonl)") from None
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+    if not isinstance(record, dict):
+        raise DistillError(f"{path}: not a distill run record")
+    return record
+
+
+def _options(record: dict | None, think_style: str | None) -> RenderOptions:
+    """Render as the training run did (its data stats), unless told otherwise."""
+    stats = (record or {}).get("data_stats") or {}
+    return RenderOptions(think_style=think_style or stats.get("think_style") or RenderOptions.think_style,
+                         max_length=stats.get("max_length") or RenderOptions.max_length,
+                         overlong=stats.get("overlong_policy") or RenderOptions.overlong)
+
+
+def fidelity_data(fidelity_traces: str | None, model: str | None, think_style: str | None = None) -> FidelityData:
+    """Where the traces come from: a traces file, else a training run's held-out prompts
+    (``fidelity_traces`` naming that run, else the evaluated model's own run)."""
+    own = _run_file(model)
+    own = own if own is not None and own.is_file() else None
+    run_file = _run_file(fidelity_traces) if fidelity_traces else own
+    if fidelity_traces and run_file is None:  # a traces file: render as the model's training did
+        if not Path(fidelity_traces).is_file():
+            raise DistillError(f"--fidelity-traces {fidelity_traces}: no such traces file or training run")
+        return FidelityData(fidelity_traces, None, _options(own and _read_run(own), think_style))
+    if run_file is None:
+        raise DistillError(f"fidelity: {model} is not a model trained by distill (no {RUN_RECORD}); "
+                           f"pass --fidelity-traces TRACES.jsonl (or a training run's OUT directory)")
+    record = _read_run(run_file)
+    held_out = record.get("held_out") or {}
+    if not held_out.get("prompt_ids"):
+        raise DistillError(f"{run_file}: its training held out no prompts (--eval-fraction 0); train with "
+                           f"--eval-fraction > 0, or pass --fidelity-traces TRACES.jsonl of prompts it never saw")
+    traces = held_out["path"]
+    if not Path(traces).is_file():
+        raise DistillError(f"{run_file}: field 'held_out.path': traces file {traces} not found (run eval from "
+                           f"where training ran, or pass --fidelity-traces)")
+    return FidelityData(traces, set(map(str, held_out["prompt_ids"])), _options(record, think_style),
+                        str(run_file), held_out.get("sha256"))
+
+
+def _load_model(model: str, device: str):
+    """The model to score, on ``device``; a LoRA adapter is merged into its base."""
+    from distill.eval.backends import model_parts
+    from distill.models import load_model
+
+    path, base, _ = model_parts(model)
+    if base is None:
+        return load_model(path, device=device).eval()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(base, device=device), path).merge_and_unload().eval()
+
+
+def _teacher(teacher: str | None, teacher_logits: str | None, tokenizer, examples: list[dict], data: FidelityData,
+             model_name: str, device: str, student_rows: int):
+    """(training's teacher object or None, what it is for the results)."""
+    from distill.train.store import read_index
+    from distill.train.teachers import CachedTeacher, OnlineTeacher
+
+    if teacher and teacher_logits:
+        raise DistillError("fidelity takes one teacher: --teacher (a local model) or --teacher-logits (a cache)")
+    if teacher:
+        return (OnlineTeacher.load(teacher, tokenizer, model_name, device, student_rows),
+                {"name": teacher, "kind": "online"})
+    if not teacher_logits:
+        return None, None
+    header = (read_index(Path(teacher_logits)) or {}).get("header") or {}
+    if header and abs(float(header.get("temperature", 1.0)) - 1.0) > 1e-9:
+        raise DistillError(f"{teacher_logits}: cached at temperature {header['temperature']}; fidelity compares "
+                           f"distributions at temperature 1 (make a cache with 'distill logits --temperature 1')")
+    cached = CachedTeacher.open(teacher_logits, tokenizer, examples, student=model_name, traces=data.traces,
+                                kd_temperature=1.0, student_rows=student_rows)
+    header = cached.cache.header
+    return cached, {"name": header["teacher"], "kind": "cache", "cache": str(teacher_logits), "top_k": header["top_k"]}
+
+
+def score(model, examples: list[dict], pad_token_id: int, teacher=None, batch_size: int = 8,
+          chunk_size: int = 1024) -> dict:
+    """Summed ``nll``, ``kl``, ``top1`` (None without a teacher) and ``tokens`` over the examples."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from distill.train.batching import Collator
+    from distill.train.kd_losses import fidelity_sums
+    from distill.train.rendering import n_targets, target_mask
+
+    collate = Collator(pad_token_id)
+    weight = model.get_output_embeddings().weight
+    decoder = model.get_decoder()
+    totals = {"nll": 0.0, "kl": 0.0 if teacher else None, "top1": 0.0 if teacher else None, "tokens": 0}
+    order = sorted(examples, key=lambda e: len(e["input_ids"]))
+    batch_size = max(1, batch_size)
+    with torch.no_grad(), tqdm(total=sum(map(n_targets, order)), unit="tok", desc="fidelity",
+                               mininterval=2.0) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = collate(order[start:start + batch_size])
+            labels, index = batch.pop("labels").to(weight.device), batch.pop("example_index", None)
+            inputs = {k: v.to(weight.device) for k, v in batch.items()}
+            mask = target_mask(labels)
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+            scores = teacher.scores(inputs, mask, index) if teacher else None
+            sums = fidelity_sums(hidden, weight, labels[:, 1:][mask], scores, chunk_size)
+            for key, value in sums.items():
+                if value is not None:
+                    totals[key] += value
+            totals["tokens"] += int(mask.sum())
+            bar.update(int(mask.sum()))
+    return totals
+
+
+def measure(model: str | None, fidelity_traces: str | None = None, teacher: str | None = None,
+            teacher_logits: str | None = None, think_style: str | None = None, batch_size: int = 8) -> dict:
+    """``results.json``'s ``fidelity`` entry for ``model`` (a local model dir, id or LoRA adapter)."""
+    import torch
+
+    from distill.eval.backends import model_parts
+    from distill.models import default_device, load_tokenizer
+    from distill.runinfo import sha256_file
+    from distill.train.rendering import load_examples
+    from distill.train.store import tokenizer_sha
+
+    if not model:
+        raise DistillError("fidelity needs --model, a local model (directory, id or LoRA adapter) whose "
+                           "log-probs can be read")
+    data = fidelity_data(fidelity_traces, model, think_style)
+    sha = sha256_file(data.traces)
+    if data.recorded_sha256 and sha != data.recorded_sha256:
+        print(f"fidelity: warning: {data.traces} changed since {data.split_from} trained on it "
+              f"(sha256 {data.recorded_sha256[:12]}… then, {sha[:12]}… now); scoring its held-out prompts as they are now",
+              flush=True)
+    tokenizer = load_tokenizer(model_parts(model)[2], require_chat_template=True)
+    examples, _, _ = load_examples(data.traces, tokenizer, data.options)
+    if data.prompt_ids is not None:
+        examples = [e for e in examples if e["prompt_id"] in data.prompt_ids]
+        if not examples:
+            raise DistillError(f"{data.traces}: none of the {len(data.prompt_ids)} prompts {data.split_from} "
+                               f"held out has a trace left in it")
+    device = default_device()
+    student = _load_model(model, device)
+    rows = student.get_output_embeddings().weight.shape[0]
+    scorer, teacher_info = _teacher(teacher, teacher_logits, tokenizer, examples, data, model, device, rows)
+    sums = score(student, examples, tokenizer.pad_token_id, scorer, batch_size)
+    del student, scorer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    n = max(sums["tokens"], 1)
+    ids = sorted(e["id"] for e in examples)
+    return {
+        "traces": {"path": data.traces, "sha256": sha},
+        "held_out_from": data.split_from,
+        "prompts": len({e["prompt_id"] for e in examples}),
+        "examples": len(examples),
+        "examples_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "target_tokens": sums["tokens"],
+        "render": {"think_style": data.options.think_style, "max_length": data.options.max_length,
+                   "overlong": data.options.overlong},
+        "tokenizer_sha": tokenizer_sha(tokenizer),
+        "teacher": teacher_info,
+        "metrics": {"nll": sums["nll"] / n,
+                    "kl": None if sums["kl"] is None else sums["kl"] / n,
+                    "top1_agreement": None if sums["top1"] is None else sums["top1"] / n},
+    }
+
+
+def describe(fidelity: dict) -> str:
+    """One console line: the traces scored and the three numbers."""
+    m = fidelity["metrics"]
+    where = f"held out by {fidelity['held_out_from']}" if fidelity["held_out_from"] else fidelity["traces"]["path"]
+    line = (f"fidelity on {fidelity['examples']} traces ({fidelity['target_tokens']:,} tokens, {where}): "
+            f"NLL {m['nll']:.3f}/token")
+    if m["kl"] is not None:
+        line += (f", KL(teacher || model) {m['kl']:.3f}/token, top-1 agreement {100 * m['top1_agreement']:.1f}% "
+                 f"(teacher {fidelity['teacher']['name']})")
+    return line
