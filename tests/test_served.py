@@ -149,6 +149,16 @@ def test_unusable_servers_are_refused_in_one_line(tmp_path, traces, tok, smollm2
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_served_teacher_needs_model_and_student_and_no_local_teacher(tmp_path, traces, smollm2_dir, capsys):
+    url = closed_port_url()  # refused before any request
+    base = ["logits", "--base-url", url, "--traces", traces, "--out", str(tmp_path / "l")]
+    assert main([*base, "--student", str(smollm2_dir)]) == 2
+    assert main([*base, "--model", "m"]) == 2
+    assert capsys.readouterr().err.count("needs --model (the name the server serves) and --student") == 2
+    assert main([*base, "--model", "m", "--student", str(smollm2_dir), "--teacher", str(smollm2_dir)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_a_trace_the_server_refuses_is_named(tmp_path, traces, tok, smollm2_dir, capsys):
     server = serve(tok, max_model_len=40)  # the probe fits, no trace does
     try:
