@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
     "logits": ("distill.train.logits", "LogitsConfig", "cache_logits",
-               "cache top-k log-probs for offline KD: a local --teacher run once, or the traces' API top_logprobs"),
+               "cache top-k log-probs for offline KD: a local --teacher, a served one (--base-url), or the traces' API top_logprobs"),
     "train": ("distill.train.command", "TrainConfig", "train",
               "fine-tune a student on traces: SFT or logit distillation (KD)"),
     "eval": ("distill.eval.runner", "EvalConfig", "run_eval",
