@@ -80,6 +80,9 @@ class TrainConfig:
     kd_temperature: float = field(default=1.0, metadata={"help": "KD: softmax temperature of the loss (T^2-scaled)"})
     beta: float = field(default=0.5, metadata={"help": "KD: JSD beta / skew-KL alpha"})
     kd_chunk_size: int = field(default=1024, metadata={"help": "KD: tokens per loss chunk (memory stays flat)"})
+    teacher_url: str | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts"})
+    teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
+    teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
     teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
     # on-policy KD
     on_policy: float = field(default=0.0, metadata={"help": "KD: share of micro-batches (GKD's lambda, 0..1) on which the student samples completions for the prompts and the teacher scores its tokens; 0 = off-policy"})
@@ -283,13 +286,16 @@ def kd_settings(cfg):
 
 
 def run_kd(cfg: TrainConfig) -> int:
-    """``--method kd``: the SFT run with a teacher (online model or logits cache) and the KD loss."""
+    """``--method kd``: the SFT run with a teacher (local model, served model or logits cache) and the KD loss."""
     from distill.train.student import prepare
     from distill.train.teachers import CachedTeacher, OnlineTeacher, local_teacher_path
     from distill.train.trainers import KDTrainer
 
-    if bool(cfg.teacher) == bool(cfg.teacher_logits):
-        raise DistillError("--method kd needs exactly one of --teacher (online) or --teacher-logits (offline cache)")
+    if sum(map(bool, (cfg.teacher, cfg.teacher_logits, cfg.teacher_url))) != 1:
+        raise DistillError("--method kd needs exactly one of --teacher (local model), --teacher-url (served model) "
+                           "or --teacher-logits (offline cache)")
+    if cfg.teacher_url and not cfg.teacher_model:
+        raise DistillError("--teacher-url needs --teacher-model, the model's name on the server")
     kd = kd_settings(cfg)
     if cfg.teacher:
         local_teacher_path(cfg.teacher)  # refuse an API teacher before loading the student
@@ -301,6 +307,15 @@ def run_kd(cfg: TrainConfig) -> int:
         teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student,
                                      cfg.teacher_device or str(student_out.device), student_out.shape[0])
         extra["kd"].update(mode="online", teacher=cfg.teacher)
+    elif cfg.teacher_url:
+        from distill.train.served import ServedTeacher
+
+        if cfg.teacher_top_k == 0 and not cfg.on_policy:
+            raise DistillError("--teacher-top-k 0 (sampled tokens only) is an on-policy estimator: add --on-policy")
+        teacher = ServedTeacher(base_url=cfg.teacher_url, model=cfg.teacher_model, top_k=cfg.teacher_top_k,
+                                tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_out.shape[0])
+        extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {cfg.teacher_url}",
+                           top_k=cfg.teacher_top_k)
     else:
         teacher = CachedTeacher.open(cfg.teacher_logits, setup.tokenizer, setup.examples, student=cfg.student,
                                      traces=cfg.traces, kd_temperature=cfg.kd_temperature,
@@ -314,8 +329,12 @@ def run_kd(cfg: TrainConfig) -> int:
                                     "rollout_temperature": cfg.rollout_temperature,
                                     "rollouts_per_prompt": cfg.rollouts_per_prompt,
                                     "prompts": cfg.prompts or "the traces' prompts"}
-    return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher,
-                        on_policy=on_policy)
+    try:
+        return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher,
+                            on_policy=on_policy)
+    finally:
+        if hasattr(teacher, "close"):  # a served teacher's connections and event loop
+            teacher.close()
 
 
 def on_policy_schedule(cfg: TrainConfig, setup):

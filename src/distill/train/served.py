@@ -536,10 +536,12 @@ class ServedTeacher:
         return asyncio.run_coroutine_threadsafe(score_all(), self._loop)
 
     def scores(self, inputs: dict, mask, example_index=None, scored=None):
-        """The teacher at the batch's target positions as a sparse teacher (on ``mask``'s device)."""
+        """The teacher at the batch's target positions (on ``mask``'s device): a sparse teacher (top-k
+        plus tail), or with ``top_k=0`` one known only by the target tokens' log-probs."""
         if self.client.top_k < 1:
-            raise DistillError("a served teacher with top_k=0 gives only the sampled tokens' log-probs: use "
-                               "sampled_logprobs (the sampled-token estimator), not a top-k divergence")
+            from distill.train.kd_losses import SampledTokenTeacher
+
+            return SampledTokenTeacher(self.sampled_logprobs(inputs, mask, scored))
         rows = (scored or self.submit(inputs, mask)).result()
         return ScoredRows(*(x.to(mask.device) for x in vars(rows).values())).sparse()
 

@@ -170,9 +170,12 @@ def teacher_nll(teacher, targets: torch.Tensor) -> float:
     """Summed negative log-likelihood the teacher gives ``targets`` (the student's sampled tokens).
 
     Dense teacher: its cross-entropy, a chunk at a time. Sparse teacher (top-k + tail): the token's
-    log-prob where it is in the top-k, else the whole tail's (a lower bound on its NLL).
+    log-prob where it is in the top-k, else the whole tail's (a lower bound on its NLL). A teacher
+    known only by the sampled tokens' log-probs: those.
     """
     with torch.no_grad():
+        if getattr(teacher, "sampled", False):
+            return float(-teacher.logprobs.float().sum())
         if not teacher.sparse:
             weight = teacher.weight[:teacher.vocab_size]
             _, (_, ce) = chunked_kd_loss(teacher.hidden, weight, targets.to(teacher.hidden.device), None,
