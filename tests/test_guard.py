@@ -61,7 +61,7 @@ def traces(tmp_path):
     return write_traces(tmp_path / "t.jsonl", [make_trace(i) for i in range(3)])
 
 
-@pytest.mark.parametrize("command", ["verify", "logits", "train"])
+@pytest.mark.parametrize("command", ["verify", "logits", "train", "eval"])
 def test_every_writing_command_refuses_an_output_another_run_holds(tmp_path, traces, tiny_llama, capsys, command):
     out = tmp_path / "out"
     args = {
@@ -69,6 +69,8 @@ def test_every_writing_command_refuses_an_output_another_run_holds(tmp_path, tra
         "logits": ["logits", "--teacher", str(tiny_llama), "--traces", traces, "--out", str(out)],
         "train": ["train", "--student", str(tiny_llama), "--traces", traces, "--out", str(out), "--max-steps", "1",
                   "--report-to", "none"],
+        "eval": ["eval", "--model", str(tiny_llama), "--tasks", "distill_gsm8k", "--out", str(tmp_path),
+                 "--run-name", "out", "--limit", "1", "--k", "1"],
     }[command]
     with exclusive(out):
         assert main(args) == 2

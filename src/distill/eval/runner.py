@@ -21,6 +21,7 @@ from distill.config import to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
 from distill.eval.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
+from distill.locks import exclusive
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import run_record, versions
 from distill.train.rendering import ThinkStyle
@@ -63,10 +64,16 @@ def run_eval(cfg: EvalConfig) -> int:
     tasks = data.check_tasks(cfg.tasks)
     specs = [data.task_spec(t, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_gen_tokens=cfg.max_tokens, data_dir=cfg.data_dir) for t in tasks]
+    run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
+    with exclusive(run_dir):
+        return _run(cfg, specs, run_dir)
+
+
+def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
+    """Fidelity, then the benchmark tasks, written to ``run_dir`` (whose lock the caller holds)."""
     started = time.time()
     fidelity = _fidelity(cfg)  # first: quick, and it checks the traces and the teacher before the long part
     backend = _build_backend(cfg)
-    run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
     out = _evaluate(backend.lm, specs, cfg)
     rows = _generation_rows(out["samples"], backend, cfg)
     budgets = getattr(backend.lm, "budgets", {})
