@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from distill.cli import main
+from distill.errors import DistillError
 from distill.locks import exclusive, lock_path
 from distill.records import read_jsonl
 
@@ -78,7 +79,33 @@ def test_every_writing_command_refuses_an_output_another_run_holds(tmp_path, tra
     assert not out.exists()
 
 
-def test_failed_starts_leave_no_files(tmp_path, prompts_file, capsys):  # noqa: F811
+def test_a_lock_file_removed_under_a_starting_run_is_not_a_lock(tmp_path, monkeypatch):
+    """The race at a run's end: B opens the lock file, A finishes (unlinks it, unlocks), C creates a new
+    one and locks it, B's lock then succeeds on the removed file. B must see C, not write beside it."""
+    import fcntl
+
+    from distill import locks
+
+    out = tmp_path / "traces.jsonl"
+    real_flock, holder = fcntl.flock, []
+
+    def flock_after_a_third_run_started(fd, op):
+        if not holder:  # between B's open and B's lock: the old file goes, C takes a new one
+            os.unlink(lock_path(out))
+            holder.append(os.open(lock_path(out), os.O_RDWR | os.O_CREAT))
+            real_flock(holder[0], fcntl.LOCK_EX)
+            os.write(holder[0], b"4242\n")
+        return real_flock(fd, op)
+
+    lock_path(out).write_text("1\n")  # A's file
+    monkeypatch.setattr(locks.fcntl, "flock", flock_after_a_third_run_started)
+    with pytest.raises(DistillError, match="PID 4242"):
+        with exclusive(out):
+            pass
+    os.close(holder[0])
+
+
+def test_failed_starts_leave_no_files(tmp_path, prompts_file, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "traces.jsonl"
     base = ["generate", "--prompts", str(prompts_file), "--prompt-field", "question", "--out", str(out)]
     assert main([*base, "--teacher", "nosuch"]) == 2
@@ -88,6 +115,9 @@ def test_failed_starts_leave_no_files(tmp_path, prompts_file, capsys):  # noqa: 
     with socket_port() as closed_port:
         assert main([*base, "--teacher", "vllm-local", "--base-url", f"http://127.0.0.1:{closed_port}/v1"]) == 2
     assert "cannot reach the teacher endpoint" in capsys.readouterr().err
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    assert main([*base, "--teacher", "vllm-local", "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
+    assert "NO_SUCH_KEY_VAR is not set" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
     assert read_jsonl(prompts_file)
 

@@ -26,21 +26,35 @@ def exclusive(output: str | Path):
     """Hold the output's lock for the block; DistillError at once if another process holds it."""
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise DistillError(f"{output}: another distill run is writing it (PID {holder or 'unknown'}, lock "
-                           f"{path}); wait for it to finish or stop it") from None
+    fd = _acquire(path, output)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still held, so no other run holds this file
+        path.unlink(missing_ok=True)  # while still held (see _acquire)
         os.close(fd)
+
+
+def _acquire(path: Path, output) -> int:
+    """Lock the file at ``path``. A run that ends unlinks its lock file while holding it, so a run
+    that opened the file just before may then lock a file no longer there, while a third creates
+    and locks a new one: both would write. Only a lock on the file that is at ``path`` counts."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise DistillError(f"{output}: another distill run is writing it (PID {holder or 'unknown'}, lock "
+                               f"{path}); wait for it to finish or stop it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed under us: open the one there now
 
 
 def is_main_process() -> bool:

@@ -130,10 +130,13 @@ class KDTrainer(SFTTrainer):
         features = {k: v for k, v in inputs.items() if k != "labels"}
         labels = inputs["labels"]
         used = {}
+        # a served teacher starts scoring now, while the student runs its forward pass
+        pending = self.teacher.submit(features, target_mask(labels)) if hasattr(self.teacher, "submit") else None
 
         def teacher_scores(mask):
             started = time.perf_counter()
-            used["teacher"] = self.teacher.scores(features, mask, example_index)
+            used["teacher"] = (self.teacher.scores(features, mask, example_index, scored=pending) if pending
+                               else self.teacher.scores(features, mask, example_index))
             if on_policy:
                 self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
             return used["teacher"]
