@@ -2,8 +2,8 @@
 
 Every ``import`` counts, also those inside functions (a loop through a deferred import is still
 a loop a reader has to untangle). The layers of ``train/``: the logits store and the loss maths
-at the bottom, then rendering; batching, the API mapping and rollouts; the teachers and the
-on-policy schedule; the trainers; the student set-up; and the two commands on top.
+at the bottom, then rendering; batching, the API mapping and rollouts; the teachers (local,
+cached, served) and the on-policy schedule; the trainers; the student set-up; and the two commands on top.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ TRAIN_LAYERS = {
     "store": 0, "kd_losses": 0,
     "rendering": 1,
     "batching": 2, "api_mapping": 2, "rollouts": 2,
-    "teachers": 3, "on_policy": 3,
+    "teachers": 3, "on_policy": 3, "served": 3,
     "trainers": 4,
     "student": 5,
     "command": 6, "logits": 6,

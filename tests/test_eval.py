@@ -152,7 +152,7 @@ def test_lora_adapter_records_its_base_and_its_fidelity(tiny_llama, shared_data,
         "method": "sft", "base_model": str(tiny_llama), "teacher": "deepseek-reasoner", "train_examples": 3}}))
     traces = write_traces(tmp_path / "traces.jsonl", [make_trace(i) for i in range(3)])
     # a fresh adapter (LoRA's B starts at zero) is still its base: the base as teacher is matched exactly
-    assert run_eval("--tasks", "distill_amc23", "--model", adapter, "--k", 1, "--limit", 1, "--max-gen-tokens", 4,
+    assert run_eval("--tasks", "distill_amc23", "--model", adapter, "--k", 1, "--limit", 1, "--max-tokens", 4,
                     "--data-dir", shared_data, "--out", tmp_path, "--run-name", "lora", "--label", "tiny-sft",
                     "--fidelity-traces", traces, "--teacher", tiny_llama) == 0
     res = load_results(tmp_path / "lora")

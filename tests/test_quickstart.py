@@ -55,7 +55,7 @@ CI_LIMITS = {
     "generate": {"limit": 4, "max_tokens": 48, "batch_size": 4},
     "verify": {"drop_truncated": False},  # at 48 tokens nearly every trace is cut off
     "train": {"max_steps": 2, "batch_size": 2, "max_length": 256},
-    "eval": {"limit": 3, "k": 1, "max_gen_tokens": 32, "batch_size": 3},
+    "eval": {"limit": 3, "k": 1, "max_tokens": 32, "batch_size": 3},
 }
 
 

@@ -190,3 +190,31 @@ def test_resume_skips_a_checkpoint_killed_while_it_was_written(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
     assert last_checkpoint(str(tmp_path / "nothing-yet")) is None
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_reaches_the_same_final_step(tmp_path, tiny_llama, traces):
+    """What a cluster scheduler does before it kills a job: SIGTERM. The run finishes its step,
+    saves a checkpoint, exits 143; --resume continues to the planned last step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    args = ["train", "--method", "sft", "--student", str(tiny_llama), "--traces", traces, "--out", str(out),
+            "--max-steps", "20", "--batch-size", "1", "--eval-fraction", "0", "--logging-steps", "1",
+            "--save-steps", "1000", "--no-gradient-checkpointing", "--report-to", "none"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:                  # the first step's log line: training is under way
+        if "'loss'" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "SIGTERM" in err and "--resume" in err
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
+    assert 0 < int(saved[0].name.split("-")[1]) < 20 and not (out / RUN_RECORD).exists()
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((out / RUN_RECORD).read_text())["summary"]["global_step"] == 20

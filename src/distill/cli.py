@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import signal
 import sys
 import time
 import typing
@@ -20,16 +21,20 @@ from distill.errors import DistillError
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "generate": ("distill.generate", "GenerateConfig", "generate",
                  "have a teacher write chain-of-thought traces for a prompt set"),
+    "import": ("distill.importer", "ImportConfig", "import_traces",
+               "turn a public reasoning dataset (OpenR1, OpenThoughts, ShareGPT, messages, prompt/completion) into traces"),
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
     "logits": ("distill.train.logits", "LogitsConfig", "cache_logits",
-               "cache top-k log-probs for offline KD: a local --teacher run once, or the traces' API top_logprobs"),
+               "cache top-k log-probs for offline KD: a local --teacher, a served one (--base-url), or the traces' API top_logprobs"),
     "train": ("distill.train.command", "TrainConfig", "train",
               "fine-tune a student on traces: SFT or logit distillation (KD)"),
     "eval": ("distill.eval.runner", "EvalConfig", "run_eval",
              "score a model on AIME/MATH-500/AMC/GSM8K with lm-eval: pass@1 over k, cons@k"),
     "compare": ("distill.report", "CompareConfig", "compare",
                 "table of evaluated students side by side (Markdown, CSV, HTML)"),
+    "export": ("distill.export", "ExportConfig", "export",
+               "write traces as a datasets directory (parquet + dataset card) to share or push to the hub"),
 }
 
 
@@ -60,6 +65,8 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls) -> None:
         else:
             kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         parser.add_argument(flag, **kwargs)
+        for old in f.metadata.get("aliases", ()):  # former names: config.build says what replaced them
+            parser.add_argument("--" + old.replace("_", "-"), **{**kwargs, "dest": old, "help": argparse.SUPPRESS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +131,8 @@ def run_pipeline(recipe: str, only: str | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # past a file-size limit, writes fail with EFBIG (handled: no torn output) instead of a SIGXFSZ kill
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

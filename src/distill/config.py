@@ -3,12 +3,14 @@
 Every command's options are one dataclass beside its command (TRL style). The CLI turns each
 field into a flag, a ``--config FILE.yaml`` supplies a section of the same keys, and flags
 override the file. Field metadata: ``help`` becomes the flag's help text; ``required: True``
-makes :func:`build` refuse a run without it. Fixed choices are ``Literal`` types.
+makes :func:`build` refuse a run without it; ``aliases`` are former names, still accepted with a
+note naming the new one (one name per meaning across commands). Fixed choices are ``Literal`` types.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
@@ -115,10 +117,14 @@ def coerce(value: Any, tp: Any, name: str, source: str) -> Any:
 def build(cls, *layers: tuple[str, dict]):
     """Make ``cls`` from (source, mapping) layers, later layers winning; unknown keys are errors."""
     types_ = field_types(cls)
+    renamed = {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("aliases", ())}
     values: dict[str, Any] = {}
     for source, mapping in layers:
         for key, value in (mapping or {}).items():
             norm = key.replace("-", "_")
+            if norm in renamed:
+                print(f"{source}: '{key}' is now '{renamed[norm]}' (the old name still works)", file=sys.stderr)
+                norm = renamed[norm]
             if norm not in types_:
                 known = ", ".join(sorted(types_))
                 raise DistillError(f"{source}: unknown key '{key}' (known: {known})")

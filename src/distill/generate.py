@@ -14,6 +14,7 @@ from pathlib import Path
 from distill.config import to_dict
 from distill.costs import estimated_cost
 from distill.errors import DistillError
+from distill.locks import exclusive
 from distill.models import load_preset
 from distill.prompts import INSTRUCTION, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
@@ -50,6 +51,8 @@ class GenerateConfig:
     top_logprobs: int | None = field(default=None, metadata={"help": "store per-token top-K log-probs (K <= 20) when the endpoint gives them"})
     batch_size: int = field(default=16, metadata={"help": "local teacher: sequences per generate() batch"})
     verify: bool = field(default=False, metadata={"help": "grade traces inline (sets 'correct')"})
+    max_cost: float | None = field(default=None, metadata={"help": "API teachers with prices: send no request that could take the estimated spend past this amount (preset currency); the run then exits 3 and a rerun with a higher limit resumes"})
+    max_output_tokens: int | None = field(default=None, metadata={"help": "API teachers: likewise for generated tokens"})
 
 
 @dataclass
@@ -59,6 +62,46 @@ class Job:
     prompt: Prompt
     sample: int
     seed: int | None
+
+
+#: Exit status of a run that stopped at --max-cost / --max-output-tokens (1: some requests failed).
+LIMIT_REACHED = 3
+
+
+@dataclass
+class SpendingLimit:
+    """``--max-cost`` / ``--max-output-tokens``: a request goes out only while what was spent plus the
+    worst case of everything in flight stays within both limits. A request's worst case is its
+    prompt's UTF-8 bytes (a token is at least one byte) plus a template allowance as input and the
+    whole ``--max-tokens`` as output."""
+
+    price: dict | None
+    max_cost: float | None
+    max_output_tokens: int | None
+    max_tokens: int
+    in_flight: list = field(default_factory=lambda: [0, 0])  # input, output tokens reserved
+    reached: bool = False
+
+    @staticmethod
+    def worst_input(job: "Job") -> int:
+        return sum(len(str(m["content"]).encode()) + 16 for m in job.prompt.messages)
+
+    def admit(self, stats: "Stats", job: "Job") -> bool:
+        tokens_in = stats.tokens_in + self.in_flight[0] + self.worst_input(job)
+        tokens_out = stats.tokens_out + self.in_flight[1] + self.max_tokens
+        cost = estimated_cost(self.price, tokens_in, tokens_out)
+        ok = ((self.max_output_tokens is None or tokens_out <= self.max_output_tokens)
+              and (self.max_cost is None or cost[0] <= self.max_cost))
+        if ok:
+            self.in_flight[0] += self.worst_input(job)
+            self.in_flight[1] += self.max_tokens
+        self.reached |= not ok
+        return ok
+
+    def release(self, job: "Job") -> None:
+        """After the request's reply was counted in the stats (or it failed)."""
+        self.in_flight[0] -= self.worst_input(job)
+        self.in_flight[1] -= self.max_tokens
 
 
 @dataclass
@@ -79,10 +122,21 @@ def generate(cfg: GenerateConfig) -> int:
     """Generate every missing (prompt, sample) of ``cfg.prompts`` into ``cfg.out``; 1 if any failed."""
     _check(cfg)
     teacher = _teacher_settings(cfg)
+    if cfg.max_cost is not None and estimated_cost(teacher.get("price"), 0, 0) is None:
+        raise DistillError(f"--max-cost needs the teacher's prices: teacher '{teacher['name']}' has no 'price' "
+                           f"(input_per_million, output_per_million) in its preset")
+    if (cfg.max_cost is not None or cfg.max_output_tokens is not None) and teacher["kind"] != "api":
+        raise DistillError("--max-cost and --max-output-tokens limit what an API teacher is paid for; "
+                           "a local teacher costs none")
     prompts = load_prompts(cfg.prompts, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                            id_field=cfg.id_field, template=cfg.template, system=cfg.system,
                            split=cfg.split, limit=cfg.limit)
     out = Path(cfg.out)
+    with exclusive(out):
+        return _generate(cfg, teacher, prompts, out)
+
+
+def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path) -> int:
     errors_path = Path(f"{out}.errors.jsonl")
     present = _present(out)
     jobs = [Job(p, s, None if cfg.seed is None else cfg.seed + s)
@@ -92,6 +146,7 @@ def generate(cfg: GenerateConfig) -> int:
     console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {stats.skipped} already in {out}, "
                   f"{len(jobs)} to do with {teacher['kind']} teacher {teacher['model']}")
     errors_path.unlink(missing_ok=True)  # its requests are pending again and get retried now
+    limit = SpendingLimit(teacher.get("price"), cfg.max_cost, cfg.max_output_tokens, cfg.max_tokens)
     status = "interrupted"
     try:
         if jobs:
@@ -103,7 +158,7 @@ def generate(cfg: GenerateConfig) -> int:
                     if teacher["kind"] == "api":
                         import asyncio
 
-                        asyncio.run(_run_api(cfg, teacher, jobs, sink))
+                        asyncio.run(_run_api(cfg, teacher, jobs, sink, limit))
                     else:
                         _run_local(cfg, teacher, jobs, sink)
                 finally:
@@ -111,14 +166,20 @@ def generate(cfg: GenerateConfig) -> int:
                     stats.seconds = time.monotonic() - sink.started
             if not stats.failed:
                 errors_path.unlink(missing_ok=True)
-        status = "failed" if stats.failed else "complete"
+        status = "failed" if stats.failed else "limit reached" if limit.reached else "complete"
     except DistillError:
         status = "error"
         raise
     finally:
-        _report(cfg, teacher, stats, out, errors_path, status, console)
+        if status != "error" or stats.done or stats.failed:  # a failed start leaves nothing behind
+            _report(cfg, teacher, stats, out, errors_path, status, console)
     if cfg.verify and status == "complete":
         _verify(out, console)
+    if status == "limit reached":
+        console.print(f"generate stopped at the spending limit (--max-cost {cfg.max_cost}, --max-output-tokens "
+                      f"{cfg.max_output_tokens}): requests in flight were finished and kept; rerun with a higher "
+                      f"limit to continue")
+        return LIMIT_REACHED
     return 1 if stats.failed else 0
 
 
@@ -127,6 +188,9 @@ def _check(cfg: GenerateConfig) -> None:
         raise DistillError("--n, --concurrency and --max-tokens must be at least 1")
     if cfg.top_logprobs is not None and not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
         raise DistillError(f"--top-logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {cfg.top_logprobs}")
+    if cfg.max_output_tokens is not None and cfg.max_output_tokens < cfg.max_tokens:
+        raise DistillError(f"--max-output-tokens {cfg.max_output_tokens} is below one request's --max-tokens "
+                           f"{cfg.max_tokens}: no request could go out")
 
 
 def _teacher_settings(cfg: GenerateConfig) -> dict:
@@ -203,7 +267,7 @@ class _Sink:
         self.tick(self.stats)
 
 
-async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
+async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink, limit: SpendingLimit) -> None:
     """``cfg.concurrency`` workers share the job queue; files are written by one thread, off the loop."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
@@ -219,7 +283,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     loop = asyncio.get_running_loop()
 
     async def worker(slot: int, writer) -> None:
-        while queue:
+        while queue and limit.admit(sink.stats, queue[0]):
             job = queue.popleft()
             try:
                 completion, _ = await api.complete(job.prompt.messages, job.seed, slot)
@@ -228,6 +292,8 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
             else:
                 record = sink.trace(job, completion, api.sampling)
                 await loop.run_in_executor(writer, sink.ok, record)
+            finally:
+                limit.release(job)
 
     with ThreadPoolExecutor(1, thread_name_prefix="traces-writer") as writer:
         async with api:

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from distill.config import load_yaml, resolve_preset
+from distill.config import list_presets, load_yaml, resolve_preset
 from distill.errors import DistillError
 
 
@@ -105,6 +105,10 @@ def load_preset(kind: str, name_or_path: str) -> dict:
     """
     preset = resolve_preset(kind, name_or_path)
     if preset is None:
+        if "/" not in str(name_or_path) and not Path(name_or_path).exists():
+            raise DistillError(f"{kind.rstrip('s')} '{name_or_path}' is not a preset (known: "
+                               f"{', '.join(list_presets(kind))}); a model directory, a .gguf file or a hub id "
+                               f"(org/name) also works")
         return {"model": name_or_path}
     data = load_yaml(preset)
     data.setdefault("name", preset.stem)

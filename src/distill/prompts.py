@@ -42,7 +42,7 @@ def load_prompts(source: str, *, prompt_field: str, answer_field: str | None = N
     """Read prompts and build their messages; errors name the file, line (or row) and field."""
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
-    for loc, row in _rows(source, split):
+    for loc, row in rows(source, split):
         if limit is not None and len(prompts) >= limit:
             break
         if not isinstance(row, dict):
@@ -89,8 +89,10 @@ def _field(row: dict, name: str, loc: str) -> Any:
     return row[name]
 
 
-def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
-    """(location, row) pairs; the location is 'file:line' for JSONL, 'file: row N' otherwise."""
+def rows(source: str, split: str = "train", config: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(location, row) pairs from a JSONL/JSON/parquet file, a ``save_to_disk`` directory or a hub id
+    (``config`` is the hub dataset's configuration); the location is 'file:line' for JSONL,
+    'file: row N' otherwise, so errors name the row."""
     path = Path(source)
     if path.is_dir():
         yield from _dataset_rows(_load_from_disk(path, split), str(path))
@@ -106,7 +108,7 @@ def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
     elif path.suffix in _FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise DistillError(f"{path}: prompt file not found")
     else:
-        yield from _dataset_rows(_load_hub(source, split), f"{source}[{split}]")
+        yield from _dataset_rows(_load_hub(source, split, config), f"{source}[{split}]")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -166,11 +168,11 @@ def _load_from_disk(path: Path, split: str):
     return ds
 
 
-def _load_hub(name: str, split: str):
+def _load_hub(name: str, split: str, config: str | None = None):
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DistillError(f"{name}: cannot load dataset split '{split}' ({first})") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypedDict
 
@@ -128,22 +129,34 @@ class JsonlAppender:
     for milliseconds per request (0.70x of the ideal API throughput in bench/RESULTS.md).
     ``sync_every=0`` fsyncs every line; ``None`` never.
     Usable from one thread/task at a time (the async generator appends from the event loop).
+    The file is created at the first write: a run that fails before producing anything leaves none.
     """
 
     def __init__(self, path: str | Path, sync_every: float | None = 1.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = -1
         self._sync_every = sync_every
         self._synced = time.monotonic()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         _cut_torn_tail(self._fd)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._fd < 0:
+            self._open()
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         view = memoryview(line)
-        while view:  # os.write on a regular file writes everything or raises; loop is for safety
-            n = os.write(self._fd, view)
-            view = view[n:]
+        start = os.fstat(self._fd).st_size
+        try:
+            while view:  # a full disk or a file-size limit can end a write part way
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            os.ftruncate(self._fd, start)  # no torn line: the next run resumes after the last whole one
+            raise DistillError(f"{self.path}: cannot append ({e.strerror}); the last whole line is kept: "
+                               f"free space (or raise the file-size limit) and rerun to resume") from None
         if self._sync_every is not None and time.monotonic() - self._synced >= self._sync_every:
             self._sync()
 
@@ -170,7 +183,7 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with _no_partial_file(tmp), tmp.open("w") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()
@@ -183,5 +196,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    with _no_partial_file(tmp):
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+@contextmanager
+def _no_partial_file(tmp: Path):
+    """A write that fails (full disk, file-size limit) removes its temp file and says so in one line."""
+    try:
+        yield
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DistillError(f"{tmp.with_suffix('')}: cannot write ({e.strerror}); the previous version is kept: "
+                           f"free space and rerun") from None

@@ -137,6 +137,7 @@ def _check_references(records: list[dict], path: str) -> None:
 def verify_file(cfg: VerifyConfig) -> int:
     """``distill verify``: grade every trace, filter, write the kept ones and a run record."""
     from distill.config import to_dict
+    from distill.locks import exclusive
     from distill.records import read_jsonl, write_json, write_jsonl
     from distill.runinfo import run_record
 
@@ -148,11 +149,11 @@ def verify_file(cfg: VerifyConfig) -> int:
     contaminated = contaminated_prompts(records, cfg.decontaminate) if cfg.decontaminate else set()
 
     started = time.monotonic()
-    with Grader(timeout=cfg.timeout, workers=cfg.workers) as grader:
+    with exclusive(cfg.out), Grader(timeout=cfg.timeout, workers=cfg.workers) as grader:
         apply_grades(records, grader)
-    seconds = time.monotonic() - started
-    kept, dropped = select(records, cfg, contaminated)
-    write_jsonl(cfg.out, kept)
+        seconds = time.monotonic() - started
+        kept, dropped = select(records, cfg, contaminated)
+        write_jsonl(cfg.out, kept)
 
     rates = pass_rates(records)
     summary = {

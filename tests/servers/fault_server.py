@@ -59,10 +59,20 @@ class FaultServer(BackgroundServer):
         self._lock = threading.Lock()
         self.httpd = _Server((host, port), self._handler())
 
+    def request_key(self, body: dict) -> tuple:
+        """What identifies a request across its retries: the user message and the seed."""
+        user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+        return user, body.get("seed")
+
+    def route(self, path: str):
+        """The answer for a POST path: ``body -> (status, JSON)``; None for no such route."""
+        if path.endswith("/chat/completions"):
+            return lambda body: (200, self.completion(body))
+        return None
+
     def plan(self, body: dict) -> tuple[tuple, str | None]:
         """(key, fault for this attempt or None); counts the attempt."""
-        user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
-        key = (user, body.get("seed"))
+        key = self.request_key(body)
         now = time.monotonic()
         with self._lock:
             self.bodies.append(body)
@@ -70,7 +80,7 @@ class FaultServer(BackgroundServer):
             self.attempts[key] += 1
             if key in self.last_429:
                 self.retry_gaps.append(now - self.last_429.pop(key))
-        if self.always_fail and self.always_fail in user:
+        if self.always_fail and self.always_fail in str(key[0]):
             return key, "500"
         digest = int(hashlib.sha256(json.dumps(key).encode()).hexdigest(), 16)
         schedule = self.schedules[digest % len(self.schedules)]
@@ -140,7 +150,8 @@ class FaultServer(BackgroundServer):
                     server.posts += 1
                 if not self.authorised():
                     return
-                if not self.path.endswith("/chat/completions"):
+                respond = server.route(self.path)
+                if respond is None:
                     return self.error(404, f"no route {self.path}")
                 if body.get("model") != server.model:
                     return self.error(404, f"Model Not Exist: {body.get('model')}")
@@ -148,12 +159,12 @@ class FaultServer(BackgroundServer):
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    self.answer(body)
+                    self.answer(body, respond)
                 finally:
                     with server._lock:
                         server.in_flight -= 1
 
-            def answer(self, body: dict) -> None:
+            def answer(self, body: dict, respond) -> None:
                 key, fault = server.plan(body)
                 if fault:
                     with server._lock:
@@ -169,9 +180,11 @@ class FaultServer(BackgroundServer):
                     return self.error(429, "Rate limit reached", {"Retry-After": server.retry_after})
                 if fault == "500":
                     return self.error(500, "Internal server error (injected)")
-                with server._lock:
-                    server.completed[key] += 1
-                self.reply(200, server.completion(body))
+                status, reply = respond(body)
+                if status == 200:
+                    with server._lock:
+                        server.completed[key] += 1
+                self.reply(status, reply)
 
         return Handler
 

@@ -21,6 +21,7 @@ from distill.config import to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
 from distill.eval.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
+from distill.locks import exclusive
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import run_record, versions
 from distill.train.rendering import ThinkStyle
@@ -39,7 +40,7 @@ class EvalConfig:
     k: int | None = field(default=None, metadata={"help": "samples per problem (default per task)"})
     temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus top-p"})
-    max_gen_tokens: int = field(default=32768, metadata={"help": "max generated tokens (clamped to the model's context)"})
+    max_tokens: int = field(default=32768, metadata={"help": "max generated tokens (clamped to the model's context)", "aliases": ["max_gen_tokens"]})
     seed: int = field(default=1234, metadata={"help": "base seed; sample i of a problem uses seed+i"})
     data_dir: str | None = field(default=None, metadata={"help": "directory with local benchmark JSONL files (e.g. ../shared/data)"})
     limit: int | None = field(default=None, metadata={"help": "first N problems per task (smoke runs)"})
@@ -62,10 +63,16 @@ def run_eval(cfg: EvalConfig) -> int:
 
     tasks = data.check_tasks(cfg.tasks)
     specs = [data.task_spec(t, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_gen_tokens=cfg.max_gen_tokens, data_dir=cfg.data_dir) for t in tasks]
+                            max_gen_tokens=cfg.max_tokens, data_dir=cfg.data_dir) for t in tasks]
+    run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
+    with exclusive(run_dir):
+        return _run(cfg, specs, run_dir)
+
+
+def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
+    """Fidelity, then the benchmark tasks, written to ``run_dir`` (whose lock the caller holds)."""
     fidelity = _fidelity(cfg)  # first: quick, and it checks the traces and the teacher before the long part
     backend = _build_backend(cfg)
-    run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
     started = time.time()
     out = _evaluate(backend.lm, specs, cfg)
     rows = _generation_rows(out["samples"], backend, cfg)
@@ -78,11 +85,11 @@ def run_eval(cfg: EvalConfig) -> int:
         "model": model_info(cfg.model, backend.name),
         "backend": backend.kind,
         "generation": {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                       "max_gen_tokens": cfg.max_gen_tokens, "seed": cfg.seed,
+                       "max_gen_tokens": cfg.max_tokens, "seed": cfg.seed,
                        "chat_template": True, "system_prompt": None},
         "versions": versions(),
         "tasks": {s.name: {"k": s.config["repeats"], "data": s.data,
-                           "max_gen_tokens": budgets.get(s.name, cfg.max_gen_tokens)} for s in specs},
+                           "max_gen_tokens": budgets.get(s.name, cfg.max_tokens)} for s in specs},
         "wall_s": round(time.time() - started, 3),
     }
     if fidelity:
@@ -155,7 +162,7 @@ def _generation_rows(samples: dict, backend, cfg: EvalConfig) -> list[dict]:
         for ex in sorted(examples, key=lambda e: e["doc_id"]):
             prompt = _prompt(ex["arguments"][0][0])
             for repeat, (response, graded) in enumerate(zip(ex["resps"][0], ex["graded"])):
-                tokens, finish = _tokens_and_finish(backend, response, budgets.get(task, cfg.max_gen_tokens))
+                tokens, finish = _tokens_and_finish(backend, response, budgets.get(task, cfg.max_tokens))
                 rows.append({
                     "task": task, "doc_id": ex["doc_id"], "problem_id": ex["doc"]["id"], "repeat": repeat,
                     "seed": cfg.seed + repeat if backend.kind == "server" else None,

@@ -13,6 +13,8 @@ final_train_loss, final_eval_loss) and ``loss_curve`` the eval/compare steps rea
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,9 @@ class TrainConfig:
     kd_temperature: float = field(default=1.0, metadata={"help": "KD: softmax temperature of the loss (T^2-scaled)"})
     beta: float = field(default=0.5, metadata={"help": "KD: JSD beta / skew-KL alpha"})
     kd_chunk_size: int = field(default=1024, metadata={"help": "KD: tokens per loss chunk (memory stays flat)"})
+    teacher_url: str | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts"})
+    teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
+    teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
     teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
     # on-policy KD
     on_policy: float = field(default=0.0, metadata={"help": "KD: share of micro-batches (GKD's lambda, 0..1) on which the student samples completions for the prompts and the teacher scores its tokens; 0 = off-policy"})
@@ -167,7 +172,7 @@ def run_training(cfg, trainer_cls=None, setup=None,
     from distill.config import to_dict
     from distill.runinfo import run_record
     from distill.train.student import prepare
-    from distill.train.trainers import SFTTrainer
+    from distill.train.trainers import SaveAndStopOnSignal, SFTTrainer
 
     setup = setup or prepare(cfg)
     trainer_cls = trainer_cls or SFTTrainer
@@ -179,13 +184,20 @@ def run_training(cfg, trainer_cls=None, setup=None,
         print(f"train: resuming from {checkpoint}" if checkpoint else
               f"train: --resume: no checkpoint in {cfg.out} yet, starting fresh", flush=True)
     started = time.time()
+    stopper = SaveAndStopOnSignal()
+    trainer.add_callback(stopper)
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with stopper:
+            trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
         raise DistillError(
             f"CUDA out of memory (batch {cfg.batch_size} x max length {cfg.max_length}); lower --batch-size "
             "(raise --global-batch-size accumulation instead), lower --max-length, keep "
             "--gradient-checkpointing on, or train with --lora / several GPUs (configs/accelerate/)") from None
+    if stopper.received is not None:
+        print(f"train: {signal.Signals(stopper.received).name}: stopped after step {trainer.state.global_step}, "
+              f"checkpoint saved in {cfg.out}; rerun with --resume to continue", file=sys.stderr, flush=True)
+        return 128 + stopper.received
     wall = time.time() - started
     if setup.eval_dataset is not None and trainer.state.global_step % cfg.eval_steps:
         trainer.evaluate()  # the final eval loss, unless the last step just logged one
@@ -235,10 +247,13 @@ def _device(trainer) -> dict:
 
 def train(cfg: TrainConfig) -> int:
     """``distill train``: SFT, or KD with an online teacher or a logits cache, off- or on-policy."""
+    from contextlib import nullcontext
+
+    from distill.locks import exclusive, is_main_process
+
     check_data_flags(cfg)
-    if cfg.method == "sft":
-        return run_training(cfg)
-    return run_kd(cfg)
+    with exclusive(cfg.out) if is_main_process() else nullcontext():  # rank 0 holds it for the launch
+        return run_training(cfg) if cfg.method == "sft" else run_kd(cfg)
 
 
 def check_data_flags(cfg: TrainConfig) -> None:
@@ -271,13 +286,16 @@ def kd_settings(cfg):
 
 
 def run_kd(cfg: TrainConfig) -> int:
-    """``--method kd``: the SFT run with a teacher (online model or logits cache) and the KD loss."""
+    """``--method kd``: the SFT run with a teacher (local model, served model or logits cache) and the KD loss."""
     from distill.train.student import prepare
     from distill.train.teachers import CachedTeacher, OnlineTeacher, local_teacher_path
     from distill.train.trainers import KDTrainer
 
-    if bool(cfg.teacher) == bool(cfg.teacher_logits):
-        raise DistillError("--method kd needs exactly one of --teacher (online) or --teacher-logits (offline cache)")
+    if sum(map(bool, (cfg.teacher, cfg.teacher_logits, cfg.teacher_url))) != 1:
+        raise DistillError("--method kd needs exactly one of --teacher (local model), --teacher-url (served model) "
+                           "or --teacher-logits (offline cache)")
+    if cfg.teacher_url and not cfg.teacher_model:
+        raise DistillError("--teacher-url needs --teacher-model, the model's name on the server")
     kd = kd_settings(cfg)
     if cfg.teacher:
         local_teacher_path(cfg.teacher)  # refuse an API teacher before loading the student
@@ -289,6 +307,15 @@ def run_kd(cfg: TrainConfig) -> int:
         teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student,
                                      cfg.teacher_device or str(student_out.device), student_out.shape[0])
         extra["kd"].update(mode="online", teacher=cfg.teacher)
+    elif cfg.teacher_url:
+        from distill.train.served import ServedTeacher
+
+        if cfg.teacher_top_k == 0 and not cfg.on_policy:
+            raise DistillError("--teacher-top-k 0 (sampled tokens only) is an on-policy estimator: add --on-policy")
+        teacher = ServedTeacher(base_url=cfg.teacher_url, model=cfg.teacher_model, top_k=cfg.teacher_top_k,
+                                tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_out.shape[0])
+        extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {cfg.teacher_url}",
+                           top_k=cfg.teacher_top_k)
     else:
         teacher = CachedTeacher.open(cfg.teacher_logits, setup.tokenizer, setup.examples, student=cfg.student,
                                      traces=cfg.traces, kd_temperature=cfg.kd_temperature,
@@ -302,8 +329,12 @@ def run_kd(cfg: TrainConfig) -> int:
                                     "rollout_temperature": cfg.rollout_temperature,
                                     "rollouts_per_prompt": cfg.rollouts_per_prompt,
                                     "prompts": cfg.prompts or "the traces' prompts"}
-    return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher,
-                        on_policy=on_policy)
+    try:
+        return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher,
+                            on_policy=on_policy)
+    finally:
+        if hasattr(teacher, "close"):  # a served teacher's connections and event loop
+            teacher.close()
 
 
 def on_policy_schedule(cfg: TrainConfig, setup):

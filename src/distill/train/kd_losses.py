@@ -158,6 +158,33 @@ class SparseTeacher:
         return ids.gather(1, logprobs.argmax(-1, keepdim=True)).squeeze(1)
 
 
+class SampledTokenTeacher:
+    """A teacher known only by its log-prob of each target token (a served teacher asked for k = 0).
+
+    On-policy, the targets are the student's own samples y ~ q, and the per-token reverse KL
+    estimate is log q(y) - log p(y). Its gradient is taken as the score function does: the loss is
+    sg(log q(y) - log p(y)) * log q(y), whose expectation under q has the gradient of KL(q || p)
+    (Thinking Machines' on-policy distillation, per token, no discounting). Logged as the estimate.
+    """
+
+    sparse = False
+    sampled = True
+
+    def __init__(self, logprobs: torch.Tensor):
+        self.logprobs = logprobs
+
+    def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
+        return (self.logprobs[rows].to(device),)
+
+
+def _sampled_maths(logits, targets, t_logprob, alpha):
+    """(weighted loss, estimate sum, CE sum) of a chunk for :class:`SampledTokenTeacher`."""
+    s_logprob = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    estimate = s_logprob - t_logprob.float()
+    ce = -s_logprob.sum()
+    return alpha * (estimate.detach() * s_logprob).sum() + (1.0 - alpha) * ce, estimate.sum().detach(), ce
+
+
 def _dense_pair(logits, t_logits, temperature):
     """(student log-probs, teacher log-probs, student log-probs over its whole vocabulary or None)."""
     v = t_logits.shape[-1]
@@ -270,6 +297,10 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     eager = COMPILE == "never" or (COMPILE == "auto" and device.type != "cuda")
     if teacher is None:
         return _ce_maths if eager else _compiled(("ce",), _ce_maths)
+    if getattr(teacher, "sampled", False):
+        if cfg.temperature != 1.0:
+            raise ValueError("a teacher known only by its sampled tokens' log-probs needs temperature 1")
+        return lambda logits, targets, t_logprob: _sampled_maths(logits, targets, t_logprob, cfg.alpha)
     if eager:
         return lambda logits, targets, *teacher: _chunk_maths(logits, targets, teacher, *consts, sparse)
     if not sparse:

@@ -1,11 +1,13 @@
 """``distill logits``: the teacher's top-k log-probs per target token, cached once for offline KD.
 
-Two sources fill the same store (``store``: shards, index, resume, checks), so ``distill train
---method kd --teacher-logits DIR`` reads either:
+Three sources fill the same store (``store``: shards, index, resume, checks), so ``distill train
+--method kd --teacher-logits DIR`` reads any of them:
 
 - ``--teacher``: a local model runs over the traces (``teachers.teacher_top_k``);
-- no ``--teacher``: the traces' own API log-probs (``distill generate --top-logprobs K``) are
-  mapped onto the student's vocabulary (``api_mapping``).
+- ``--base-url`` and ``--model``: a served teacher (vLLM, llama-cpp-python) scores the traces'
+  tokens, sent as token ids, concurrently (``served``);
+- neither: the traces' own API log-probs (``distill generate --top-logprobs K``) are mapped onto
+  the student's vocabulary (``api_mapping``).
 
 Rendering follows ``train`` exactly (``rendering.RenderOptions``; same flags, same defaults).
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.records import write_json
-from distill.train.rendering import Overlong, RenderOptions, ThinkStyle, n_targets
+from distill.train.rendering import Overlong, RenderOptions, ThinkStyle, n_targets, target_mask
 from distill.train.store import CacheWriter
 
 
@@ -29,23 +31,32 @@ class LogitsConfig:
     traces: str | None = field(default=None, metadata={"help": "traces JSONL", "required": True})
     out: str | None = field(default=None, metadata={"help": "output directory for the sharded cache", "required": True})
     student: str | None = field(default=None, metadata={"help": "student preset/path whose chat rendering (and, for API log-probs, vocabulary) the cache follows (default: the teacher's)"})
-    top_k: int = field(default=64, metadata={"help": "top-k log-probs kept per token (API log-probs: at most the K they were generated with)"})
+    top_k: int = field(default=64, metadata={"help": "top-k log-probs kept per token (API log-probs: at most the K they were generated with; served: at most the server's limit, vLLM --max-logprobs)"})
     max_length: int = field(default=16384, metadata={"help": "max tokens per sample"})
     batch_size: int = field(default=4, metadata={"help": "sequences per teacher forward"})
     shard_size: int = field(default=256, metadata={"help": "traces per shard file"})
     think_style: ThinkStyle | None = field(default=None, metadata={"help": "override the preset's think style"})
     overlong: Overlong = field(default="drop", metadata={"help": "samples over --max-length are dropped or truncated (use the same as 'distill train')"})
-    temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)", "aliases": ["temperature"]})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per top-k chunk (bounds memory on long traces)"})
+    base_url: str | None = field(default=None, metadata={"help": "served teacher: OpenAI-compatible base URL of a vLLM or llama-cpp-python server that scores the traces' tokens (with --model, --student)"})
+    model: str | None = field(default=None, metadata={"help": "served teacher: the model name the server serves"})
+    concurrency: int = field(default=8, metadata={"help": "served teacher: scoring requests in flight"})
+    max_retries: int = field(default=8, metadata={"help": "served teacher: retries per request on 429/5xx/timeouts/dropped connections"})
+    request_timeout: float = field(default=600.0, metadata={"help": "served teacher: seconds per request"})
+    retry_backoff: float = field(default=1.0, metadata={"help": "served teacher: first retry wait in seconds; doubles per retry, with jitter (Retry-After wins)"})
 
 
 def cache_logits(cfg: LogitsConfig) -> int:
     """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
+    from distill.locks import exclusive
+
     if cfg.top_k < 1:
         raise DistillError(f"--top-k must be >= 1, got {cfg.top_k}")
-    if not cfg.teacher:
-        return cache_api_logits(cfg)
-    return cache_local_logits(cfg)
+    with exclusive(cfg.out):
+        if cfg.base_url:
+            return cache_served_logits(cfg)
+        return cache_local_logits(cfg) if cfg.teacher else cache_api_logits(cfg)
 
 
 def cache_local_logits(cfg: LogitsConfig) -> int:
@@ -66,7 +77,7 @@ def cache_local_logits(cfg: LogitsConfig) -> int:
     model = load_model(teacher_path).eval()
     vocab_size = min(model.get_output_embeddings().weight.shape[0], vocab_rows(render_preset["model"]))
     header = _header(cfg, options, tokenizer, teacher=cfg.teacher, rendered_for=render_name, vocab_size=vocab_size,
-                     top_k=min(cfg.top_k, vocab_size), temperature=cfg.temperature)
+                     top_k=min(cfg.top_k, vocab_size), temperature=cfg.kd_temperature)
     writer = CacheWriter(cfg.out, header)
     examples = _all_examples(cfg, tokenizer, options)
     todo = [e for e in examples if e["id"] not in writer.done]
@@ -79,7 +90,7 @@ def cache_local_logits(cfg: LogitsConfig) -> int:
             by_length = sorted(todo[first:first + cfg.shard_size], key=lambda e: len(e["input_ids"]))
             for b in range(0, len(by_length), cfg.batch_size):
                 batch = by_length[b:b + cfg.batch_size]
-                for e, (ids, lps, tail) in zip(batch, teacher_top_k(model, batch, header["top_k"], cfg.temperature,
+                for e, (ids, lps, tail) in zip(batch, teacher_top_k(model, batch, header["top_k"], cfg.kd_temperature,
                                                                    vocab_size, cfg.chunk_size)):
                     entries.append({"id": e["id"], "sha": token_sha(e["input_ids"]), "ids": ids,
                                     "logprobs": lps, "log_tail": tail})
@@ -93,7 +104,6 @@ def cache_api_logits(cfg: LogitsConfig) -> int:
     import torch
     from tqdm import tqdm
 
-    from distill.models import load_tokenizer, model_preset
     from distill.train.api_mapping import (Refusal, StudentVocab, check_logprobs, teacher_described,
                                            teacher_name, trace_rows)
     from distill.train.rendering import render_messages, target_tokens, tokenize_example
@@ -103,13 +113,8 @@ def cache_api_logits(cfg: LogitsConfig) -> int:
     if not cfg.student:
         raise DistillError("distill logits without --teacher maps the traces' API top_logprobs onto a student's "
                            "vocabulary and needs --student (or pass --teacher for a local teacher)")
-    if cfg.temperature != 1.0:
-        raise DistillError(f"--temperature {cfg.temperature}: API log-probs are the teacher's own distribution "
-                           f"(temperature 1) and cannot be re-tempered; leave --temperature at 1")
     started = time.time()
-    preset = model_preset("students", cfg.student)
-    tokenizer = load_tokenizer(preset["model"])
-    options = RenderOptions.of(cfg, preset)
+    preset, tokenizer, options = _student_for_server_logprobs(cfg, "API")
     examples = _all_examples(cfg, tokenizer, options, keep_trace=True)
 
     def where(ex: dict) -> str:
@@ -123,12 +128,8 @@ def cache_api_logits(cfg: LogitsConfig) -> int:
     teacher = teacher_name(first["trace"])
     header = _header(cfg, options, tokenizer, teacher=teacher, source="api top_logprobs", rendered_for=cfg.student,
                      vocab_size=vocab_rows(preset["model"]), top_k=min(cfg.top_k, k_api), temperature=1.0)
-    writer = CacheWriter(cfg.out, header)
-    todo = sorted((e for e in examples if e["id"] not in writer.done), key=lambda e: e["example_index"])
-    n_tokens = sum(n_targets(e) for e in todo)
-    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, {len(todo)} to "
-          f"convert ({n_tokens:,} target tokens): API top-{header['top_k']} log-probs of '{teacher}' mapped "
-          f"onto the vocabulary of '{cfg.student}'", flush=True)
+    writer, todo, n_tokens = _resume(cfg, header, examples, "convert", f"API top-{header['top_k']} log-probs of "
+                                     f"'{teacher}' mapped onto the vocabulary of '{cfg.student}'")
     vocab = StudentVocab(tokenizer, cfg.student)
     counts: Counter = Counter()
     entries: list[dict] = []
@@ -160,6 +161,79 @@ def cache_api_logits(cfg: LogitsConfig) -> int:
               f"one-hot (think wrapper, end of turn, whitespace seams); {counts['lossy_alternatives']:,} "
               f"alternatives printed lossily by the server kept in the tail", flush=True)
     return _finish(cfg, header, started, api={"teacher": teacher, "converted": dict(counts)})
+
+
+def cache_served_logits(cfg: LogitsConfig) -> int:
+    """``--base-url``: a served teacher scores every trace's tokens (sent as ids), ``--concurrency`` at a time."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from distill.train.served import ServedClient
+    from distill.train.store import token_sha
+    from distill.train.teachers import vocab_rows
+
+    if cfg.teacher:
+        raise DistillError("give one teacher: --teacher (a local model) or --base-url (a served one), not both")
+    if not cfg.model or not cfg.student:
+        raise DistillError("a served teacher (--base-url) needs --model (the name the server serves) and --student "
+                           "(whose tokenizer and chat rendering the cache follows)")
+    started = time.time()
+    preset, tokenizer, options = _student_for_server_logprobs(cfg, "served")
+    vocab_size = vocab_rows(preset["model"])
+
+    async def run() -> dict:
+        async with ServedClient(base_url=cfg.base_url, model=cfg.model, top_k=cfg.top_k, tokenizer=tokenizer,
+                                student=cfg.student, vocab_size=vocab_size, concurrency=cfg.concurrency,
+                                max_retries=cfg.max_retries, timeout=cfg.request_timeout,
+                                retry_backoff=cfg.retry_backoff) as client:
+            await client.check()  # before anything is written: unreachable, no log-probs, k, tokenizer
+            header = _header(cfg, options, tokenizer, teacher=cfg.model, source="served", rendered_for=cfg.student,
+                             vocab_size=vocab_size, top_k=cfg.top_k, temperature=1.0)
+            examples = _all_examples(cfg, tokenizer, options)
+            writer, todo, n_tokens = _resume(cfg, header, examples, "score", f"top-{cfg.top_k} of '{cfg.model}' "
+                                             f"served by {client.server} at {cfg.base_url}")
+            with tqdm(total=n_tokens, unit="tok", desc="served top-k", dynamic_ncols=True) as bar:
+                async def entry(ex: dict) -> dict:
+                    where = f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}'"
+                    positions = [t for t, on in enumerate(target_mask(ex["labels"])) if on]
+                    try:
+                        rows = await client.score(ex["input_ids"], positions)
+                    except DistillError as e:
+                        raise DistillError(f"{where}: {e}") from None
+                    if not bool(rows.known.all()):
+                        raise DistillError(f"{where}: the server gave no log-probs for some of its target tokens")
+                    bar.update(len(positions))
+                    return {"id": ex["id"], "sha": token_sha(ex["input_ids"]), "ids": rows.ids.int(),
+                            "logprobs": rows.logprobs, "log_tail": rows.log_tail}
+
+                for first in range(0, len(todo), cfg.shard_size):
+                    writer.add_shard(list(await asyncio.gather(*map(entry, todo[first:first + cfg.shard_size]))))
+            return {"header": header, "endpoint": cfg.base_url, "server": client.server, **client.stats}
+
+    served = asyncio.run(run())
+    return _finish(cfg, served.pop("header"), started, served=served)
+
+
+def _student_for_server_logprobs(cfg: LogitsConfig, source: str):
+    """(preset, tokenizer, rendering) of ``--student``, for log-probs a server computed (temperature 1)."""
+    from distill.models import load_tokenizer, model_preset
+
+    if cfg.kd_temperature != 1.0:
+        raise DistillError(f"--kd-temperature {cfg.kd_temperature}: {source} log-probs are the teacher's own distribution "
+                           f"(temperature 1) and cannot be re-tempered; leave --kd-temperature at 1")
+    preset = model_preset("students", cfg.student)
+    return preset, load_tokenizer(preset["model"]), RenderOptions.of(cfg, preset)
+
+
+def _resume(cfg: LogitsConfig, header: dict, examples: list[dict], verb: str, what: str):
+    """(writer, the traces the cache still lacks in file order, their target tokens), said in one line."""
+    writer = CacheWriter(cfg.out, header)
+    todo = sorted((e for e in examples if e["id"] not in writer.done), key=lambda e: e["example_index"])
+    n_tokens = sum(n_targets(e) for e in todo)
+    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, {len(todo)} to "
+          f"{verb} ({n_tokens:,} target tokens): {what}", flush=True)
+    return writer, todo, n_tokens
 
 
 def _header(cfg: LogitsConfig, options: RenderOptions, tokenizer, **settings) -> dict:

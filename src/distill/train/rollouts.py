@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from distill.train.rendering import IGNORE_INDEX, end_of_turn_id
+from distill.train.rendering import IGNORE_INDEX, end_of_turn_id, target_mask
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class RolloutEngine(Protocol):
 def prompt_ids(example: dict) -> list[int]:
     """The prompt of a rendered example: its tokens before the first trained one (all of them
     for a prompt without a completion, as ``--prompts`` makes)."""
-    first = next((i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX), None)
-    return list(example["input_ids"][:first])
+    targets = target_mask(example["labels"])  # output t predicts token t + 1
+    return list(example["input_ids"][:targets.index(True) + 1] if any(targets) else example["input_ids"])
 
 
 class HFRollouts:

@@ -56,7 +56,12 @@ def write_shard(path: Path, entries: list[dict]) -> None:
     }
     meta = {"trace_ids": json.dumps([e["id"] for e in entries]), "token_sha": json.dumps([e["sha"] for e in entries])}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        tmp.unlink(missing_ok=True)
+        raise DistillError(f"{path}: cannot write the shard ({e}); no partial shard is kept: free space and "
+                           f"rerun to resume") from None
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 

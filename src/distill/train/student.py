@@ -112,9 +112,18 @@ def _add_lora(cfg, model, preset: dict):
     return model
 
 
+def _checkpointing_arguments(arguments_cls, enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name
+    warns); older 5.x releases know only the old name."""
+    name = "activation_checkpointing" if "activation_checkpointing" in arguments_cls.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, **overrides):
     """``TrainingArguments`` for the config (the one place flags map onto transformers);
     ``overrides`` replace any of them (benchmarks turn saving off)."""
+    import torch
     from transformers import TrainingArguments
 
     eval_kwargs = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps} if has_eval else {"eval_strategy": "no"}
@@ -132,8 +141,7 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         bf16=use_bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_arguments(TrainingArguments, cfg.gradient_checkpointing),
         use_liger_kernel=cfg.liger,
         # Without packing, batches of similar length waste less on padding.
         train_sampling_strategy="random" if cfg.packing else "group_by_length",
@@ -149,6 +157,7 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
         fsdp=cfg.fsdp or "",
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds host -> GPU copies
         **eval_kwargs,
     )
     return TrainingArguments(**{**kwargs, **overrides})

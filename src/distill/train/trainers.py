@@ -14,11 +14,13 @@ there SFT lets the model compute its own loss, and KD refuses.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from dataclasses import replace
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from distill.errors import DistillError
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
@@ -128,10 +130,13 @@ class KDTrainer(SFTTrainer):
         features = {k: v for k, v in inputs.items() if k != "labels"}
         labels = inputs["labels"]
         used = {}
+        # a served teacher starts scoring now, while the student runs its forward pass
+        pending = self.teacher.submit(features, target_mask(labels)) if hasattr(self.teacher, "submit") else None
 
         def teacher_scores(mask):
             started = time.perf_counter()
-            used["teacher"] = self.teacher.scores(features, mask, example_index)
+            used["teacher"] = (self.teacher.scores(features, mask, example_index, scored=pending) if pending
+                               else self.teacher.scores(features, mask, example_index))
             if on_policy:
                 self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
             return used["teacher"]
@@ -168,9 +173,12 @@ def teacher_nll(teacher, targets: torch.Tensor) -> float:
     """Summed negative log-likelihood the teacher gives ``targets`` (the student's sampled tokens).
 
     Dense teacher: its cross-entropy, a chunk at a time. Sparse teacher (top-k + tail): the token's
-    log-prob where it is in the top-k, else the whole tail's (a lower bound on its NLL).
+    log-prob where it is in the top-k, else the whole tail's (a lower bound on its NLL). A teacher
+    known only by the sampled tokens' log-probs: those.
     """
     with torch.no_grad():
+        if getattr(teacher, "sampled", False):
+            return float(-teacher.logprobs.float().sum())
         if not teacher.sparse:
             weight = teacher.weight[:teacher.vocab_size]
             _, (_, ce) = chunked_kd_loss(teacher.hidden, weight, targets.to(teacher.hidden.device), None,
@@ -217,3 +225,32 @@ class RolloutStats:
                **{f"time_{part}_s": round(t, 3) for part, t in self.seconds.items()}}
         self._reset()
         return out
+
+
+class SaveAndStopOnSignal(TrainerCallback):
+    """SIGTERM (what cluster schedulers send before they kill) or Ctrl-C: finish the current step,
+    save a checkpoint, stop; ``--resume`` continues from it. A second signal acts at once (its
+    previous handler is back after the first). Used as a context manager around ``train()``."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True

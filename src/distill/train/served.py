@@ -1,0 +1,557 @@
+"""A served teacher: a ``vllm serve`` or llama-cpp-python endpoint scores the student's tokens.
+
+A 32B teacher does not fit beside the student, and traces written elsewhere were never scored
+by the teacher we want; an inference server answers "what are your log-probs for these tokens"
+for any tokens. :class:`ServedClient` asks it, for token ids in the student's tokenizer, for each
+position's top-k log-probs and the log-prob of the actual next token (:class:`ScoredRows`).
+:class:`ServedTeacher` puts that behind ``teachers.Teacher`` for training on the student's own
+rollouts, and ``distill logits --base-url`` writes the offline cache from it.
+
+Two servers, told apart once per run by :meth:`ServedClient.check`:
+
+- **vLLM**: ``POST /v1/completions`` with the prompt as token ids, ``prompt_logprobs=K`` and
+  ``max_tokens=1``. Each position comes back as ``{token id: {logprob, rank, ...}}`` holding the
+  top K and the actual token: ids, nothing to map. ``vllm serve --max-logprobs`` caps K.
+- **llama-cpp-python** (0.3.x; ``logits_all``, its server's default): its completions endpoint
+  takes text only. The ids are sent as their text and ``POST /extras/tokenize`` must give exactly
+  these ids back, else the sequence is refused (distill never lets a server re-tokenise).
+  ``echo=True, logprobs=K, max_tokens=1`` then returns the prompt's ``top_logprobs``, keyed by
+  each token's printed text, which :class:`PrintedVocab` maps back to ids exactly or leaves in
+  the tail. Its quirks are handled in ``_echo_rows``, each where it applies.
+
+The tokenizer is checked once per run on a probe text: the server's ``/tokenize`` (vLLM) or
+``/extras/tokenize`` (llama-cpp-python) must give the student's ids; a server with neither gets a
+round trip (the probe sent as text with ``prompt_logprobs=0``: the ids it scored). Requests are
+async, ``concurrency`` in flight, and retried by the API teacher's rules (``teachers.api``:
+408/429/5xx, timeouts and dropped connections, ``Retry-After`` honoured); any other 4xx will
+fail every time and stops the run in one line.
+
+Server log-probs are the model's own distribution (temperature 1). Rows are the cache's: the
+top k (most likely first), padded to k with other ids at ``FLOOR``, and the log of the mass
+outside them (``api_mapping`` does the same for API log-probs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from distill.errors import DistillError
+from distill.teachers.api import backoff_seconds, retry_after_seconds, retryable_status
+from distill.train.api_mapping import FLOOR, token_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+#: A conversation whose rendering exercises the tokenizer (template tokens, digits, LaTeX, code,
+#: whitespace runs, accents, CJK, emoji) for the once-per-run tokenizer check.
+PROBE = [
+    {"role": "system", "content": "Tokenizer check."},
+    {"role": "user", "content": "Prove 2^{10} = 1024;  then print(\"done\")\n\tnaïve café, 東京 🙂?"},
+    {"role": "assistant", "content": "<think>\n1024 = 2 * 512.\n</think>\n\nSo $2^{10} = \\boxed{1024}$."},
+]
+PROBE_SCORED = 16        # tokens of the probe scored to check log-probs and the top-k limit
+CHECK_RETRIES = 2        # a server failing the check this often is refused, not waited for
+LIMIT = re.compile(r"max(?:imum)? allowed:?\s*(\d+)")  # vLLM: "... which is greater than max allowed: 20"
+
+
+class Refused(DistillError):
+    """A 4xx other than 408/429: the request is wrong and would fail again, so it is not retried."""
+
+    def __init__(self, url: str, status: int, message: str):
+        super().__init__(f"{url}: the teacher server refused the request with HTTP {status}: {message} (not retried)")
+        self.status, self.message = status, message
+
+
+class _BadResponse(Exception):
+    """A 200 reply without the expected fields (retried like a server error)."""
+
+
+@dataclass
+class ScoredRows:
+    """The teacher at some positions of a sequence; row i is its distribution over the token after position i.
+
+    ``ids`` (T, k) int64 and ``logprobs`` (T, k) float32: the top k, most likely first, padded
+    with other ids at ``FLOOR``; ``log_tail`` (T,): log of the probability outside them;
+    ``sampled`` (T,): log-prob of the actual next token (nan where the server did not say);
+    ``known`` (T,) bool: whether the server gave that position at all.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+    sampled: torch.Tensor
+    known: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["ScoredRows"]) -> "ScoredRows":
+        import torch
+
+        return ScoredRows(*(torch.cat(p) for p in zip(*(vars(r).values() for r in parts))))
+
+    def sparse(self):
+        """As KD's sparse teacher (top-k + tail bucket), the form the logits cache stores."""
+        from distill.train.kd_losses import SparseTeacher
+
+        return SparseTeacher(self.ids, self.logprobs, self.log_tail)
+
+
+class PrintedVocab:
+    """llama-cpp-python's printed token texts -> ids, only where the print names one token.
+
+    It prints a token as ``detokenize([id], special=False).decode('utf-8', 'ignore')``: control
+    tokens as '' and a byte fragment of a character as its valid part (often ''). Prints that
+    several tokens share cannot be mapped; their probability stays in the tail.
+    """
+
+    def __init__(self, tokenizer):
+        self.bytes = token_bytes(tokenizer)
+        special = set(tokenizer.all_special_ids)
+        special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items() if t.special}
+        self.forms: list[set[str]] = []
+        owners: dict[str, set[int]] = {}
+        for i, raw in enumerate(self.bytes):
+            forms = {raw.decode("utf-8", "ignore")} | ({""} if i in special else set())
+            self.forms.append(forms)
+            for form in forms:
+                owners.setdefault(form, set()).add(i)
+        self.ids = {form: next(iter(ids)) for form, ids in owners.items() if len(ids) == 1}
+
+    def id_of(self, printed: str) -> int | None:
+        return self.ids.get(printed)
+
+    def text(self, ids: list[int]) -> str:
+        return b"".join(self.bytes[i] for i in ids).decode("utf-8", "replace")
+
+
+def first_mismatch(ours: list[int], theirs: list[int]) -> int | None:
+    """Index of the first differing token (or the shorter length), None when equal."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
+def _error_message(response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        for key in ("message", "detail", "error"):
+            if body.get(key):
+                return str(body[key])
+    return str(body)[:300]
+
+
+class ServedClient:
+    """``async with ServedClient(...) as c: await c.check(); rows = await c.score(ids, positions)``."""
+
+    def __init__(self, *, base_url: str, model: str, top_k: int, tokenizer, student: str, vocab_size: int,
+                 concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0, retry_backoff: float = 1.0):
+        self.base_url = base_url.rstrip("/")
+        self.root = re.sub(r"/v1$", "", self.base_url)
+        self.model, self.top_k, self.student, self.vocab_size = model, top_k, student, vocab_size
+        self.tokenizer, self.concurrency = tokenizer, concurrency
+        self.max_retries, self.timeout, self.retry_backoff = max_retries, timeout, retry_backoff
+        self.vocab = PrintedVocab(tokenizer)
+        self.bos = tokenizer.bos_token_id
+        self.server: str | None = None   # "vllm" (token-id prompts) or "llama-cpp-python" (text prompts), set by check
+        self.stats = Counter(requests=0, retries=0, bytes_received=0)
+        self.http = None
+
+    async def __aenter__(self) -> "ServedClient":
+        import httpx
+
+        self.http = httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
+        self._slots = asyncio.Semaphore(self.concurrency)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.aclose()
+
+    # ------------------------------------------------------------ requests
+
+    async def _post(self, url: str, body: dict, parse=lambda data: data, *, missing_ok: bool = False,
+                    retries: int | None = None):
+        """POST with the API teacher's retry rules; ``parse`` raising _BadResponse is retried too.
+
+        ``missing_ok``: 404/405/422 return None (an endpoint this server does not have).
+        """
+        import httpx
+
+        retries = self.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
+            wait = None
+            self.stats["requests"] += 1
+            try:
+                response = await self.http.post(url, json=body)
+            except httpx.TimeoutException:
+                reason = f"timed out after {self.timeout:g} s"
+            except httpx.TransportError as e:
+                reason = f"connection error ({type(e).__name__}: {e})".replace(" ()", "")
+            else:
+                self.stats["bytes_received"] += len(response.content)
+                code = response.status_code
+                if code == 200:
+                    try:
+                        return parse(response.json())
+                    except (ValueError, KeyError, IndexError, TypeError, _BadResponse) as e:
+                        reason = f"bad response ({type(e).__name__}: {e})"
+                elif missing_ok and code in (404, 405, 422):
+                    return None
+                elif not retryable_status(code):
+                    raise Refused(url, code, _error_message(response))
+                else:
+                    reason = f"HTTP {code}: {_error_message(response)}"
+                    wait = retry_after_seconds(response.headers)
+            if attempt == retries:
+                raise DistillError(f"{url}: the teacher server failed {attempt + 1} times, last: {reason}")
+            self.stats["retries"] += 1
+            await asyncio.sleep(backoff_seconds(attempt, self.retry_backoff, wait))
+        raise AssertionError("unreachable")
+
+    async def _tokenize(self, text: str, retries: int | None = None) -> tuple[str, list[int]] | None:
+        """(server kind, the server's ids for ``text``) from its tokenize endpoint; None if it has none."""
+        if self.server in (None, "vllm"):
+            body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+            data = await self._post(f"{self.root}/tokenize", body, missing_ok=True, retries=retries)
+            if isinstance(data, dict) and isinstance(data.get("tokens"), list):
+                return "vllm", data["tokens"]
+        if self.server in (None, "llama-cpp-python"):
+            body = {"model": self.model, "input": text}
+            data = await self._post(f"{self.root}/extras/tokenize", body, missing_ok=True, retries=retries)
+            if isinstance(data, dict) and isinstance(data.get("tokens"), list):
+                return "llama-cpp-python", data["tokens"]
+        return None
+
+    # ------------------------------------------------------------ the once-per-run check
+
+    async def check(self) -> None:
+        """Reachable, the student's tokenizer, log-probs, and top-k within the server's limit; else one line."""
+        import httpx
+
+        try:
+            await self.http.get(f"{self.base_url}/models", timeout=min(self.timeout, 15.0))
+        except httpx.TransportError as e:
+            raise DistillError(f"{self.base_url}: cannot reach the teacher server ({type(e).__name__}: {e}); start "
+                               f"it (README: 'KD with a served teacher') or check --base-url") from None
+        text = self._probe_text()
+        ours = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        found = await self._tokenize(text, retries=CHECK_RETRIES)
+        self.server = found[0] if found else "vllm"
+        if found:
+            theirs = self._without_added_bos(found[1], ours)
+            at = first_mismatch(ours, theirs)
+        else:  # the round trip gives no id for the first token
+            theirs = await self._round_trip(text)
+            at = first_mismatch(ours[1:], theirs[1:])
+            at = None if at is None else at + 1
+        if at is not None:
+            raise DistillError(self._other_tokenizer(ours, theirs, at))
+        await self._probe_logprobs(ours[:PROBE_SCORED])
+
+    def _without_added_bos(self, theirs: list[int], ours: list[int]) -> list[int]:
+        """The server's ids less the BOS llama.cpp adds itself where the GGUF says so (add_bos_token)."""
+        return theirs[1:] if theirs[:1] == [self.bos] and len(theirs) == len(ours) + 1 else theirs
+
+    def _probe_text(self) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                return self.tokenizer.apply_chat_template(PROBE, tokenize=False)
+            except Exception:  # noqa: BLE001  a template that refuses this conversation (a system turn, roles)
+                pass
+        return "\n\n".join(m["content"] for m in PROBE)
+
+    async def _round_trip(self, text: str) -> list[int]:
+        """A server without a tokenize endpoint: the probe as text, and the ids it scored (the first is not given)."""
+        body = {"model": self.model, "prompt": text, "max_tokens": 1, "prompt_logprobs": 0,
+                "add_special_tokens": False}
+
+        def scored_ids(data: dict) -> list[int]:
+            entries = data["choices"][0].get("prompt_logprobs")
+            if not entries:
+                raise DistillError(self._no_logprobs())
+            if any(len(e) != 1 for e in entries[1:]):
+                raise _BadResponse("prompt_logprobs=0 gave more than the actual token")
+            return [-1] + [int(next(iter(e))) for e in entries[1:]]
+
+        return await self._post(f"{self.base_url}/completions", body, scored_ids, retries=CHECK_RETRIES)
+
+    async def _probe_logprobs(self, ids: list[int]) -> None:
+        """One short scoring request: refuses a server without log-probs or with a lower top-k limit."""
+        try:
+            rows = await self.score(ids, retries=CHECK_RETRIES)
+        except Refused as e:
+            limit = LIMIT.search(e.message)
+            if limit and int(limit.group(1)) < self.top_k:
+                raise DistillError(
+                    f"{self.base_url}: the server gives at most {limit.group(1)} log-probs per position, fewer than "
+                    f"the top-{self.top_k} asked for; ask for --top-k {limit.group(1)} or fewer, or restart vLLM "
+                    f"with --max-logprobs {self.top_k}") from None
+            raise
+        if not bool(rows.known.any()):
+            raise DistillError(self._no_logprobs())
+
+    def _no_logprobs(self) -> str:
+        return (f"{self.base_url}: the server returned no log-probs for the prompt's tokens (model '{self.model}'), "
+                f"so it cannot score tokens for KD; serve the teacher with vLLM (prompt_logprobs) or "
+                f"llama-cpp-python (logits_all, its default)")
+
+    def _other_tokenizer(self, ours: list[int], theirs: list[int], at: int) -> str:
+        mine = f"id {ours[at]} {self.vocab.text([ours[at]])!r}" if at < len(ours) else "no more tokens"
+        server = f"id {theirs[at]}" if at < len(theirs) else "no more tokens"
+        after = f" (after {self.vocab.text(ours[max(0, at - 4):at])!r})" if at else ""
+        return (f"{self.base_url}: the served model '{self.model}' tokenizes differently from student "
+                f"'{self.student}': at token {at} of a probe text the server has {server} where the student has "
+                f"{mine}{after}; KD needs the teacher's tokenizer (use a student of the teacher's family, or "
+                f"--method sft)")
+
+    # ------------------------------------------------------------ scoring
+
+    async def score(self, ids: list[int], positions: list[int] | None = None,
+                    retries: int | None = None) -> ScoredRows:
+        """The teacher at ``positions`` (default all) of ``ids``; position t is about token t + 1."""
+        ids = [int(i) for i in ids]
+        positions = list(range(len(ids) - 1)) if positions is None else [int(t) for t in positions]
+        if positions and not 0 <= min(positions) <= max(positions) < len(ids) - 1:
+            raise ValueError(f"positions must lie in 0..{len(ids) - 2}")
+        async with self._slots:
+            if self.server == "llama-cpp-python":
+                rows = await self._score_text(ids, positions, retries)
+            else:
+                body = {"model": self.model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.top_k,
+                        "temperature": 1.0, "top_p": 1.0}
+                rows = await self._post(f"{self.base_url}/completions", body,
+                                        lambda data: self._vllm_rows(data, ids, positions), retries=retries)
+        return self._pack(rows)
+
+    def _vllm_rows(self, data: dict, ids: list[int], positions: list[int]) -> list:
+        """vLLM: ``prompt_logprobs[t]`` is the distribution over token t (None for the first), keyed by id."""
+        entries = data["choices"][0].get("prompt_logprobs")
+        if entries is None:
+            raise DistillError(self._no_logprobs())
+        if len(entries) < len(ids):
+            raise _BadResponse(f"prompt_logprobs for {len(entries)} of {len(ids)} tokens")
+        rows = []
+        for t in positions:
+            entry = entries[t + 1]
+            if entry is None:
+                rows.append(None)
+                continue
+            found = {int(i): float(v["logprob"] if isinstance(v, dict) else v) for i, v in entry.items()}
+            if len(found) < min(self.top_k, self.vocab_size):
+                raise DistillError(f"{self.base_url}: the server returned {len(found)} log-probs per position where "
+                                   f"top-{self.top_k} was asked for; ask for --top-k {len(found)} or fewer")
+            rows.append((found, found.get(ids[t + 1], math.nan)))
+        return rows
+
+    async def _score_text(self, ids: list[int], positions: list[int], retries: int | None) -> list:
+        """llama-cpp-python: the ids as text, checked to tokenise back to exactly these ids."""
+        text = self.vocab.text(ids)
+        _, prompt = await self._tokenize(text, retries)
+        body_ids = self._without_added_bos(prompt, ids)  # with its own BOS the teacher sees that first
+        at = first_mismatch(ids, body_ids)
+        if at is not None:
+            theirs = f"id {body_ids[at]}" if at < len(body_ids) else "no more tokens"
+            raise DistillError(
+                f"{self.base_url}: llama-cpp-python takes prompts as text and splits this {len(ids)}-token sequence "
+                f"differently at token {at} ({theirs} where the student has id {ids[at]} "
+                f"{self.vocab.text(ids[at:at + 1])!r}); distill never re-tokenises a sequence, so it cannot be scored "
+                f"here; serve the teacher with vLLM, which takes token ids")
+        body = {"model": self.model, "prompt": text, "echo": True, "logprobs": self.top_k, "max_tokens": 1,
+                "temperature": 0.0}
+        return await self._post(f"{self.base_url}/completions", body,
+                                lambda data: self._echo_rows(data, prompt, ids, positions), retries=retries)
+
+    def _echo_rows(self, data: dict, prompt: list[int], ids: list[int], positions: list[int]) -> list:
+        """llama-cpp-python 0.3.x ``echo`` log-probs -> rows, with its quirks.
+
+        It evaluates ``prompt`` (= ids, or its BOS + ids) and lists one entry per token, where
+        entry j pairs token ``prompt[j]`` with the distribution computed *after* token
+        ``prompt[j - strip]``, ``strip`` being 1 when it dropped a leading BOS from the list
+        (the SmolLM2/ChatML case: the chat text starts with BOS) and 0 otherwise. So:
+
+        - quirk 1: tokens equal to BOS anywhere get no entry (``if token == bos: continue``);
+        - quirk 2 (strip = 0, e.g. a prompt without a leading BOS): each entry's ``token_logprobs``
+          is its own token's log-prob one position later, not its log-prob; only its top-k are
+          trusted (they are the distribution over the next token), and the actual token's log-prob
+          is read from them where it is among them (else unknown);
+        - quirk 3: the first listed entry has no log-probs (set to None, "as OpenAI does");
+        - quirk 4: ``top_logprobs`` also holds the entry's own token with its ``token_logprobs``
+          value (same distribution, so harmless), keyed by text; prints shared by several tokens
+          ('' for control tokens and most byte fragments) cannot be mapped and stay in the tail.
+
+        The printed tokens are checked against ``prompt`` first, so a server that lists entries
+        otherwise is refused rather than misread; where the entry's token is the actual token
+        (strip = 1), its ``token_logprobs`` is checked against its top-k value.
+        """
+        logprobs = data["choices"][0].get("logprobs") or {}
+        tops, printed, token_lps = logprobs.get("top_logprobs"), logprobs.get("tokens"), logprobs.get("token_logprobs")
+        if tops is None or printed is None:
+            raise DistillError(self._no_logprobs())
+        strip = int(prompt[0] == self.bos)
+        listed = [j for j in range(strip, len(prompt)) if prompt[j] != self.bos]  # quirk 1
+        if len(printed) < len(listed) or len(tops) < len(listed):
+            raise _BadResponse(f"{len(printed)} echoed tokens for a {len(prompt)}-token prompt")
+        for entry, j in enumerate(listed):
+            if printed[entry] not in self.vocab.forms[prompt[j]]:
+                raise DistillError(
+                    f"{self.base_url}: the server echoed token {j} as {printed[entry]!r} where "
+                    f"{self.vocab.text(prompt[j:j + 1])!r} was expected: its response layout is not the one this "
+                    f"adapter reads (llama-cpp-python 0.3.x), so its log-probs cannot be placed")
+        offset = len(prompt) - len(ids)
+        entry_for = {j - strip - offset: entry for entry, j in enumerate(listed)}
+        rows = []
+        for t in positions:
+            entry = entry_for.get(t)
+            if entry is None or tops[entry] is None:  # quirks 1 and 3
+                rows.append(None)
+                continue
+            found = {}
+            for text, lp in tops[entry].items():
+                if (i := self.vocab.id_of(text)) is not None:
+                    found[i] = float(lp)
+            actual = ids[t + 1]
+            if strip:  # the entry's token is the actual token: token_logprobs is its log-prob
+                sampled = float(token_lps[entry])
+                if abs(found.get(actual, sampled) - sampled) > 1e-4:
+                    raise DistillError(
+                        f"{self.base_url}: the server's token_logprobs ({sampled:.4f}) and its top_logprobs "
+                        f"({found[actual]:.4f}) disagree at token {t + 1}: its log-probs are not laid out as this "
+                        f"adapter reads them (llama-cpp-python 0.3.x)")
+                found[actual] = sampled
+            else:  # quirk 2
+                sampled = found.get(actual, math.nan)
+            rows.append((found, sampled))
+        return rows
+
+    def _pack(self, rows: list) -> ScoredRows:
+        """(found {id: log-prob}, sampled log-prob) or None per position -> top-k tensors."""
+        import torch
+
+        k = self.top_k
+        ids = torch.zeros(len(rows), k, dtype=torch.int64)
+        logprobs = torch.full((len(rows), k), FLOOR, dtype=torch.float32)
+        log_tail = torch.zeros(len(rows), dtype=torch.float32)
+        sampled = torch.full((len(rows),), math.nan, dtype=torch.float32)
+        known = torch.zeros(len(rows), dtype=torch.bool)
+        for r, row in enumerate(rows):
+            if row is None:
+                ids[r] = torch.arange(k)
+                continue
+            found, sampled[r] = row
+            known[r] = True
+            if (bad := next((i for i in found if not 0 <= i < self.vocab_size), None)) is not None:
+                raise DistillError(f"{self.base_url}: the server returned token id {bad}, outside the vocabulary of "
+                                   f"student '{self.student}' ({self.vocab_size} rows): another tokenizer")
+            kept = sorted(found.items(), key=lambda a: -a[1])[:k]
+            tail = 1.0 - math.fsum(math.exp(lp) for _, lp in kept)
+            log_tail[r] = math.log(tail) if tail > math.exp(FLOOR) else FLOOR
+            pad = (i for i in range(self.vocab_size) if i not in found)
+            kept += [(next(pad), FLOOR) for _ in range(k - len(kept))]
+            ids[r] = torch.tensor([i for i, _ in kept], dtype=torch.int64)
+            logprobs[r] = torch.tensor([lp for _, lp in kept])
+        return ScoredRows(ids, logprobs, log_tail, sampled, known)
+
+
+def batch_sequences(inputs: dict, mask) -> list[tuple[list[int], list[int]]]:
+    """(token ids, target positions in them) of each sequence of a padded or packed batch, in batch order.
+
+    Padded rows: the tokens under ``attention_mask``. Packed rows (``position_ids``, no mask):
+    sequences start where the position ids restart at 0. ``mask`` is ``rendering.target_mask``.
+    """
+    input_ids = inputs["input_ids"]
+    out, counted = [], 0
+    for b in range(input_ids.shape[0]):
+        if inputs.get("attention_mask") is not None:
+            where = inputs["attention_mask"][b].nonzero().flatten().tolist() or [0]
+            spans = [(where[0], where[-1] + 1)]
+        elif inputs.get("position_ids") is not None:
+            starts = (inputs["position_ids"][b] == 0).nonzero().flatten().tolist()
+            spans = list(zip(starts, starts[1:] + [input_ids.shape[1]]))
+        else:
+            spans = [(0, input_ids.shape[1])]
+        for start, end in spans:
+            positions = mask[b, start:end - 1].nonzero().flatten().tolist()
+            counted += len(positions)
+            out.append((input_ids[b, start:end].tolist(), positions))
+    if counted != int(mask.sum()):
+        raise DistillError(f"{int(mask.sum()) - counted} target positions of the batch lie outside its sequences")
+    return out
+
+
+class ServedTeacher:
+    """``teachers.Teacher`` backed by a served model; its requests run on a background event loop.
+
+    - ``scores(inputs, mask, example_index)`` -> ``kd_losses.SparseTeacher`` (top-k + tail bucket)
+      at the batch's target positions, rows in batch order (padded or packed batches);
+    - ``sampled_logprobs(inputs, mask)`` -> (targets,) tensor: the teacher's log-prob of each
+      actual target token (for the sampled-token estimator log p_s(y) - log p_t(y), also with
+      ``top_k=0`` where a server gives only that);
+    - ``submit(inputs, mask)`` -> ``concurrent.futures.Future`` of the batch's :class:`ScoredRows`,
+      to start scoring while the student works (the two above wait on it).
+    """
+
+    def __init__(self, *, base_url: str, model: str, top_k: int, tokenizer, student: str, vocab_size: int,
+                 concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0, retry_backoff: float = 1.0):
+        self.client = ServedClient(base_url=base_url, model=model, top_k=top_k, tokenizer=tokenizer,
+                                   student=student, vocab_size=vocab_size, concurrency=concurrency,
+                                   max_retries=max_retries, timeout=timeout, retry_backoff=retry_backoff)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="served-teacher", daemon=True)
+        self._thread.start()
+        try:
+            self._run(self.client.__aenter__())
+            self._run(self.client.check())  # once per run
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def submit(self, inputs: dict, mask):
+        """Start scoring a batch; the future's result is its :class:`ScoredRows` (target rows, batch order)."""
+        sequences = batch_sequences({k: v.cpu() if v is not None else v for k, v in inputs.items()}, mask.cpu())
+
+        async def score_all() -> ScoredRows:
+            parts = await asyncio.gather(*(self.client.score(ids, positions) for ids, positions in sequences))
+            rows = ScoredRows.cat(parts)
+            if not bool(rows.known.all()):
+                raise DistillError(f"{self.client.base_url}: the server gives no log-probs for "
+                                   f"{int((~rows.known).sum())} target positions (llama-cpp-python omits a "
+                                   f"sequence's first position and every BOS token)")
+            return rows
+
+        return asyncio.run_coroutine_threadsafe(score_all(), self._loop)
+
+    def scores(self, inputs: dict, mask, example_index=None, scored=None):
+        """The teacher at the batch's target positions (on ``mask``'s device): a sparse teacher (top-k
+        plus tail), or with ``top_k=0`` one known only by the target tokens' log-probs."""
+        if self.client.top_k < 1:
+            from distill.train.kd_losses import SampledTokenTeacher
+
+            return SampledTokenTeacher(self.sampled_logprobs(inputs, mask, scored))
+        rows = (scored or self.submit(inputs, mask)).result()
+        return ScoredRows(*(x.to(mask.device) for x in vars(rows).values())).sparse()
+
+    def sampled_logprobs(self, inputs: dict, mask, scored=None):
+        """log p_teacher(actual token) at each target position, in batch order (nan: the server did not say)."""
+        return (scored or self.submit(inputs, mask)).result().sampled.to(mask.device)
+
+    def close(self) -> None:
+        if self.client.http is not None:
+            self._run(self.client.__aexit__())
+            self.client.http = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
