@@ -127,7 +127,7 @@ def _teacher(teacher: str | None, teacher_logits: str | None, tokenizer, example
     header = (read_index(Path(teacher_logits)) or {}).get("header") or {}
     if header and abs(float(header.get("temperature", 1.0)) - 1.0) > 1e-9:
         raise DistillError(f"{teacher_logits}: cached at temperature {header['temperature']}; fidelity compares "
-                           f"distributions at temperature 1 (make a cache with 'distill logits --temperature 1')")
+                           f"distributions at temperature 1 (make a cache with 'distill logits --kd-temperature 1')")
     cached = CachedTeacher.open(teacher_logits, tokenizer, examples, student=model_name, traces=data.traces,
                                 kd_temperature=1.0, student_rows=student_rows)
     header = cached.cache.header
