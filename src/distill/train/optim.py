@@ -5,7 +5,8 @@ the RMSNorm weights are fp32 too, the residual stream) to bf16 on each forward: 
 time and activation memory on every micro-step. Holding the weights in bf16 removes them, but an
 update of ``lr x g`` is far below bf16's resolution of a weight (8 bits of mantissa), so the
 optimizer keeps an fp32 copy of each weight, steps that copy and writes it back rounded to bf16.
-Gradients arrive (and accumulate over micro-steps) in bf16; clipping sees them as usual.
+Gradients arrive (and accumulate over micro-steps) in bf16; clipping sees them as usual; the step
+upcasts them one tensor at a time, freeing each bf16 one.
 The masters travel in the optimizer's state dict, so a resumed run continues from them, not from
 the rounded weights.
 """
@@ -37,8 +38,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         masters = self.masters
-        for param, master in zip(self.model_params, masters):
-            master.grad = None if param.grad is None else param.grad.float()
+        for param, master in zip(self.model_params, masters):  # each bf16 gradient freed once upcast
+            master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
         loss = super().step(closure)
         torch._foreach_copy_(self.model_params, masters)
         for master in masters:
