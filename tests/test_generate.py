@@ -17,7 +17,7 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.prompts import load_prompts, prompt_hash
 from distill.records import read_jsonl
-from distill.teachers.api import backoff_seconds, retry_after_seconds
+from distill.teachers.endpoints import backoff_seconds, retry_after_seconds
 from distill.teachers.base import split_reasoning
 
 sys.path.insert(0, str(Path(__file__).parent / "servers"))

@@ -22,7 +22,7 @@ Two servers, told apart once per run by :meth:`ServedClient.check`:
 The tokenizer is checked once per run on a probe text: the server's ``/tokenize`` (vLLM) or
 ``/extras/tokenize`` (llama-cpp-python) must give the student's ids; a server with neither gets a
 round trip (the probe sent as text with ``prompt_logprobs=0``: the ids it scored). Requests are
-async, ``concurrency`` in flight, and retried by the API teacher's rules (``teachers.api``:
+async, ``concurrency`` in flight, and retried by the API teacher's rules (``teachers.endpoints``:
 408/429/5xx, timeouts and dropped connections, ``Retry-After`` honoured); any other 4xx will
 fail every time and stops the run in one line.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from distill.errors import DistillError
-from distill.teachers.api import backoff_seconds, retry_after_seconds, retryable_status
+from distill.teachers.endpoints import backoff_seconds, retry_after_seconds, retryable_status
 from distill.train.api_mapping import FLOOR, token_bytes
 
 if TYPE_CHECKING:
