@@ -20,7 +20,7 @@ from distill.prompts import INSTRUCTION, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
 from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
-from distill.teachers.endpoints import endpoint_urls
+from distill.teachers.endpoints import RequestFailed, endpoint_urls
 
 DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")  # braces doubled for str.format
 
@@ -262,9 +262,10 @@ class _Sink:
         self.stats.tokens_out += record["usage"]["completion_tokens"]
         self.tick(self.stats)
 
-    def fail(self, job: Job, reason: str, attempts: int) -> None:
+    def fail(self, job: Job, failed: RequestFailed) -> None:
         self.errors.write({"id": trace_id(job.prompt.id, job.sample), "prompt_id": job.prompt.id,
-                           "sample": job.sample, "error": reason, "attempts": attempts, "created_at": _now()})
+                           "sample": job.sample, "error": failed.reason, "attempts": failed.attempts,
+                           "endpoint": failed.url, "created_at": _now()})
         self.stats.failed += 1
         self.tick(self.stats)
 
@@ -275,7 +276,6 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     from concurrent.futures import ThreadPoolExecutor
 
     from distill.teachers.api import ApiTeacher
-    from distill.teachers.endpoints import RequestFailed
 
     api = ApiTeacher(base_url=teacher["base_url"], model=teacher["model"], api_key=teacher["api_key"],
                      api_key_env=teacher["api_key_env"], temperature=cfg.temperature, top_p=cfg.top_p,
@@ -291,7 +291,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
             try:
                 completion, endpoint = await api.complete(job.prompt.messages, job.seed, slot)
             except RequestFailed as e:
-                await loop.run_in_executor(writer, sink.fail, job, e.reason, e.attempts)
+                await loop.run_in_executor(writer, sink.fail, job, e)
             else:
                 record = sink.trace(job, completion, api.sampling, endpoint)
                 await loop.run_in_executor(writer, sink.ok, record)

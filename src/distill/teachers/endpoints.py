@@ -31,11 +31,11 @@ T = TypeVar("T")
 
 
 class RequestFailed(Exception):
-    """A request that still failed after every retry; it goes to the errors file."""
+    """A request that still failed after every retry (``url``: where it failed last); it goes to the errors file."""
 
-    def __init__(self, reason: str, attempts: int):
+    def __init__(self, reason: str, attempts: int, url: str):
         super().__init__(reason)
-        self.reason, self.attempts = reason, attempts
+        self.reason, self.attempts, self.url = reason, attempts, url
 
 
 class Retry(Exception):
@@ -131,8 +131,10 @@ class EndpointPool:
             return min(self.endpoints, key=lambda e: (e.down_until, e.in_flight, e.requests))
         return min(candidates, key=lambda e: (e.in_flight, e.requests))
 
-    async def call(self, attempt: Callable[[Endpoint], Awaitable[T]]) -> tuple[T, Endpoint]:
-        for tries in range(1, self.max_retries + 2):
+    async def call(self, attempt: Callable[[Endpoint], Awaitable[T]],
+                   max_retries: int | None = None) -> tuple[T, Endpoint]:
+        max_retries = self.max_retries if max_retries is None else max_retries
+        for tries in range(1, max_retries + 2):
             endpoint = self.pick()
             endpoint.requests += 1
             endpoint.in_flight += 1
@@ -148,9 +150,8 @@ class EndpointPool:
                 return result, endpoint
             finally:
                 endpoint.in_flight -= 1
-            if tries > self.max_retries:
-                several = len(self.endpoints) > 1
-                raise RequestFailed(f"{endpoint.url}: {failure.reason}" if several else failure.reason, tries)
+            if tries > max_retries:
+                raise RequestFailed(failure.reason, tries, endpoint.url)
             if not any(e.is_open(monotonic()) for e in self.endpoints if e is not endpoint):
                 await asyncio.sleep(backoff_seconds(tries - 1, self.retry_backoff, failure.retry_after))
         raise AssertionError("unreachable")
