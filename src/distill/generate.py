@@ -236,7 +236,6 @@ class _Sink:
     def __init__(self, traces: JsonlAppender, errors: JsonlAppender, stats: Stats, tick, teacher: dict):
         self.traces, self.errors, self.stats, self.tick = traces, errors, stats, tick
         self.teacher = {k: teacher[k] for k in ("name", "kind", "model")}
-        self.teacher["endpoint"] = None
         self.teacher["path"] = teacher.get("path")
         self.started = time.monotonic()
 

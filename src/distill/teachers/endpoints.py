@@ -98,6 +98,7 @@ class Endpoint:
     url: str
     requests: int = 0         # attempts sent
     failures: int = 0         # attempts that failed (retryable)
+    answered: int = 0         # attempts that succeeded
     tokens_in: int = 0
     tokens_out: int = 0
     seconds: float = 0.0      # summed latency of the successful attempts
@@ -109,10 +110,9 @@ class Endpoint:
         return now >= self.down_until and (not self.failing or not self.in_flight)
 
     def summary(self) -> dict:
-        ok = self.requests - self.failures
         return {"url": self.url, "requests": self.requests, "failures": self.failures,
                 "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-                "mean_latency_s": round(self.seconds / ok, 4) if ok else None}
+                "mean_latency_s": round(self.seconds / self.answered, 4) if self.answered else None}
 
 
 class EndpointPool:
@@ -146,6 +146,7 @@ class EndpointPool:
                 failure = e
             else:
                 endpoint.failing = 0
+                endpoint.answered += 1
                 endpoint.seconds += monotonic() - started
                 return result, endpoint
             finally:
