@@ -20,6 +20,7 @@ from distill.prompts import INSTRUCTION, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
 from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
+from distill.teachers.endpoints import RequestFailed, endpoint_urls
 
 DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")  # braces doubled for str.format
 
@@ -41,7 +42,7 @@ class GenerateConfig:
     max_tokens: int = field(default=32768, metadata={"help": "max generated tokens per sample"})
     seed: int | None = field(default=None, metadata={"help": "base seed (per-sample seeds derive from it)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    base_url: str | None = field(default=None, metadata={"help": "override the teacher preset's API base URL"})
+    base_url: list[str] | None = field(default=None, metadata={"help": "override the teacher preset's API base URL; several (comma-separated) serving the same model share the requests"})
     model: str | None = field(default=None, metadata={"help": "override the teacher preset's model name/path"})
     api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key"})
     concurrency: int = field(default=16, metadata={"help": "API requests in flight"})
@@ -113,6 +114,7 @@ class Stats:
     tokens_out: int = 0
     seconds: float = 0.0        # from the first request (or batch) to the last reply: what rates divide by
     setup_seconds: float = 0.0  # before that: imports, clients and the endpoint check, or loading the model
+    endpoints: list[dict] = field(default_factory=list)  # API teachers: each endpoint's counts (EndpointPool)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,7 +202,7 @@ def _teacher_settings(cfg: GenerateConfig) -> dict:
     model = cfg.model or preset.get("model")
     if not model:
         raise DistillError(f"{source}: field 'model' missing")
-    base_url = cfg.base_url or preset.get("base_url")
+    base_url = endpoint_urls(cfg.base_url or preset.get("base_url") or [], "--base-url" if cfg.base_url else source)
     kind = preset.get("kind") or ("api" if base_url else "local")
     if kind not in ("api", "local"):
         raise DistillError(f"{source}: field 'kind' must be api or local, got {kind!r}")
@@ -234,7 +236,6 @@ class _Sink:
     def __init__(self, traces: JsonlAppender, errors: JsonlAppender, stats: Stats, tick, teacher: dict):
         self.traces, self.errors, self.stats, self.tick = traces, errors, stats, tick
         self.teacher = {k: teacher[k] for k in ("name", "kind", "model")}
-        self.teacher["endpoint"] = teacher["base_url"]
         self.teacher["path"] = teacher.get("path")
         self.started = time.monotonic()
 
@@ -242,14 +243,14 @@ class _Sink:
         """Called when the teacher is ready and the first request goes out."""
         self.started = time.monotonic()
 
-    def trace(self, job: Job, completion: Completion, sampling: dict) -> dict:
+    def trace(self, job: Job, completion: Completion, sampling: dict, endpoint: str | None = None) -> dict:
         p = job.prompt
         return {
             "id": trace_id(p.id, job.sample), "prompt_id": p.id, "sample": job.sample,
             "prompt": p.text, "messages": p.messages,
             "reasoning": completion.reasoning, "answer": completion.answer, "reference": p.reference,
             "finish_reason": completion.finish_reason, "usage": completion.usage,
-            "teacher": {**self.teacher, "sampling": {**sampling, "seed": job.seed}},
+            "teacher": {**self.teacher, "endpoint": endpoint, "sampling": {**sampling, "seed": job.seed}},
             "created_at": _now(), "top_logprobs": completion.top_logprobs,
         }
 
@@ -260,9 +261,10 @@ class _Sink:
         self.stats.tokens_out += record["usage"]["completion_tokens"]
         self.tick(self.stats)
 
-    def fail(self, job: Job, reason: str, attempts: int) -> None:
+    def fail(self, job: Job, failed: RequestFailed) -> None:
         self.errors.write({"id": trace_id(job.prompt.id, job.sample), "prompt_id": job.prompt.id,
-                           "sample": job.sample, "error": reason, "attempts": attempts, "created_at": _now()})
+                           "sample": job.sample, "error": failed.reason, "attempts": failed.attempts,
+                           "endpoint": failed.url, "created_at": _now()})
         self.stats.failed += 1
         self.tick(self.stats)
 
@@ -272,7 +274,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from distill.teachers.api import ApiTeacher, RequestFailed
+    from distill.teachers.api import ApiTeacher
 
     api = ApiTeacher(base_url=teacher["base_url"], model=teacher["model"], api_key=teacher["api_key"],
                      api_key_env=teacher["api_key_env"], temperature=cfg.temperature, top_p=cfg.top_p,
@@ -286,11 +288,11 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
         while queue and limit.admit(sink.stats, queue[0]):
             job = queue.popleft()
             try:
-                completion, _ = await api.complete(job.prompt.messages, job.seed, slot)
+                completion, endpoint = await api.complete(job.prompt.messages, job.seed, slot)
             except RequestFailed as e:
-                await loop.run_in_executor(writer, sink.fail, job, e.reason, e.attempts)
+                await loop.run_in_executor(writer, sink.fail, job, e)
             else:
-                record = sink.trace(job, completion, api.sampling)
+                record = sink.trace(job, completion, api.sampling, endpoint)
                 await loop.run_in_executor(writer, sink.ok, record)
             finally:
                 limit.release(job)
@@ -308,6 +310,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                sink.stats.endpoints = api.pool.summary()
 
 
 def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
@@ -335,6 +338,9 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
     if cost:
         line += f" | est. cost {cost[0]:.4f} {cost[1]}"
     console.print(line)
+    if len(stats.endpoints) > 1:
+        for endpoint in stats.endpoints:
+            console.print(_endpoint_line(endpoint), highlight=False)
     if stats.failed:
         console.print(f"{stats.failed} requests failed after retries: see {errors_path}; "
                       f"rerun the same command to retry them")
@@ -345,6 +351,13 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
                                  "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
                         outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
     write_json(f"{out}.run.json", record)
+
+
+def _endpoint_line(e: dict) -> str:
+    """One endpoint's requests, failures, tokens and mean latency, for the summary."""
+    latency = "-" if e["mean_latency_s"] is None else f"{e['mean_latency_s']:.2f} s"
+    return (f"  {e['url']}: {e['requests']} requests, {e['failures']} failed | tokens in {e['tokens_in']:,} "
+            f"out {e['tokens_out']:,} | mean latency {latency}")
 
 
 def _verify(out: Path, console) -> None:

@@ -81,7 +81,7 @@ class TrainConfig:
     kd_temperature: float = field(default=1.0, metadata={"help": "KD: softmax temperature of the loss (T^2-scaled)"})
     beta: float = field(default=0.5, metadata={"help": "KD: JSD beta / skew-KL alpha"})
     kd_chunk_size: int = field(default=1024, metadata={"help": "KD: tokens per loss chunk (memory stays flat)"})
-    teacher_url: str | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts"})
+    teacher_url: list[str] | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts; several (comma-separated replicas) share the requests"})
     teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
     teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
     teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
@@ -315,7 +315,7 @@ def run_kd(cfg: TrainConfig) -> int:
             raise DistillError("--teacher-top-k 0 (sampled tokens only) is an on-policy estimator: add --on-policy")
         teacher = ServedTeacher(base_url=cfg.teacher_url, model=cfg.teacher_model, top_k=cfg.teacher_top_k,
                                 tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_out.shape[0])
-        extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {cfg.teacher_url}",
+        extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {teacher.client.base_url}",
                            top_k=cfg.teacher_top_k)
     else:
         teacher = CachedTeacher.open(cfg.teacher_logits, setup.tokenizer, setup.examples, student=cfg.student,

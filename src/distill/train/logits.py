@@ -39,7 +39,7 @@ class LogitsConfig:
     overlong: Overlong = field(default="drop", metadata={"help": "samples over --max-length are dropped or truncated (use the same as 'distill train')"})
     kd_temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)", "aliases": ["temperature"]})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per top-k chunk (bounds memory on long traces)"})
-    base_url: str | None = field(default=None, metadata={"help": "served teacher: OpenAI-compatible base URL of a vLLM or llama-cpp-python server that scores the traces' tokens (with --model, --student)"})
+    base_url: list[str] | None = field(default=None, metadata={"help": "served teacher: OpenAI-compatible base URL of a vLLM or llama-cpp-python server that scores the traces' tokens (with --model, --student); several (comma-separated replicas) share the requests"})
     model: str | None = field(default=None, metadata={"help": "served teacher: the model name the server serves"})
     concurrency: int = field(default=8, metadata={"help": "served teacher: scoring requests in flight"})
     max_retries: int = field(default=8, metadata={"help": "served teacher: retries per request on 429/5xx/timeouts/dropped connections"})
@@ -192,7 +192,7 @@ def cache_served_logits(cfg: LogitsConfig) -> int:
                              vocab_size=vocab_size, top_k=cfg.top_k, temperature=1.0)
             examples = _all_examples(cfg, tokenizer, options)
             writer, todo, n_tokens = _resume(cfg, header, examples, "score", f"top-{cfg.top_k} of '{cfg.model}' "
-                                             f"served by {client.server} at {cfg.base_url}")
+                                             f"served by {client.server} at {client.base_url}")
             with tqdm(total=n_tokens, unit="tok", desc="served top-k", dynamic_ncols=True) as bar:
                 async def entry(ex: dict) -> dict:
                     where = f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}'"
@@ -209,7 +209,8 @@ def cache_served_logits(cfg: LogitsConfig) -> int:
 
                 for first in range(0, len(todo), cfg.shard_size):
                     writer.add_shard(list(await asyncio.gather(*map(entry, todo[first:first + cfg.shard_size]))))
-            return {"header": header, "endpoint": cfg.base_url, "server": client.server, **client.stats}
+            return {"header": header, "endpoint": client.base_url, "server": client.server, **client.stats,
+                    "endpoints": client.pool.summary()}
 
     served = asyncio.run(run())
     return _finish(cfg, served.pop("header"), started, served=served)
