@@ -111,3 +111,37 @@ def test_logits_of_a_killed_launch_are_merged_by_a_one_process_rerun(tmp_path, s
     assert not list(out.glob("index.part-*"))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == times  # nothing rerun
     assert len(cache_entries(out)) == 5
+
+
+# --- generate -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("restart_processes", [2, 1])
+def test_data_parallel_generate_every_sample_once_after_a_rank_is_killed(tmp_path, tiny_qwen2, restart_processes):
+    prompts = write_prompts(tmp_path / "p.jsonl", 8)
+    out = tmp_path / "traces.jsonl"
+    args = local_args(tiny_qwen2, prompts, out, "--n", "2", "--max-tokens", "16", "--batch-size", "1")
+    proc = subprocess.Popen(accelerate(args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = Path(f"{out}.part-1")
+    deadline = time.monotonic() + 120
+    while not (part.exists() and part.read_bytes().count(b"\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.kill(int(Path(f"{part}.lock").read_text()), signal.SIGKILL)  # rank 1, by the PID in its part's lock
+    assert proc.wait(timeout=120) != 0
+    proc.communicate()
+    written = sum(len(read_jsonl(p)) for p in tmp_path.glob("traces.jsonl*") if p.suffix != ".lock")
+    assert 2 <= written < 16 and not out.exists()  # mid-run: the parts hold some, nothing merged yet
+
+    if restart_processes == 1:
+        assert main(args) == 0
+    else:
+        launch(args)
+    assert_complete(out, prompts, n=2)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock")  # a killed rank leaves its (free) lock
+    assert left == ["p.jsonl", "traces.jsonl", "traces.jsonl.run.json"]  # parts merged and gone
+    record = json.loads(Path(f"{out}.run.json").read_text())
+    assert record["distributed"]["world_size"] == restart_processes
+    assert record["summary"]["done"] + record["summary"]["skipped"] == 16 and record["summary"]["skipped"] >= 2
+    if restart_processes == 2:
+        assert [r["done"] > 0 for r in record["distributed"]["ranks"]] == [True, True]
