@@ -125,8 +125,7 @@ class CacheWriter:
     def __init__(self, out: str | Path, header: dict, part: int | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        main = read_index(self.out)
-        self.index = main or {"format": FORMAT, "header": header, "shards": []}
+        self.index = read_index(self.out) or {"format": FORMAT, "header": header, "shards": []}
         changed = {k: (self.index["header"].get(k), v) for k, v in header.items() if self.index["header"].get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: cache {a!r} vs now {b!r}" for k, (a, b) in changed.items())
@@ -148,28 +147,25 @@ class CacheWriter:
         write_json(self.out / self.index_file, self.index)
 
 
-def merge_parts(directory: str | Path) -> int:
+def merge_parts(directory: str | Path) -> None:
     """Fold the part indexes of data-parallel ranks (of this launch or a killed one) into
-    ``index.json``; returns the shards added. Safe to repeat after a crash: a shard already
-    listed is not listed twice, and a part index goes only once ``index.json`` lists its shards."""
+    ``index.json``. Safe to repeat after a crash: a shard already listed is not listed twice,
+    and a part index goes only once ``index.json`` lists its shards."""
     directory = Path(directory)
     parts = sorted(directory.glob(PART_INDEX.format(rank="*")))
     if not parts:
-        return 0
-    index, added = read_index(directory), 0
+        return
+    index = read_index(directory)
     for path in parts:
         part = json.loads(path.read_text())
         index = index or {"format": FORMAT, "header": part["header"], "shards": []}
         if part["header"] != index["header"]:
             raise DistillError(f"{path}: made with other settings than {directory / INDEX}; use a new --out")
         listed = {s["file"] for s in index["shards"]}
-        new = [s for s in part["shards"] if s["file"] not in listed]
-        index["shards"] += new
-        added += len(new)
+        index["shards"] += [s for s in part["shards"] if s["file"] not in listed]
     write_json(directory / INDEX, index)
     for path in parts:
         path.unlink()
-    return added
 
 
 def cache_stats(directory: Path) -> dict:
