@@ -1,9 +1,16 @@
-"""``distill generate``: prompts x n samples -> teacher -> traces.jsonl, resumable and crash-safe."""
+"""``distill generate``: prompts x n samples -> teacher -> traces.jsonl, resumable and crash-safe.
+
+A local teacher also runs data-parallel under ``accelerate launch --num_processes N``
+(``distill.parallel``): each rank samples every N-th pending prompt into its own part file
+(``OUT.part-RANK``), and rank 0 appends the parts to ``OUT`` at the end, or at the start of the
+rerun after a killed launch (``_merge_parts``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -11,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from distill import parallel
 from distill.config import to_dict
 from distill.costs import estimated_cost
 from distill.errors import DistillError
@@ -134,26 +142,41 @@ def generate(cfg: GenerateConfig) -> int:
                            id_field=cfg.id_field, template=cfg.template, system=cfg.system,
                            split=cfg.split, limit=cfg.limit)
     out = Path(cfg.out)
-    with exclusive(out):
-        return _generate(cfg, teacher, prompts, out)
+    launch = parallel.launch()
+    if launch.parallel and teacher["kind"] != "local":
+        raise DistillError("a data-parallel launch (accelerate launch) runs a local teacher on every process; "
+                           "an API teacher needs one process: raise --concurrency instead")
+    with parallel.exclusive_launch(launch, out, _part(out, launch.rank)):
+        return _generate(cfg, teacher, prompts, out, launch)
 
 
-def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path) -> int:
-    errors_path = Path(f"{out}.errors.jsonl")
+#: How a data-parallel launch spreads the work over its ranks (in the run record).
+SPLIT = "round-robin over the prompts with samples still missing, in prompt order: rank r of N takes the r-th, (r+N)-th, ..."
+
+
+def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path, launch: parallel.Launch) -> int:
+    if launch.main:
+        _merge_parts(out)  # what the ranks of a killed data-parallel launch wrote
+    launch.barrier()
     present = _present(out)
+    missing = {p.id: [s for s in range(cfg.n) if (p.id, s) not in present] for p in prompts}
     jobs = [Job(p, s, None if cfg.seed is None else cfg.seed + s)
-            for p in prompts for s in range(cfg.n) if (p.id, s) not in present]
-    stats = Stats(skipped=len(prompts) * cfg.n - len(jobs))
+            for p in launch.share([p for p in prompts if missing[p.id]]) for s in missing[p.id]]
+    written = _part(out, launch.rank) if launch.parallel else out
+    errors_path = Path(f"{written}.errors.jsonl")
+    skipped = len(prompts) * cfg.n - sum(map(len, missing.values()))
+    stats = Stats(skipped=skipped if launch.main else 0)  # counted once in a launch's summed stats
     console = _console()
-    console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {stats.skipped} already in {out}, "
-                  f"{len(jobs)} to do with {teacher['kind']} teacher {teacher['model']}")
+    share = f", {len(jobs)} of them on rank {launch.rank} of {launch.world_size}" if launch.parallel else ""
+    console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {skipped} already in {out}, "
+                  f"{len(prompts) * cfg.n - skipped} to do{share} with {teacher['kind']} teacher {teacher['model']}")
     errors_path.unlink(missing_ok=True)  # its requests are pending again and get retried now
     limit = SpendingLimit(teacher.get("price"), cfg.max_cost, cfg.max_output_tokens, cfg.max_tokens)
     status = "interrupted"
     try:
         if jobs:
-            with JsonlAppender(out) as traces, JsonlAppender(errors_path) as errors, \
-                    _progress(console, len(jobs)) as tick:
+            with JsonlAppender(written) as traces, JsonlAppender(errors_path) as errors, \
+                    _progress(console, len(jobs), shown=launch.main) as tick:
                 sink = _Sink(traces, errors, stats, tick, teacher)
                 start = sink.started
                 try:
@@ -162,7 +185,7 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
 
                         asyncio.run(_run_api(cfg, teacher, jobs, sink, limit))
                     else:
-                        _run_local(cfg, teacher, jobs, sink)
+                        _run_local(cfg, teacher, jobs, sink, launch)
                 finally:
                     stats.setup_seconds = sink.started - start
                     stats.seconds = time.monotonic() - sink.started
@@ -173,8 +196,16 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
         status = "error"
         raise
     finally:
-        if status != "error" or stats.done or stats.failed:  # a failed start leaves nothing behind
-            _report(cfg, teacher, stats, out, errors_path, status, console)
+        if not launch.parallel and (status != "error" or stats.done or stats.failed):  # a failed start leaves nothing
+            _report(cfg, teacher, stats, out, errors_path, status, console, launch.record(SPLIT))
+    if launch.parallel:
+        ranks = launch.gather(stats)  # also waits for every rank's part to be closed
+        if not launch.main:
+            return 0
+        _merge_parts(out)
+        stats = Stats(**{k: (max if "seconds" in k else sum)(getattr(r, k) for r in ranks) for k in stats.as_dict()})
+        _report(cfg, teacher, stats, out, Path(f"{out}.errors.jsonl"), status, console,
+                {**launch.record(SPLIT), "ranks": [r.as_dict() for r in ranks]})
     if cfg.verify and status == "complete":
         _verify(out, console)
     if status == "limit reached":
@@ -222,6 +253,29 @@ def _teacher_settings(cfg: GenerateConfig) -> dict:
     return {"kind": kind, "name": preset.get("name", model), "model": model,
             "base_url": base_url if kind == "api" else None, "api_key_env": key_env,
             "api_key": api_key, "top_logprobs": top_logprobs, "price": preset.get("price")}
+
+
+def _part(out: Path, rank: int) -> Path:
+    """The file rank ``rank`` of a data-parallel launch writes."""
+    return out.with_name(f"{out.name}.part-{rank}")
+
+
+def _merge_parts(out: Path) -> None:
+    """Append to ``out`` the lines of every rank's part file (of this launch or a killed one) that
+    ``out`` lacks, then remove the parts. A crash mid-way leaves the parts; the next merge skips
+    what ``out`` already holds, so nothing is lost or written twice."""
+    parts = [p for p in out.parent.glob(f"{out.name}.part-*") if re.fullmatch(rf"{re.escape(out.name)}\.part-\d+", p.name)]
+    if not parts:
+        return
+    present = _present(out)
+    with JsonlAppender(out) as traces:  # fsynced on close, before the parts go
+        for part in sorted(parts):
+            for record in iter_jsonl(part, required=("prompt_id", "sample")):
+                if (record["prompt_id"], record["sample"]) not in present:
+                    present.add((record["prompt_id"], record["sample"]))
+                    traces.write(record)
+    for part in parts:
+        part.unlink()
 
 
 def _present(out: Path) -> set[tuple[str, int]]:
@@ -313,10 +367,11 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
                 sink.stats.endpoints = api.pool.summary()
 
 
-def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
+def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink, launch: parallel.Launch) -> None:
+    """Batches of similar length; batch i of rank r is seeded ``seed + i * world_size + r``."""
     from distill.teachers.local import LocalTeacher
 
-    local = LocalTeacher.load(teacher["model"], temperature=cfg.temperature, top_p=cfg.top_p,
+    local = LocalTeacher.load(teacher["model"], device=launch.device, temperature=cfg.temperature, top_p=cfg.top_p,
                          max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                          top_logprobs=teacher["top_logprobs"])
     sink.teacher["path"] = local.path
@@ -324,12 +379,13 @@ def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
     sink.start_clock()
     for i, batch in enumerate(local.batches(jobs, lambda job: job.prompt.messages)):
-        seed = None if cfg.seed is None else cfg.seed + i
+        seed = None if cfg.seed is None else cfg.seed + i * launch.world_size + launch.rank
         for job, completion in zip(batch, local.complete_batch([j.prompt.messages for j in batch], seed)):
             sink.ok(sink.trace(job, completion, sampling))
 
 
-def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, status: str, console) -> None:
+def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, status: str, console,
+            distributed: dict) -> None:
     """The summary line(s) and the run record beside the traces."""
     rate = (stats.done + stats.failed) / stats.seconds if stats.seconds else 0.0
     line = (f"generate {status}: {stats.done} done, {stats.skipped} skipped, {stats.failed} failed | "
@@ -347,7 +403,7 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
     public = {k: v for k, v in teacher.items() if k != "api_key"}
     data = {"prompts": cfg.prompts} if Path(cfg.prompts).is_file() else {}
     record = run_record("generate", to_dict(cfg), data_files=data, status=status, teacher=public,
-                        summary={**stats.as_dict(), "requests_per_second": rate,
+                        distributed=distributed, summary={**stats.as_dict(), "requests_per_second": rate,
                                  "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
                         outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
     write_json(f"{out}.run.json", record)
@@ -375,13 +431,14 @@ def _verify(out: Path, console) -> None:
 
 
 @contextmanager
-def _progress(console, total: int):
-    """A rich bar with done/failed counts, requests per second and ETA; yields ``tick(stats)``."""
+def _progress(console, total: int, shown: bool = True):
+    """A rich bar with done/failed counts, requests per second and ETA; yields ``tick(stats)``.
+    In a data-parallel launch only rank 0 shows its bar (its share's rate and ETA stand for all)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     start = time.monotonic()
     with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as bar:
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=not shown) as bar:
         task = bar.add_task("generate", total=total, info="")
 
         def tick(stats: Stats) -> None:
