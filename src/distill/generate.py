@@ -128,6 +128,15 @@ class Stats:
         return dataclasses.asdict(self)
 
 
+def _combined(ranks: list[Stats]) -> Stats:
+    """A launch's stats from its ranks': counts and lists add up, durations are the slowest rank's."""
+    def merged(key: str, values: list):
+        return max(values) if "seconds" in key else [v for vs in values for v in vs] \
+            if isinstance(values[0], list) else sum(values)
+
+    return Stats(**{f.name: merged(f.name, [getattr(r, f.name) for r in ranks]) for f in dataclasses.fields(Stats)})
+
+
 def generate(cfg: GenerateConfig) -> int:
     """Generate every missing (prompt, sample) of ``cfg.prompts`` into ``cfg.out``; 1 if any failed."""
     _check(cfg)
@@ -203,7 +212,7 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
         if not launch.main:
             return 0
         _merge_parts(out)
-        stats = Stats(**{k: (max if "seconds" in k else sum)(getattr(r, k) for r in ranks) for k in stats.as_dict()})
+        stats = _combined(ranks)
         _report(cfg, teacher, stats, out, Path(f"{out}.errors.jsonl"), status, console,
                 {**launch.record(SPLIT), "ranks": [r.as_dict() for r in ranks]})
     if cfg.verify and status == "complete":
