@@ -91,6 +91,8 @@ class OnlineTeacher:
         return cls(model, student_rows)
 
     def scores(self, inputs: dict, mask, example_index):
+        import torch
+
         from distill.train.kd_losses import DenseTeacher
 
         weight = self.model.get_output_embeddings().weight
