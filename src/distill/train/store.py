@@ -12,26 +12,27 @@ commands that fill it (``distill logits`` from a local, API or served teacher):
   each trace's token ids, so training can check that it renders every trace to exactly the
   tokens the teacher saw.
 
-A row (format 2, ``rows`` uint8 (T, row_bytes)) is k (id, log-prob) entries plus the tail, in
-2 bytes per entry or less when the vocabulary has at most ~64k tokens (127 B at k = 64 and
-49k tokens; 141 B at 152k, where the ids alone take 105 B):
+A row (format 2, ``rows`` uint8 (T, row_bytes)) is k (id, log-prob) entries plus the tail. At
+k = 64 that is 127 B for a 49k-token vocabulary (SmolLM2), 123 B at 32k, 139 B at 128k (Llama 3)
+and 141 B at 152k (Qwen2.5), where the ids alone take 105 B:
 
-- bytes 0-1: ``log_tail`` in fp16 (log of the probability outside the top k); byte 2: the row's
-  range R (its top minus its lowest log-prob) rounded up to R' = 2^(c/16 - 8), c in 0..255;
+- bytes 0-1: the tail's log-odds, log(tail / top-k mass), in fp16; byte 2: the row's range R
+  (its top minus its lowest log-prob) rounded up to R' = 2^(c/16 - 8), c in 0..255;
 - k/2 bytes: a 4-bit code per entry, in ascending id order, high nibble first: 0 marks the
   row's top, c = 1..15 a log-prob R' (c - 1/2) / 14.5 below it (15 levels spread over (0, R']);
 - then bits, most significant first: the ids (ascending) Elias-Fano coded: the low L bits of
   each id (k x L bits), then the high parts id >> L as a bit vector with a one at high_i + i
   (k + (V - 1 >> L) bits); L minimises the total (9 bits at 49k tokens).
 
-Decoding puts the top back from the tail, top = log(1 - tail) - logsumexp(offsets below the
-top), so the k entries hold the mass the teacher gave them (to fp16 of ``log_tail``). Error
-bound, for a row whose k + 1 buckets sum to 1 as every writer's do: each log-prob is within
-R'/14.5 <= 2^(1/16) R / 14.5 of the teacher's (R'/29 from rounding its offset, R'/29 at most
-from the top it is measured from); ids and the tail are exact up to fp16 of ``log_tail``, and
-the top stays the unique largest. For SmolLM2-135M on GSM8K (R = 9.4 nats at the median) that
-is a KL(exact || stored) of about 0.004 nats per token over the k + 1 buckets. Rows come back
-in ascending id order (format 1: most likely first); nothing downstream depends on the order.
+Decoding gives the top k the mass the odds say and puts the top back from it: top = log(top-k
+mass) - logsumexp(offsets below the top). The rows come back normalised (the k + 1 buckets sum
+to 1, as KD uses them: ``kd_losses._sparse_teacher``), in ascending id order (format 1: most
+likely first, as written; nothing downstream depends on the order). Error bound, against the
+teacher's normalised row: each log-prob is within R'/14.5 + e <= 2^(1/16) R / 14.5 + e (R'/29
+from rounding its offset, R'/29 at most from the top it is measured from; e = |odds| 2^-11 from
+fp16, under 0.01 nats for any tail between e^-20 and 1 - e^-20), the log tail within e; ids
+are exact and the top stays the unique largest. For SmolLM2-135M on GSM8K (R = 9.4 nats at the
+median) that is a KL(exact || stored) of about 0.004 nats per token over the k + 1 buckets.
 
 Format 1 (``ids`` int32 (T, k), ``logprobs`` fp16 (T, k), ``log_tail`` fp32 (T,): 4k + 2k + 4
 bytes, 388 B per token at k = 64) is still read; new shards are always format 2.
@@ -94,7 +95,8 @@ def pack_rows(ids, logprobs, log_tail, layout: dict):
     values.scatter_(1, below.argmin(1, keepdim=True), 0)
     high = torch.zeros(len(ids), layout["high_bits"], dtype=torch.bool)
     high.scatter_(1, (ids >> low_bits) + torch.arange(k), True)
-    return torch.cat([log_tail.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2),
+    odds = log_tail.float() - torch.logsumexp(logprobs, dim=1)  # log(tail / top-k mass)
+    return torch.cat([odds.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2),
                       code.to(torch.uint8)[:, None], _bytes(_bits(values, VALUE_BITS)),
                       _bytes(torch.cat([_bits(ids & ((1 << low_bits) - 1), low_bits), high], dim=1))], dim=1)
 
@@ -104,7 +106,7 @@ def unpack_rows(rows, layout: dict):
     import torch
 
     k, low_bits, device = layout["top_k"], layout["low_bits"], rows.device
-    log_tail = rows[:, :2].contiguous().view(torch.float16).float()[:, 0]
+    odds = rows[:, :2].contiguous().view(torch.float16).float()[:, 0]
     span = (2 ** (rows[:, 2].float() / 16 - 8))[:, None]
     nibbles = rows[:, 3:3 + (k + 1) // 2]
     values = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).flatten(1)[:, :k]
@@ -117,8 +119,8 @@ def unpack_rows(rows, layout: dict):
     ones = bits.flatten(1)[:, k * low_bits % 8:][:, :layout["high_bits"]].nonzero()[:, 1].view(-1, k)
     ids = ((ones - torch.arange(k, device=device)) << low_bits) | low
     offset = torch.where(values == 0, 0.0, -span * (values - 0.5) / (LEVELS - 0.5))
-    mass = (-torch.expm1(log_tail)).clamp(min=2**-24)  # what the top k hold, exact to fp16 of the tail
-    return ids, offset + (torch.log(mass) - torch.logsumexp(offset, dim=1))[:, None], log_tail
+    log_mass = torch.nn.functional.logsigmoid(-odds)  # what the top k hold
+    return ids, offset + (log_mass - torch.logsumexp(offset, dim=1))[:, None], torch.nn.functional.logsigmoid(odds)
 
 
 def _bits(values, width: int):
