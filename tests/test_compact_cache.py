@@ -78,7 +78,7 @@ def test_kd_from_the_compact_cache_matches_the_exact_one(tmp_path, shared_data, 
                                                                          add_shard(self, entries))[1])
     compact, exact = tmp_path / "compact", tmp_path / "exact"
     assert main(["logits", "--teacher", str(smollm2_dir), "--student", str(tiny_qwen2), "--traces", str(traces),
-                 "--out", str(compact), "--top-k", "64", "--max-length", "96", "--overlong", "truncate"]) == 0
+                 "--out", str(compact), "--top-k", "64"]) == 0
     index = json.loads((compact / "index.json").read_text())
     assert index["format"] == "distill-topk-logits/2" and index["header"]["format_version"] == 2
     stats = json.loads((compact / "run.json").read_text())["stats"]
@@ -99,8 +99,8 @@ def test_kd_from_the_compact_cache_matches_the_exact_one(tmp_path, shared_data, 
         out = tmp_path / f"kd-{name}"
         assert main(["train", "--method", "kd", "--student", str(tiny_qwen2), "--teacher-logits", str(cache_dir),
                      "--traces", str(traces), "--out", str(out), "--max-steps", "8", "--batch-size", "2",
-                     "--max-length", "96", "--overlong", "truncate", "--lr", "3e-3", "--warmup-ratio", "0",
-                     "--eval-fraction", "0", "--alpha", "1.0", "--seed", "0", *QUIET]) == 0
+                     "--lr", "3e-3", "--warmup-ratio", "0", "--eval-fraction", "0", "--alpha", "1.0", "--seed", "0",
+                     *QUIET]) == 0
         kl[name] = held_out_kl(out, smollm2_dir, held_out)
     before = held_out_kl(tiny_qwen2, smollm2_dir, held_out)
     assert kl["exact"] < 0.95 * before, (before, kl)  # training moved the student
@@ -108,5 +108,5 @@ def test_kd_from_the_compact_cache_matches_the_exact_one(tmp_path, shared_data, 
 
     capsys.readouterr()  # a rerun into the old cache is refused, pointing to a new --out
     assert main(["logits", "--teacher", str(smollm2_dir), "--student", str(tiny_qwen2), "--traces", str(traces),
-                 "--out", str(exact), "--top-k", "64", "--max-length", "96", "--overlong", "truncate"]) == 2
+                 "--out", str(exact), "--top-k", "64"]) == 2
     assert "cache is in format 'distill-topk-logits/1'" in capsys.readouterr().err
