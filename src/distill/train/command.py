@@ -62,6 +62,7 @@ class TrainConfig:
     merge: bool = field(default=False, metadata={"help": "also save a merged model (LoRA) under OUT/merged"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
+    weights_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "full fine-tuning: the student's weights in fp32 under bf16 autocast, or in bf16 with fp32 master copies in the optimizer (no per-step weight casts; bench/RESULTS.md)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
     liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under FSDP/DeepSpeed); pip install liger-kernel"})
     # run
