@@ -103,3 +103,22 @@ def without_chat_template(tmp_path):
         return out
 
     return copy
+
+
+def assert_within_bound(ids, logprobs, log_tail, got):
+    """``got`` (a compact cache's rows) is the teacher's rows normalised, within the bound store's
+    docstring states; ids and the top exact."""
+    import torch
+
+    got_ids, got_lps, got_tail = got
+    order = ids.long().argsort(dim=1)
+    assert torch.equal(got_ids, ids.long().gather(1, order))
+    lps, tail = logprobs.float().gather(1, order), log_tail.float()
+    total = torch.logaddexp(torch.logsumexp(lps, dim=1), tail)  # what KD divides by
+    odds_error = (tail - torch.logsumexp(lps, dim=1)).abs() * 2**-11
+    span = (lps.max(1).values - lps.min(1).values).clamp(min=2**-8) * 2 ** (1 / 16)
+    error = (got_lps - (lps - total[:, None])).abs().max(1).values
+    assert (error <= span / 14.5 + odds_error + 1e-5).all(), ((error - odds_error) / span).max()
+    assert ((got_tail - (tail - total)).abs() <= odds_error + 1e-5).all()
+    top = logprobs.float().argmax(1, keepdim=True)
+    assert torch.equal(got_ids.gather(1, got_lps.argmax(1, keepdim=True)), ids.long().gather(1, top))

@@ -91,7 +91,7 @@ def test_logits_cache_then_offline_kd_via_cli_and_resume(tmp_path, shared_data, 
     index = json.loads((cache / "index.json").read_text())
     assert [s["traces"] for s in index["shards"]] == [4, 2]
     stats = json.loads((cache / "run.json").read_text())["stats"]
-    assert stats["tokens"] > 0 and stats["bytes_per_token"] <= 400   # 64 x (4 + 2) + 4 = 388 + headers
+    assert stats["tokens"] > 0 and stats["bytes_per_token"] <= 128   # 127 B rows (store) + headers
 
     # resume: finished shards are kept as they are, only new traces run
     before = shard_times(cache)

@@ -25,6 +25,7 @@ from distill.models import load_tokenizer
 from distill.train.rendering import RenderOptions, load_examples, target_mask
 from distill.train.store import LogitsCache
 
+from conftest import assert_within_bound
 from test_generate import start_cli
 from test_train_sft_data import make_trace, write_traces
 
@@ -56,21 +57,17 @@ def logits_args(url: str, traces: str, student, out: Path, *extra: str) -> list[
 
 
 def assert_cache_is_the_teacher(cache_dir: Path, traces: str, tok) -> None:
-    """Every trace once, one row per target token, each row the made-up teacher's exact top-k and tail."""
+    """Every trace once, one row per target token, each row the made-up teacher's top-k and tail (ids exact,
+    log-probs within the compact store's stated error)."""
     examples, _, _ = load_examples(traces, tok, RenderOptions())
     cache = LogitsCache(cache_dir)
     index = json.loads((cache_dir / "index.json").read_text())
     assert sum(s["traces"] for s in index["shards"]) == len(cache) == len(examples)  # no duplicate, none missing
     assert cache.trace_ids() == {e["id"] for e in examples}
     for ex in examples:
-        ids, lps, tails = cache.get(ex["id"])
         positions = [t for t, on in enumerate(target_mask(ex["labels"])) if on]
-        assert ids.shape == (len(positions), K)
-        for row, t in enumerate(positions):
-            want_ids, want_lps, want_tail = teacher_top(ex["input_ids"][t], K, len(tok))
-            assert ids[row].tolist() == want_ids
-            assert lps[row].float().tolist() == pytest.approx(want_lps, abs=2e-3)  # fp16 in the store
-            assert tails[row].item() == pytest.approx(want_tail, abs=1e-5)
+        want = [teacher_top(ex["input_ids"][t], K, len(tok)) for t in positions]
+        assert_within_bound(*(torch.tensor(x) for x in zip(*want)), cache.get(ex["id"]))
 
 
 def test_served_cache_survives_faults_and_trains(tmp_path, traces, tok, smollm2_dir, tiny_llama):

@@ -140,14 +140,11 @@ class CachedTeacher:
         return cls(cache, {ex["example_index"]: ex["id"] for ex in examples})
 
     def scores(self, inputs: dict, mask, example_index):
-        import torch
-
         from distill.train.kd_losses import SparseTeacher
 
         if example_index is None:
             raise DistillError("offline KD needs 'example_index' in each batch (the collator keeps it)")
-        parts = [self.cache.get(self.trace_ids[int(i)]) for i in example_index.tolist()]
-        ids, lps, tail = (torch.cat(p).to(mask.device) for p in zip(*parts))
+        ids, lps, tail = self.cache.get_many([self.trace_ids[int(i)] for i in example_index.tolist()], mask.device)
         if ids.shape[0] != int(mask.sum()):
             raise DistillError(f"cached teacher rows ({ids.shape[0]}) do not match the batch's target tokens "
                                f"({int(mask.sum())}); the cache was made from differently rendered traces")
