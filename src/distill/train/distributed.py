@@ -1,0 +1,96 @@
+"""How a training run is spread over processes, and the whole output embedding when it is sharded.
+
+The chunked loss (``kd_losses.chunked_kd_loss``) needs the student's and the online teacher's whole
+output embedding (vocabulary x hidden; 0.8-1.6 GB for a 7B-32B model in bf16), never the
+tokens x vocabulary logits. Under sharding that weight is not whole on any process:
+
+- FSDP2 (accelerate's ``fully_shard``): between forward passes a parameter is a ``DTensor`` holding
+  this process's rows. :func:`whole` gathers it with ``full_tensor``, once per micro-batch; its
+  gradient placement is ``Partial("avg")``, so backward reduce-scatters the gradient and averages
+  it over the processes, as FSDP does for every other parameter. accelerate keeps the LM head
+  (and the tied input embedding) unsharded after the forward pass (``reshard_after_forward=False``
+  for that group): then the weight is already whole, and FSDP reduce-scatters its gradient itself.
+- DeepSpeed ZeRO-3: a partitioned parameter is gathered with ``deepspeed.zero.GatheredParameters``
+  for the span of the loss; the loss computes its gradients inside that span (the fused chunked
+  loss does), and ZeRO-3's gradient hooks partition them.
+
+Anything else (one process, DDP, a LoRA student) is returned as it is.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def whole(weight):
+    """``weight`` in full on this process for the duration of the block (see the module doc)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        from torch.distributed.tensor import Partial
+
+        yield weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    elif hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            yield weight
+    else:
+        yield weight
+
+
+def sharded_run() -> str | None:
+    """"FSDP2" or "ZeRO-3" when this run (as accelerate launched it) shards the student, else None."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    if state.distributed_type == DistributedType.FSDP:
+        return "FSDP2"
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return "ZeRO-3"
+    return None
+
+
+def sharded_over_processes(model) -> bool:
+    """Whether ``model``'s forward passes are collective (FSDP2 or ZeRO-3 over several processes):
+    then every process must run as many of them, e.g. ``generate(synced_gpus=True)``."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or \
+        any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def shard_frozen(model, mesh=None):
+    """Shard a frozen model (the online teacher) with torch's ``fully_shard``: each decoder layer is
+    one unit, the rest (embeddings, final norm, LM head) the root's. ``mesh``: the student's (None:
+    all processes, FSDP2's default). Its shards move to the mesh's device; the Trainer never sees it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def describe(trainer, teacher: str | None) -> dict:
+    """The run record's ``distributed`` entry: how the student was spread, where the teacher lived."""
+    accelerator = trainer.accelerator
+    world = accelerator.num_processes
+    if trainer.is_fsdp_enabled:
+        kind, sharded = "FSDP2" if getattr(accelerator, "is_fsdp2", False) else "FSDP", \
+            "student parameters, gradients and optimizer state"
+    elif trainer.is_deepspeed_enabled:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        kind = f"ZeRO-{stage}"
+        sharded = {1: "optimizer state", 2: "optimizer state and gradients",
+                   3: "student parameters, gradients and optimizer state"}.get(stage, "nothing")
+    elif world > 1:
+        kind, sharded = "DDP", "nothing (each process holds the whole student)"
+    else:
+        kind, sharded = "one process", "nothing"
+    return {"kind": kind, "world_size": world, "sharded": sharded, "teacher": teacher}
