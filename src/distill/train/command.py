@@ -5,7 +5,8 @@ GPU to many with ``accelerate launch --config_file configs/accelerate/fsdp.yaml 
 train ...`` (or DeepSpeed ZeRO-3 with ``configs/accelerate/zero3.yaml``). SFT and KD (online,
 offline, served, on-policy) both run under FSDP2: the chunked loss gathers the sharded output
 embedding once per micro-batch (``distributed.whole``), and the online teacher is sharded over the
-same processes (``distributed.shard_frozen``) unless ``--teacher-device`` places it whole.
+same processes (``distributed.shard_frozen``) unless ``--teacher-device`` places it whole. Under
+DeepSpeed SFT uses the model's own loss and KD refuses (``distributed`` says why).
 
 :func:`run_training` trains with any trainer class (``trainers``), resumes, saves model +
 tokenizer + chat template, and writes ``OUT/distill_run.json`` whose ``summary`` (method,
@@ -68,7 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
-    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under FSDP/DeepSpeed); pip install liger-kernel"})
+    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under DeepSpeed); pip install liger-kernel"})
     # run
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
@@ -88,7 +89,7 @@ class TrainConfig:
     teacher_url: str | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts"})
     teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
     teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
-    teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
+    teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1; default: each process's own device, and sharded like the student under FSDP2)"})
     # on-policy KD
     on_policy: float = field(default=0.0, metadata={"help": "KD: share of micro-batches (GKD's lambda, 0..1) on which the student samples completions for the prompts and the teacher scores its tokens; 0 = off-policy"})
     prompts: str | None = field(default=None, metadata={"help": "on-policy: prompts file/dataset instead of the traces' prompts (needs --on-policy 1); options as in generate"})

@@ -10,38 +10,29 @@ tokens x vocabulary logits. Under sharding that weight is not whole on any proce
   it over the processes, as FSDP does for every other parameter. accelerate keeps the LM head
   (and the tied input embedding) unsharded after the forward pass (``reshard_after_forward=False``
   for that group): then the weight is already whole, and FSDP reduce-scatters its gradient itself.
-- DeepSpeed ZeRO-3: a partitioned parameter is gathered with ``deepspeed.zero.GatheredParameters``
-  for the span of the loss; the loss computes its gradients inside that span (the fused chunked
-  loss does), and ZeRO-3's gradient hooks partition them.
 
-Anything else (one process, DDP, a LoRA student) is returned as it is.
+Anything else (one process, DDP, a LoRA student) is returned as it is. DeepSpeed ZeRO-3 is not
+handled: gathering its partitioned LM head with ``deepspeed.zero.GatheredParameters`` for the loss
+was tried on CPUs (DeepSpeed 0.19.8, gloo) and is wrong. With tied embeddings two processes matched
+one for two SGD steps, then drifted (third step: loss 7e-4, gradient norm 3.6% off); untied, the
+backward pass failed (the gradient arrives when the parameter is partitioned again). So under
+DeepSpeed SFT lets the model compute its own loss and KD refuses (``trainers``).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
-
-@contextmanager
 def whole(weight):
-    """``weight`` in full on this process for the duration of the block (see the module doc)."""
-    from torch.distributed.tensor import DTensor
+    """``weight`` in full on this process (see the module doc); differentiable."""
+    from torch.distributed.tensor import DTensor, Partial
 
     if isinstance(weight, DTensor):
-        from torch.distributed.tensor import Partial
-
-        yield weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
-    elif hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 parameter
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight]):
-            yield weight
-    else:
-        yield weight
+        return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    return weight
 
 
 def sharded_run() -> str | None:
-    """"FSDP2" or "ZeRO-3" when this run (as accelerate launched it) shards the student, else None."""
+    """"FSDP2" or "DeepSpeed" when this run (as accelerate launched it) shards the student, else None."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
@@ -49,20 +40,19 @@ def sharded_run() -> str | None:
     if state.distributed_type == DistributedType.FSDP:
         return "FSDP2"
     if state.distributed_type == DistributedType.DEEPSPEED:
-        return "ZeRO-3"
+        return "DeepSpeed"
     return None
 
 
 def sharded_over_processes(model) -> bool:
-    """Whether ``model``'s forward passes are collective (FSDP2 or ZeRO-3 over several processes):
-    then every process must run as many of them, e.g. ``generate(synced_gpus=True)``."""
+    """Whether ``model``'s forward passes are collective (FSDP2 over several processes): then every
+    process must run as many of them, e.g. ``generate(synced_gpus=True)``."""
     import torch
     from torch.distributed.fsdp import FSDPModule
 
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules()) or \
-        any(hasattr(p, "ds_id") for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def shard_frozen(model, mesh=None):

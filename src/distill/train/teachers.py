@@ -104,8 +104,8 @@ class OnlineTeacher:
 
     def scores(self, inputs: dict, mask, example_index):
         import torch
-        from torch.distributed.tensor import DTensor
 
+        from distill.train.distributed import whole
         from distill.train.kd_losses import DenseTeacher
 
         device = self.model.get_input_embeddings().weight.device
@@ -119,9 +119,8 @@ class OnlineTeacher:
                 self.model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
-        weight = self.model.get_output_embeddings().weight
-        if isinstance(weight, DTensor):  # sharded: gathered whole, once per micro-batch
-            weight = weight.full_tensor()
+        with torch.no_grad():  # sharded: gathered whole, once per micro-batch
+            weight = whole(self.model.get_output_embeddings().weight)
         return DenseTeacher(captured["hidden"][:, :-1][mask.to(device)], weight, vocab_size=self.vocab_size)
 
 

@@ -11,11 +11,11 @@ transformers' bf16 autocast over fp32 weights, accumulated the LM head's gradien
 matmuls: 60 ms of a 500 ms step on an H100.)
 
 Several processes: under DDP every process holds the whole model. Under FSDP2 (accelerate's
-``fully_shard``, configs/accelerate/fsdp.yaml) the output embedding is gathered whole once per
-micro-batch (``distributed.whole``: its gradient is reduce-scattered back), so SFT and KD use the
-same chunked loss there. Under DeepSpeed ZeRO-3 KD gathers it with ``GatheredParameters`` (untested:
-DeepSpeed's CPU backend does not run in CI), and SFT lets the model compute its own loss. FSDP1
-(transformers' ``--fsdp`` string) is refused for KD: its flattened parameters are not gathered here.
+``fully_shard``, configs/accelerate/fsdp.yaml) the output embedding is sharded: ``distributed.whole``
+gathers it once per micro-batch and its gradient goes back sharded, so SFT and KD use the same
+chunked loss there (tests/test_kd_fsdp.py checks two processes against one). Under DeepSpeed and
+FSDP1 (transformers' ``--fsdp`` string) SFT lets the model compute its own loss and KD refuses: their
+partitioned or flat parameters are not gathered here (why not DeepSpeed: ``distributed``).
 """
 
 from __future__ import annotations
@@ -49,10 +49,17 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         inputs.pop("example_index", None)
-        if self.is_deepspeed_enabled:
+        if not self.gathers_lm_head:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, _, _ = self.chunked_loss(model, inputs, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    @property
+    def gathers_lm_head(self) -> bool:
+        """Whether the chunked loss can have the whole output embedding: one process, DDP or FSDP2
+        (``distributed.whole``), not DeepSpeed or FSDP1."""
+        fsdp1 = self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False)
+        return not (self.is_deepspeed_enabled or fsdp1)
 
     def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
@@ -70,9 +77,8 @@ class SFTTrainer(Trainer):
             # without this the LM head would be fp32 matmuls (325 ms of an 830 ms step, H100)
             hidden = hidden.to(torch.bfloat16 if self.args.bf16 else torch.float16)
         teacher = teacher_scores(mask) if teacher_scores else None
-        with whole(self.accelerator.unwrap_model(model).get_output_embeddings().weight) as weight:
-            total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher,
-                                           settings or self.loss_settings)
+        weight = whole(self.accelerator.unwrap_model(model).get_output_embeddings().weight)
+        total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher, settings or self.loss_settings)
         n_tokens = int(mask.sum())
         if num_items_in_batch is not None:  # the token count of the whole accumulated batch
             loss = total / num_items_in_batch
@@ -104,9 +110,10 @@ class KDTrainer(SFTTrainer):
 
     def __init__(self, *args, kd: KDSettings, teacher, on_policy: OnPolicy | None = None, **kwargs):
         super().__init__(*args, loss_settings=kd, **kwargs)
-        if self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False):
-            raise DistillError("--method kd runs under FSDP2 (fsdp_version: 2, configs/accelerate/fsdp.yaml), "
-                               "not FSDP1 (transformers' --fsdp option); or use DDP / DeepSpeed ZeRO-3")
+        if not self.gathers_lm_head:
+            raise DistillError("--method kd runs under FSDP2 (accelerate launch --config_file "
+                               "configs/accelerate/fsdp.yaml), not DeepSpeed or FSDP1 (the loss needs the whole "
+                               "output embedding, gathered only from FSDP2's shards); or use DDP, or --lora")
         self.teacher = teacher
         self.on_policy = on_policy
         self._sums = {"train": torch.zeros(3), "eval": torch.zeros(3)}  # kd, ce, tokens
