@@ -147,6 +147,10 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 4096; tiny 128)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="distill rows' student: fp32 under autocast, or bf16 with fp32 masters (--weights-dtype)")
+    p.add_argument("--compile-teacher", action="store_true", help="torch.compile the teacher's decoder layers")
+    p.add_argument("--only", default=None, help="comma-separated words: online, trl, offline, sft")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     length = args.seq_len or (128 if args.tiny else 4096)
@@ -155,25 +159,35 @@ def main():
     args_kw = {"bf16": bf16, "gradient_checkpointing": True,
                "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": not cuda}
     data = Dataset(args.steps, length, s_spec["vocab_size"])
+    wanted = set(args.only.split(",")) if args.only else {"online", "trl", "offline", "sft"}
+    ours = torch.bfloat16 if args.weights_dtype == "bf16" else torch.float32  # distill's student weights
     rows = []
     teacher = model(t_spec, args.device, torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
-    rows.append(run("distill online KD (gJSD)", KDTrainer, model(s_spec, args.device, torch.float32), data, args_kw,
-                    args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0),
-                    teacher=OnlineTeacher(teacher, s_spec["vocab_size"])))
-    if (gkd := gkd_trainer_cls()) is not None:
+    if "trl" in wanted and (gkd := gkd_trainer_cls()) is not None:  # TRL as a user runs it: the teacher eager
         rows.append(run("TRL GKD loss path (gJSD)", gkd, model(s_spec, args.device, torch.float32), data, args_kw,
                         args.steps, teacher_model=teacher))
+    if args.compile_teacher:  # then compiled, in place, for distill's row
+        for layer in teacher.model.layers:
+            layer.compile()
+    if "online" in wanted:
+        rows.append(run("distill online KD (gJSD)", KDTrainer, model(s_spec, args.device, ours), data, args_kw,
+                        args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0),
+                        teacher=OnlineTeacher(teacher, s_spec["vocab_size"])))
     del teacher
-    with tempfile.TemporaryDirectory() as tmp:
-        cached = fake_cache(Path(tmp), data, s_spec["vocab_size"], 64)
-        rows.append(run("distill offline KD (top-64, fkl)", KDTrainer, model(s_spec, args.device, torch.float32),
-                        data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher=cached))
-    rows.append(run("distill SFT (same data)", SFTTrainer, model(s_spec, args.device, torch.float32), data, args_kw, args.steps))
+    if "offline" in wanted:
+        with tempfile.TemporaryDirectory() as tmp:
+            cached = fake_cache(Path(tmp), data, s_spec["vocab_size"], 64)
+            rows.append(run("distill offline KD (top-64, fkl)", KDTrainer, model(s_spec, args.device, ours),
+                            data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher=cached))
+    if "sft" in wanted:
+        rows.append(run("distill SFT (same data)", SFTTrainer, model(s_spec, args.device, ours), data, args_kw,
+                        args.steps))
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers
     print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
-          f"seq {length}; batch 1; {'bf16' if bf16 else 'fp32'}; gradient checkpointing\n")
+          f"seq {length}; batch 1; {'bf16' if bf16 else 'fp32'}; distill student weights {args.weights_dtype}; "
+          f"gradient checkpointing\n")
     print("| run | tokens/s | peak GiB |")
     print("|---|---:|---:|")
     for label, tps, peak in rows:

@@ -152,7 +152,11 @@ def main(argv=None) -> int:
     examples = synthetic_examples(args.batch_size * steps * 4, max_len, config.vocab_size)
 
     rows = [("distill padded", lambda: _distill(config, examples, args, max_len, steps, attn, packing=False)),
-            ("distill packed", lambda: _distill(config, examples, args, max_len, steps, attn, packing=True))]
+            ("distill packed", lambda: _distill(config, examples, args, max_len, steps, attn, packing=True)),
+            ("distill padded bf16-weights", lambda: _distill(config, examples, args, max_len, steps, attn,
+                                                             packing=False, weights_dtype="bf16")),
+            ("distill packed bf16-weights", lambda: _distill(config, examples, args, max_len, steps, attn,
+                                                             packing=True, weights_dtype="bf16"))]
     try:
         import trl  # noqa: F401
         rows += [("TRL padded", lambda: _trl(config, examples, args, max_len, steps, packing=False)),
@@ -185,8 +189,9 @@ def _fresh_model(config):
     return Qwen2ForCausalLM(config)  # fp32 master weights; bf16 autocast in training (both sides)
 
 
-def _distill(config, examples, args, max_len, steps, attn, packing: bool):
-    """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer."""
+def _distill(config, examples, args, max_len, steps, attn, packing: bool, weights_dtype: str = "fp32"):
+    """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer
+    (``weights_dtype`` bf16: ``--weights-dtype bf16``, bf16 weights with fp32 masters in the optimizer)."""
     from distill.train.batching import Collator, ExampleDataset, pack_examples
     from distill.train.command import TrainConfig
     from distill.train.student import training_arguments
@@ -194,16 +199,17 @@ def _distill(config, examples, args, max_len, steps, attn, packing: bool):
 
     cfg = TrainConfig(out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
                       warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
-                      liger=args.liger, logging_steps=10**6, report_to="none",
-                      attn_implementation=attn)
-    bf16 = args.device.startswith("cuda")
+                      liger=args.liger, logging_steps=10**6, report_to="none", attn_implementation=attn,
+                      weights_dtype=weights_dtype)
+    bf16 = args.device.startswith("cuda") or weights_dtype == "bf16"
     # the same random batch order as TRL's rows: distill's default length-grouped order makes a slice of
     # steps unrepresentative (one megabatch sorted longest first), so tokens/s would compare other batches
     targs = training_arguments(cfg, has_eval=False, use_bf16=bf16, grad_accum=1, save_strategy="no",
                                disable_tqdm=True, train_sampling_strategy="random")
     data = pack_examples(examples, max_len) if packing else examples
     meter = Meter(Collator(config.pad_token_id, packing=packing))
-    return SFTTrainer(model=_fresh_model(config), args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
+    model = _fresh_model(config).to(torch.bfloat16 if weights_dtype == "bf16" else torch.float32)
+    return SFTTrainer(model=model, args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
 
 
 def _trl(config, examples, args, max_len, steps, packing: bool):

@@ -17,7 +17,7 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.prompts import load_prompts, prompt_hash
 from distill.records import read_jsonl
-from distill.teachers.api import backoff_seconds, retry_after_seconds
+from distill.teachers.endpoints import backoff_seconds, retry_after_seconds
 from distill.teachers.base import split_reasoning
 
 sys.path.insert(0, str(Path(__file__).parent / "servers"))
@@ -178,7 +178,7 @@ def test_failures_go_to_errors_file_and_are_retried_next_run(tmp_path, prompts_f
         assert main(api_args(srv, prompts_file, out, "--max-retries", "1")) == 1
         failed = read_jsonl(errors)
         assert [e["prompt_id"] for e in failed] == [prompt_hash("What is 3 times 7?")]
-        assert "HTTP 500" in failed[0]["error"] and failed[0]["attempts"] == 2
+        assert "HTTP 500" in failed[0]["error"] and failed[0]["attempts"] == 2 and failed[0]["endpoint"] == srv.base_url
         assert len(read_jsonl(out)) == 11
         assert "rerun the same command" in capsys.readouterr().err
         srv.always_fail = None  # the outage is over

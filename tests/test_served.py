@@ -227,3 +227,38 @@ def test_sampled_token_logprobs_alone_when_the_server_gives_no_top_k(traces, tok
     finally:
         teacher.close()
         server.stop()
+
+
+def test_replicas_share_the_scoring_and_a_failing_one_loses_nothing(tmp_path, traces, tok, smollm2_dir):
+    """``--base-url A,B``: both replicas score, the cache is exact; one that starts failing is worked around."""
+    from distill.train.served import ServedTeacher
+
+    replicas = [serve(tok, latency=0.02) for _ in range(3)]
+    out = tmp_path / "logits"
+    try:
+        urls = [r.base_url for r in replicas]
+        assert main(logits_args(",".join(urls[:2]), traces, smollm2_dir, out, "--concurrency", "4")) == 0
+        assert_cache_is_the_teacher(out, traces, tok)
+        served = json.loads((out / "run.json").read_text())["served"]
+        assert [e["url"] for e in served["endpoints"]] == urls[:2]
+        assert all(e["requests"] > 2 and e["tokens_in"] > 0 and not e["failures"] for e in served["endpoints"])
+
+        examples, _, _ = load_examples(traces, tok, RenderOptions())
+        want = [teacher_top(ex["input_ids"][t], 4, len(tok))[0] for ex in examples[:3]
+                for t, on in enumerate(target_mask(ex["labels"])) if on]
+        teacher = ServedTeacher(base_url=urls, model="teacher-7b", top_k=4, tokenizer=tok, student="smollm2",
+                                vocab_size=len(tok), retry_backoff=0.05)
+        dying = replicas[2]
+        dying.always_fail = "("  # from now on every token-id prompt gets a 500
+        scored_before = len(dying.scored)
+        try:
+            for inputs, mask in padded_and_packed(examples[:3]):
+                assert teacher.scores(inputs, mask, None).ids.tolist() == want
+        finally:
+            teacher.close()
+        counts = {e["url"]: e for e in teacher.client.pool.summary()}
+        assert len(dying.scored) == scored_before and dying.faults["500"] == counts[dying.base_url]["failures"] > 0
+        assert counts[dying.base_url]["requests"] == counts[dying.base_url]["failures"]
+    finally:
+        for r in replicas:
+            r.stop()

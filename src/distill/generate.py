@@ -1,9 +1,16 @@
-"""``distill generate``: prompts x n samples -> teacher -> traces.jsonl, resumable and crash-safe."""
+"""``distill generate``: prompts x n samples -> teacher -> traces.jsonl, resumable and crash-safe.
+
+A local teacher also runs data-parallel under ``accelerate launch --num_processes N``
+(``distill.parallel``): each rank samples every N-th pending prompt into its own part file
+(``OUT.part-RANK``), and rank 0 appends the parts to ``OUT`` at the end, or at the start of the
+rerun after a killed launch (``_merge_parts``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -11,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from distill import parallel
 from distill.config import to_dict
 from distill.costs import estimated_cost
 from distill.errors import DistillError
@@ -20,6 +28,7 @@ from distill.prompts import INSTRUCTION, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
 from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
+from distill.teachers.endpoints import RequestFailed, endpoint_urls
 
 DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")  # braces doubled for str.format
 
@@ -41,7 +50,7 @@ class GenerateConfig:
     max_tokens: int = field(default=32768, metadata={"help": "max generated tokens per sample"})
     seed: int | None = field(default=None, metadata={"help": "base seed (per-sample seeds derive from it)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    base_url: str | None = field(default=None, metadata={"help": "override the teacher preset's API base URL"})
+    base_url: list[str] | None = field(default=None, metadata={"help": "override the teacher preset's API base URL; several (comma-separated) serving the same model share the requests"})
     model: str | None = field(default=None, metadata={"help": "override the teacher preset's model name/path"})
     api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key"})
     concurrency: int = field(default=16, metadata={"help": "API requests in flight"})
@@ -113,6 +122,7 @@ class Stats:
     tokens_out: int = 0
     seconds: float = 0.0        # from the first request (or batch) to the last reply: what rates divide by
     setup_seconds: float = 0.0  # before that: imports, clients and the endpoint check, or loading the model
+    endpoints: list[dict] = field(default_factory=list)  # API teachers: each endpoint's counts (EndpointPool)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,26 +142,41 @@ def generate(cfg: GenerateConfig) -> int:
                            id_field=cfg.id_field, template=cfg.template, system=cfg.system,
                            split=cfg.split, limit=cfg.limit)
     out = Path(cfg.out)
-    with exclusive(out):
-        return _generate(cfg, teacher, prompts, out)
+    launch = parallel.launch()
+    if launch.parallel and teacher["kind"] != "local":
+        raise DistillError("a data-parallel launch (accelerate launch) runs a local teacher on every process; "
+                           "an API teacher needs one process: raise --concurrency instead")
+    with parallel.exclusive_launch(launch, out, _part(out, launch.rank)):
+        return _generate(cfg, teacher, prompts, out, launch)
 
 
-def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path) -> int:
-    errors_path = Path(f"{out}.errors.jsonl")
+#: How a data-parallel launch spreads the work over its ranks (in the run record).
+SPLIT = "round-robin over the prompts with samples still missing, in prompt order: rank r of N takes the r-th, (r+N)-th, ..."
+
+
+def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path, launch: parallel.Launch) -> int:
+    if launch.main:
+        _merge_parts(out)  # what the ranks of a killed data-parallel launch wrote
+    launch.barrier()
     present = _present(out)
+    missing = {p.id: [s for s in range(cfg.n) if (p.id, s) not in present] for p in prompts}
     jobs = [Job(p, s, None if cfg.seed is None else cfg.seed + s)
-            for p in prompts for s in range(cfg.n) if (p.id, s) not in present]
-    stats = Stats(skipped=len(prompts) * cfg.n - len(jobs))
+            for p in launch.share([p for p in prompts if missing[p.id]]) for s in missing[p.id]]
+    written = _part(out, launch.rank) if launch.parallel else out
+    errors_path = Path(f"{written}.errors.jsonl")
+    skipped = len(prompts) * cfg.n - sum(map(len, missing.values()))
+    stats = Stats(skipped=skipped if launch.main else 0)  # counted once in a launch's summed stats
     console = _console()
-    console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {stats.skipped} already in {out}, "
-                  f"{len(jobs)} to do with {teacher['kind']} teacher {teacher['model']}")
+    share = f", {len(jobs)} of them on rank {launch.rank} of {launch.world_size}" if launch.parallel else ""
+    console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {skipped} already in {out}, "
+                  f"{len(prompts) * cfg.n - skipped} to do{share} with {teacher['kind']} teacher {teacher['model']}")
     errors_path.unlink(missing_ok=True)  # its requests are pending again and get retried now
     limit = SpendingLimit(teacher.get("price"), cfg.max_cost, cfg.max_output_tokens, cfg.max_tokens)
     status = "interrupted"
     try:
         if jobs:
-            with JsonlAppender(out) as traces, JsonlAppender(errors_path) as errors, \
-                    _progress(console, len(jobs)) as tick:
+            with JsonlAppender(written) as traces, JsonlAppender(errors_path) as errors, \
+                    _progress(console, len(jobs), shown=launch.main) as tick:
                 sink = _Sink(traces, errors, stats, tick, teacher)
                 start = sink.started
                 try:
@@ -160,7 +185,7 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
 
                         asyncio.run(_run_api(cfg, teacher, jobs, sink, limit))
                     else:
-                        _run_local(cfg, teacher, jobs, sink)
+                        _run_local(cfg, teacher, jobs, sink, launch)
                 finally:
                     stats.setup_seconds = sink.started - start
                     stats.seconds = time.monotonic() - sink.started
@@ -171,8 +196,16 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
         status = "error"
         raise
     finally:
-        if status != "error" or stats.done or stats.failed:  # a failed start leaves nothing behind
-            _report(cfg, teacher, stats, out, errors_path, status, console)
+        if not launch.parallel and (status != "error" or stats.done or stats.failed):  # a failed start leaves nothing
+            _report(cfg, teacher, stats, out, errors_path, status, console, launch.record(SPLIT))
+    if launch.parallel:
+        ranks = launch.gather(stats)  # also waits for every rank's part to be closed
+        if not launch.main:
+            return 0
+        _merge_parts(out)
+        stats = Stats(**{k: (max if "seconds" in k else sum)(getattr(r, k) for r in ranks) for k in stats.as_dict()})
+        _report(cfg, teacher, stats, out, Path(f"{out}.errors.jsonl"), status, console,
+                {**launch.record(SPLIT), "ranks": [r.as_dict() for r in ranks]})
     if cfg.verify and status == "complete":
         _verify(out, console)
     if status == "limit reached":
@@ -200,7 +233,7 @@ def _teacher_settings(cfg: GenerateConfig) -> dict:
     model = cfg.model or preset.get("model")
     if not model:
         raise DistillError(f"{source}: field 'model' missing")
-    base_url = cfg.base_url or preset.get("base_url")
+    base_url = endpoint_urls(cfg.base_url or preset.get("base_url") or [], "--base-url" if cfg.base_url else source)
     kind = preset.get("kind") or ("api" if base_url else "local")
     if kind not in ("api", "local"):
         raise DistillError(f"{source}: field 'kind' must be api or local, got {kind!r}")
@@ -222,6 +255,29 @@ def _teacher_settings(cfg: GenerateConfig) -> dict:
             "api_key": api_key, "top_logprobs": top_logprobs, "price": preset.get("price")}
 
 
+def _part(out: Path, rank: int) -> Path:
+    """The file rank ``rank`` of a data-parallel launch writes."""
+    return out.with_name(f"{out.name}.part-{rank}")
+
+
+def _merge_parts(out: Path) -> None:
+    """Append to ``out`` the lines of every rank's part file (of this launch or a killed one) that
+    ``out`` lacks, then remove the parts. A crash mid-way leaves the parts; the next merge skips
+    what ``out`` already holds, so nothing is lost or written twice."""
+    parts = [p for p in out.parent.glob(f"{out.name}.part-*") if re.fullmatch(rf"{re.escape(out.name)}\.part-\d+", p.name)]
+    if not parts:
+        return
+    present = _present(out)
+    with JsonlAppender(out) as traces:  # fsynced on close, before the parts go
+        for part in sorted(parts):
+            for record in iter_jsonl(part, required=("prompt_id", "sample")):
+                if (record["prompt_id"], record["sample"]) not in present:
+                    present.add((record["prompt_id"], record["sample"]))
+                    traces.write(record)
+    for part in parts:
+        part.unlink()
+
+
 def _present(out: Path) -> set[tuple[str, int]]:
     if not out.exists():
         return set()
@@ -234,7 +290,6 @@ class _Sink:
     def __init__(self, traces: JsonlAppender, errors: JsonlAppender, stats: Stats, tick, teacher: dict):
         self.traces, self.errors, self.stats, self.tick = traces, errors, stats, tick
         self.teacher = {k: teacher[k] for k in ("name", "kind", "model")}
-        self.teacher["endpoint"] = teacher["base_url"]
         self.teacher["path"] = teacher.get("path")
         self.started = time.monotonic()
 
@@ -242,14 +297,14 @@ class _Sink:
         """Called when the teacher is ready and the first request goes out."""
         self.started = time.monotonic()
 
-    def trace(self, job: Job, completion: Completion, sampling: dict) -> dict:
+    def trace(self, job: Job, completion: Completion, sampling: dict, endpoint: str | None = None) -> dict:
         p = job.prompt
         return {
             "id": trace_id(p.id, job.sample), "prompt_id": p.id, "sample": job.sample,
             "prompt": p.text, "messages": p.messages,
             "reasoning": completion.reasoning, "answer": completion.answer, "reference": p.reference,
             "finish_reason": completion.finish_reason, "usage": completion.usage,
-            "teacher": {**self.teacher, "sampling": {**sampling, "seed": job.seed}},
+            "teacher": {**self.teacher, "endpoint": endpoint, "sampling": {**sampling, "seed": job.seed}},
             "created_at": _now(), "top_logprobs": completion.top_logprobs,
         }
 
@@ -260,9 +315,10 @@ class _Sink:
         self.stats.tokens_out += record["usage"]["completion_tokens"]
         self.tick(self.stats)
 
-    def fail(self, job: Job, reason: str, attempts: int) -> None:
+    def fail(self, job: Job, failed: RequestFailed) -> None:
         self.errors.write({"id": trace_id(job.prompt.id, job.sample), "prompt_id": job.prompt.id,
-                           "sample": job.sample, "error": reason, "attempts": attempts, "created_at": _now()})
+                           "sample": job.sample, "error": failed.reason, "attempts": failed.attempts,
+                           "endpoint": failed.url, "created_at": _now()})
         self.stats.failed += 1
         self.tick(self.stats)
 
@@ -272,7 +328,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from distill.teachers.api import ApiTeacher, RequestFailed
+    from distill.teachers.api import ApiTeacher
 
     api = ApiTeacher(base_url=teacher["base_url"], model=teacher["model"], api_key=teacher["api_key"],
                      api_key_env=teacher["api_key_env"], temperature=cfg.temperature, top_p=cfg.top_p,
@@ -286,11 +342,11 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
         while queue and limit.admit(sink.stats, queue[0]):
             job = queue.popleft()
             try:
-                completion, _ = await api.complete(job.prompt.messages, job.seed, slot)
+                completion, endpoint = await api.complete(job.prompt.messages, job.seed, slot)
             except RequestFailed as e:
-                await loop.run_in_executor(writer, sink.fail, job, e.reason, e.attempts)
+                await loop.run_in_executor(writer, sink.fail, job, e)
             else:
-                record = sink.trace(job, completion, api.sampling)
+                record = sink.trace(job, completion, api.sampling, endpoint)
                 await loop.run_in_executor(writer, sink.ok, record)
             finally:
                 limit.release(job)
@@ -308,12 +364,14 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                sink.stats.endpoints = api.pool.summary()
 
 
-def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink) -> None:
+def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink, launch: parallel.Launch) -> None:
+    """Batches of similar length; batch i of rank r is seeded ``seed + i * world_size + r``."""
     from distill.teachers.local import LocalTeacher
 
-    local = LocalTeacher.load(teacher["model"], temperature=cfg.temperature, top_p=cfg.top_p,
+    local = LocalTeacher.load(teacher["model"], device=launch.device, temperature=cfg.temperature, top_p=cfg.top_p,
                          max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                          top_logprobs=teacher["top_logprobs"])
     sink.teacher["path"] = local.path
@@ -321,12 +379,13 @@ def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink)
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
     sink.start_clock()
     for i, batch in enumerate(local.batches(jobs, lambda job: job.prompt.messages)):
-        seed = None if cfg.seed is None else cfg.seed + i
+        seed = None if cfg.seed is None else cfg.seed + i * launch.world_size + launch.rank
         for job, completion in zip(batch, local.complete_batch([j.prompt.messages for j in batch], seed)):
             sink.ok(sink.trace(job, completion, sampling))
 
 
-def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, status: str, console) -> None:
+def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, status: str, console,
+            distributed: dict) -> None:
     """The summary line(s) and the run record beside the traces."""
     rate = (stats.done + stats.failed) / stats.seconds if stats.seconds else 0.0
     line = (f"generate {status}: {stats.done} done, {stats.skipped} skipped, {stats.failed} failed | "
@@ -335,16 +394,26 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
     if cost:
         line += f" | est. cost {cost[0]:.4f} {cost[1]}"
     console.print(line)
+    if len(stats.endpoints) > 1:
+        for endpoint in stats.endpoints:
+            console.print(_endpoint_line(endpoint), highlight=False)
     if stats.failed:
         console.print(f"{stats.failed} requests failed after retries: see {errors_path}; "
                       f"rerun the same command to retry them")
     public = {k: v for k, v in teacher.items() if k != "api_key"}
     data = {"prompts": cfg.prompts} if Path(cfg.prompts).is_file() else {}
     record = run_record("generate", to_dict(cfg), data_files=data, status=status, teacher=public,
-                        summary={**stats.as_dict(), "requests_per_second": rate,
+                        distributed=distributed, summary={**stats.as_dict(), "requests_per_second": rate,
                                  "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
                         outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
     write_json(f"{out}.run.json", record)
+
+
+def _endpoint_line(e: dict) -> str:
+    """One endpoint's requests, failures, tokens and mean latency, for the summary."""
+    latency = "-" if e["mean_latency_s"] is None else f"{e['mean_latency_s']:.2f} s"
+    return (f"  {e['url']}: {e['requests']} requests, {e['failures']} failed | tokens in {e['tokens_in']:,} "
+            f"out {e['tokens_out']:,} | mean latency {latency}")
 
 
 def _verify(out: Path, console) -> None:
@@ -362,13 +431,14 @@ def _verify(out: Path, console) -> None:
 
 
 @contextmanager
-def _progress(console, total: int):
-    """A rich bar with done/failed counts, requests per second and ETA; yields ``tick(stats)``."""
+def _progress(console, total: int, shown: bool = True):
+    """A rich bar with done/failed counts, requests per second and ETA; yields ``tick(stats)``.
+    In a data-parallel launch only rank 0 shows its bar (its share's rate and ETA stand for all)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     start = time.monotonic()
     with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as bar:
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=not shown) as bar:
         task = bar.add_task("generate", total=total, info="")
 
         def tick(stats: Stats) -> None:

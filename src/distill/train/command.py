@@ -68,6 +68,7 @@ class TrainConfig:
     merge: bool = field(default=False, metadata={"help": "also save a merged model (LoRA) under OUT/merged"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
+    weights_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "full fine-tuning: the student's weights in fp32 under bf16 autocast, or in bf16 with fp32 master copies in the optimizer (no per-step weight casts; bench/RESULTS.md)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
     liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under DeepSpeed); pip install liger-kernel"})
     # run
@@ -86,7 +87,7 @@ class TrainConfig:
     kd_temperature: float = field(default=1.0, metadata={"help": "KD: softmax temperature of the loss (T^2-scaled)"})
     beta: float = field(default=0.5, metadata={"help": "KD: JSD beta / skew-KL alpha"})
     kd_chunk_size: int = field(default=1024, metadata={"help": "KD: tokens per loss chunk (memory stays flat)"})
-    teacher_url: str | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts"})
+    teacher_url: list[str] | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts; several (comma-separated replicas) share the requests"})
     teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
     teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
     teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1; default: each process's own device, and sharded like the student under FSDP2)"})
@@ -327,7 +328,7 @@ def run_kd(cfg: TrainConfig) -> int:
             raise DistillError("--teacher-top-k 0 (sampled tokens only) is an on-policy estimator: add --on-policy")
         teacher = ServedTeacher(base_url=cfg.teacher_url, model=cfg.teacher_model, top_k=cfg.teacher_top_k,
                                 tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_out.shape[0])
-        extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {cfg.teacher_url}",
+        extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {teacher.client.base_url}",
                            top_k=cfg.teacher_top_k)
         placement = f"served at {cfg.teacher_url}"
     else:

@@ -10,6 +10,10 @@ Three sources fill the same store (``store``: shards, index, resume, checks), so
   the student's vocabulary (``api_mapping``).
 
 Rendering follows ``train`` exactly (``rendering.RenderOptions``; same flags, same defaults).
+
+A local teacher also runs data-parallel under ``accelerate launch --num_processes N``
+(``distill.parallel``): each rank scores every N-th pending trace into its own shards, and
+rank 0 merges the ranks' part indexes (``store.merge_parts``) into one cache.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class LogitsConfig:
     overlong: Overlong = field(default="drop", metadata={"help": "samples over --max-length are dropped or truncated (use the same as 'distill train')"})
     kd_temperature: float = field(default=1.0, metadata={"help": "teacher softmax temperature of the cached log-probs (train with the same --kd-temperature)", "aliases": ["temperature"]})
     chunk_size: int = field(default=1024, metadata={"help": "tokens per top-k chunk (bounds memory on long traces)"})
-    base_url: str | None = field(default=None, metadata={"help": "served teacher: OpenAI-compatible base URL of a vLLM or llama-cpp-python server that scores the traces' tokens (with --model, --student)"})
+    base_url: list[str] | None = field(default=None, metadata={"help": "served teacher: OpenAI-compatible base URL of a vLLM or llama-cpp-python server that scores the traces' tokens (with --model, --student); several (comma-separated replicas) share the requests"})
     model: str | None = field(default=None, metadata={"help": "served teacher: the model name the server serves"})
     concurrency: int = field(default=8, metadata={"help": "served teacher: scoring requests in flight"})
     max_retries: int = field(default=8, metadata={"help": "served teacher: retries per request on 429/5xx/timeouts/dropped connections"})
@@ -49,22 +53,29 @@ class LogitsConfig:
 
 def cache_logits(cfg: LogitsConfig) -> int:
     """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
+    from distill import parallel
     from distill.locks import exclusive
+    from distill.train.store import PART_INDEX
 
     if cfg.top_k < 1:
         raise DistillError(f"--top-k must be >= 1, got {cfg.top_k}")
+    launch = parallel.launch()
+    if launch.parallel and (cfg.base_url or not cfg.teacher):
+        raise DistillError("a data-parallel launch (accelerate launch) runs a local --teacher on every process; "
+                           "served or API log-probs need one process (raise --concurrency for a server)")
+    if cfg.teacher and not cfg.base_url:
+        with parallel.exclusive_launch(launch, cfg.out, Path(cfg.out) / PART_INDEX.format(rank=launch.rank)):
+            return cache_local_logits(cfg, launch)
     with exclusive(cfg.out):
-        if cfg.base_url:
-            return cache_served_logits(cfg)
-        return cache_local_logits(cfg) if cfg.teacher else cache_api_logits(cfg)
+        return cache_served_logits(cfg) if cfg.base_url else cache_api_logits(cfg)
 
 
-def cache_local_logits(cfg: LogitsConfig) -> int:
-    """``--teacher``: a local model's forward over every trace, in length-sorted batches."""
+def cache_local_logits(cfg: LogitsConfig, launch) -> int:
+    """``--teacher``: a local model's forward over every trace (this rank's share), in length-sorted batches."""
     from tqdm import tqdm
 
     from distill.models import load_model, load_tokenizer, model_preset
-    from distill.train.store import token_sha
+    from distill.train.store import merge_parts, token_sha
     from distill.train.teachers import check_same_tokenizer, local_teacher_path, teacher_top_k, vocab_rows
 
     started = time.time()
@@ -74,17 +85,22 @@ def cache_local_logits(cfg: LogitsConfig) -> int:
     tokenizer = load_tokenizer(render_preset["model"])
     check_same_tokenizer(tokenizer, render_name, load_tokenizer(teacher_path, require_chat_template=False), cfg.teacher)
     options = RenderOptions.of(cfg, render_preset)
-    model = load_model(teacher_path).eval()
+    model = load_model(teacher_path, device=launch.device).eval()
     vocab_size = min(model.get_output_embeddings().weight.shape[0], vocab_rows(render_preset["model"]))
     header = _header(cfg, options, tokenizer, teacher=cfg.teacher, rendered_for=render_name, vocab_size=vocab_size,
                      top_k=min(cfg.top_k, vocab_size), temperature=cfg.kd_temperature)
-    writer = CacheWriter(cfg.out, header)
+    if launch.main:
+        merge_parts(cfg.out)  # what the ranks of a killed data-parallel launch finished
+    launch.barrier()
+    writer = CacheWriter(cfg.out, header, part=launch.rank if launch.parallel else None)
     examples = _all_examples(cfg, tokenizer, options)
-    todo = [e for e in examples if e["id"] not in writer.done]
+    pending = [e for e in examples if e["id"] not in writer.done]
+    todo = launch.share(pending)
     n_tokens = sum(n_targets(e) for e in todo)
-    print(f"distill logits: {len(examples)} traces, {len(examples) - len(todo)} already cached, "
-          f"{len(todo)} to run ({n_tokens:,} target tokens), top-{header['top_k']}", flush=True)
-    with tqdm(total=n_tokens, unit="tok", desc="teacher top-k", dynamic_ncols=True) as bar:
+    ranks = f", {len(todo)} of them on rank {launch.rank} of {launch.world_size}" if launch.parallel else ""
+    print(f"distill logits: {len(examples)} traces, {len(examples) - len(pending)} already cached, "
+          f"{len(pending)} to run{ranks} ({n_tokens:,} target tokens), top-{header['top_k']}", flush=True)
+    with tqdm(total=n_tokens, unit="tok", desc="teacher top-k", dynamic_ncols=True, disable=not launch.main) as bar:
         for first in range(0, len(todo), cfg.shard_size):
             entries = []
             by_length = sorted(todo[first:first + cfg.shard_size], key=lambda e: len(e["input_ids"]))
@@ -96,7 +112,15 @@ def cache_local_logits(cfg: LogitsConfig) -> int:
                                     "logprobs": lps, "log_tail": tail})
                     bar.update(int(ids.shape[0]))
             writer.add_shard(entries)
-    return _finish(cfg, header, started)
+    launch.barrier()
+    if not launch.main:
+        return 0
+    merge_parts(cfg.out)
+    return _finish(cfg, header, started, distributed=launch.record(SPLIT))
+
+
+#: How ``cache_local_logits`` spreads traces over the ranks of a launch (in the run record).
+SPLIT = "round-robin over the traces not yet cached, in file order: rank r of N takes the r-th, (r+N)-th, ..."
 
 
 def cache_api_logits(cfg: LogitsConfig) -> int:
@@ -192,7 +216,7 @@ def cache_served_logits(cfg: LogitsConfig) -> int:
                              vocab_size=vocab_size, top_k=cfg.top_k, temperature=1.0)
             examples = _all_examples(cfg, tokenizer, options)
             writer, todo, n_tokens = _resume(cfg, header, examples, "score", f"top-{cfg.top_k} of '{cfg.model}' "
-                                             f"served by {client.server} at {cfg.base_url}")
+                                             f"served by {client.server} at {client.base_url}")
             with tqdm(total=n_tokens, unit="tok", desc="served top-k", dynamic_ncols=True) as bar:
                 async def entry(ex: dict) -> dict:
                     where = f"{cfg.traces}:{ex['example_index'] + 1}: trace '{ex['id']}'"
@@ -209,7 +233,8 @@ def cache_served_logits(cfg: LogitsConfig) -> int:
 
                 for first in range(0, len(todo), cfg.shard_size):
                     writer.add_shard(list(await asyncio.gather(*map(entry, todo[first:first + cfg.shard_size]))))
-            return {"header": header, "endpoint": cfg.base_url, "server": client.server, **client.stats}
+            return {"header": header, "endpoint": client.base_url, "server": client.server, **client.stats,
+                    "endpoints": client.pool.summary()}
 
     served = asyncio.run(run())
     return _finish(cfg, served.pop("header"), started, served=served)

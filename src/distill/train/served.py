@@ -22,9 +22,11 @@ Two servers, told apart once per run by :meth:`ServedClient.check`:
 The tokenizer is checked once per run on a probe text: the server's ``/tokenize`` (vLLM) or
 ``/extras/tokenize`` (llama-cpp-python) must give the student's ids; a server with neither gets a
 round trip (the probe sent as text with ``prompt_logprobs=0``: the ids it scored). Requests are
-async, ``concurrency`` in flight, and retried by the API teacher's rules (``teachers.api``:
+async, ``concurrency`` in flight, and retried by the API teacher's rules (``teachers.endpoints``:
 408/429/5xx, timeouts and dropped connections, ``Retry-After`` honoured); any other 4xx will
-fail every time and stops the run in one line.
+fail every time and stops the run in one line. Several base URLs (replicas of one server) share
+the requests through the same ``teachers.endpoints.EndpointPool`` as the API teacher: fewest in
+flight first, a failing one backed off and its request retried on another; each is checked.
 
 Server log-probs are the model's own distribution (temperature 1). Rows are the cache's: the
 top k (most likely first), padded to k with other ids at ``FLOOR``, and the log of the mass
@@ -34,6 +36,7 @@ outside them (``api_mapping`` does the same for API log-probs).
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import re
 import threading
@@ -42,7 +45,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from distill.errors import DistillError
-from distill.teachers.api import backoff_seconds, retry_after_seconds, retryable_status
+from distill.teachers.endpoints import (EndpointPool, RequestFailed, Retry, endpoint_urls, retry_after_seconds,
+                                       retryable_status)
 from distill.train.api_mapping import FLOOR, token_bytes
 
 if TYPE_CHECKING:
@@ -129,6 +133,11 @@ class PrintedVocab:
         return b"".join(self.bytes[i] for i in ids).decode("utf-8", "replace")
 
 
+def _server_root(url: str) -> str:
+    """The server's own routes (``/tokenize``) sit beside its OpenAI ``/v1``."""
+    return re.sub(r"/v1$", "", url.rstrip("/"))
+
+
 def first_mismatch(ours: list[int], theirs: list[int]) -> int | None:
     """Index of the first differing token (or the shorter length), None when equal."""
     for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -155,13 +164,14 @@ def _error_message(response) -> str:
 class ServedClient:
     """``async with ServedClient(...) as c: await c.check(); rows = await c.score(ids, positions)``."""
 
-    def __init__(self, *, base_url: str, model: str, top_k: int, tokenizer, student: str, vocab_size: int,
-                 concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0, retry_backoff: float = 1.0):
-        self.base_url = base_url.rstrip("/")
-        self.root = re.sub(r"/v1$", "", self.base_url)
+    def __init__(self, *, base_url: str | list[str], model: str, top_k: int, tokenizer, student: str,
+                 vocab_size: int, concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0,
+                 retry_backoff: float = 1.0):
+        urls = endpoint_urls(base_url, "--base-url")
+        self.pool = EndpointPool(urls, max_retries=max_retries, retry_backoff=retry_backoff)
+        self.base_url = ", ".join(url.rstrip("/") for url in urls)  # where messages say the server is
         self.model, self.top_k, self.student, self.vocab_size = model, top_k, student, vocab_size
-        self.tokenizer, self.concurrency = tokenizer, concurrency
-        self.max_retries, self.timeout, self.retry_backoff = max_retries, timeout, retry_backoff
+        self.tokenizer, self.concurrency, self.timeout = tokenizer, concurrency, timeout
         self.vocab = PrintedVocab(tokenizer)
         self.bos = tokenizer.bos_token_id
         self.server: str | None = None   # "vllm" (token-id prompts) or "llama-cpp-python" (text prompts), set by check
@@ -181,55 +191,63 @@ class ServedClient:
 
     # ------------------------------------------------------------ requests
 
-    async def _post(self, url: str, body: dict, parse=lambda data: data, *, missing_ok: bool = False,
-                    retries: int | None = None):
-        """POST with the API teacher's retry rules; ``parse`` raising _BadResponse is retried too.
+    async def _post(self, path: str, body: dict, parse=lambda data: data, *, at_root: bool = False,
+                    missing_ok: bool = False, retries: int | None = None, tokens: int = 0):
+        """POST ``path`` (under the base URL, or ``at_root`` under the server root) to an endpoint of the
+        pool, retried by its rules; ``parse`` raising _BadResponse is retried too.
 
-        ``missing_ok``: 404/405/422 return None (an endpoint this server does not have).
+        ``missing_ok``: 404/405/422 return None (an endpoint this server does not have). ``tokens``:
+        the tokens scored, counted for the endpoint that answers.
         """
         import httpx
 
-        retries = self.max_retries if retries is None else retries
-        for attempt in range(retries + 1):
-            wait = None
+        sent = 0
+
+        async def attempt(endpoint):
+            nonlocal sent
+            sent += 1
+            url = (_server_root(endpoint.url) if at_root else endpoint.url.rstrip("/")) + path
             self.stats["requests"] += 1
             try:
                 response = await self.http.post(url, json=body)
             except httpx.TimeoutException:
-                reason = f"timed out after {self.timeout:g} s"
+                raise Retry(f"timed out after {self.timeout:g} s") from None
             except httpx.TransportError as e:
-                reason = f"connection error ({type(e).__name__}: {e})".replace(" ()", "")
-            else:
-                self.stats["bytes_received"] += len(response.content)
-                code = response.status_code
-                if code == 200:
-                    try:
-                        return parse(response.json())
-                    except (ValueError, KeyError, IndexError, TypeError, _BadResponse) as e:
-                        reason = f"bad response ({type(e).__name__}: {e})"
-                elif missing_ok and code in (404, 405, 422):
-                    return None
-                elif not retryable_status(code):
-                    raise Refused(url, code, _error_message(response))
-                else:
-                    reason = f"HTTP {code}: {_error_message(response)}"
-                    wait = retry_after_seconds(response.headers)
-            if attempt == retries:
-                raise DistillError(f"{url}: the teacher server failed {attempt + 1} times, last: {reason}")
-            self.stats["retries"] += 1
-            await asyncio.sleep(backoff_seconds(attempt, self.retry_backoff, wait))
-        raise AssertionError("unreachable")
+                raise Retry(f"connection error ({type(e).__name__}: {e})".replace(" ()", "")) from None
+            self.stats["bytes_received"] += len(response.content)
+            code = response.status_code
+            if code == 200:
+                try:
+                    result = parse(response.json())
+                    endpoint.tokens_in += tokens
+                    return result
+                except (ValueError, KeyError, IndexError, TypeError, _BadResponse) as e:
+                    raise Retry(f"bad response ({type(e).__name__}: {e})") from None
+            if missing_ok and code in (404, 405, 422):
+                return None
+            if not retryable_status(code):
+                raise Refused(url, code, _error_message(response))
+            raise Retry(f"HTTP {code}: {_error_message(response)}", retry_after_seconds(response.headers))
+
+        try:
+            result, _ = await self.pool.call(attempt, retries)
+        except RequestFailed as e:
+            url = (_server_root(e.url) if at_root else e.url.rstrip("/")) + path
+            raise DistillError(f"{url}: the teacher server failed {e.attempts} times, last: {e.reason}") from None
+        finally:
+            self.stats["retries"] += sent - 1
+        return result
 
     async def _tokenize(self, text: str, retries: int | None = None) -> tuple[str, list[int]] | None:
         """(server kind, the server's ids for ``text``) from its tokenize endpoint; None if it has none."""
         if self.server in (None, "vllm"):
             body = {"model": self.model, "prompt": text, "add_special_tokens": False}
-            data = await self._post(f"{self.root}/tokenize", body, missing_ok=True, retries=retries)
+            data = await self._post("/tokenize", body, at_root=True, missing_ok=True, retries=retries)
             if isinstance(data, dict) and isinstance(data.get("tokens"), list):
                 return "vllm", data["tokens"]
         if self.server in (None, "llama-cpp-python"):
             body = {"model": self.model, "input": text}
-            data = await self._post(f"{self.root}/extras/tokenize", body, missing_ok=True, retries=retries)
+            data = await self._post("/extras/tokenize", body, at_root=True, missing_ok=True, retries=retries)
             if isinstance(data, dict) and isinstance(data.get("tokens"), list):
                 return "llama-cpp-python", data["tokens"]
         return None
@@ -237,8 +255,21 @@ class ServedClient:
     # ------------------------------------------------------------ the once-per-run check
 
     async def check(self) -> None:
-        """Reachable, the student's tokenizer, log-probs, and top-k within the server's limit; else one line."""
+        """Reachable, the student's tokenizer, log-probs, and top-k within the server's limit; else one line.
+
+        Several endpoints are each checked and must be servers of one kind.
+        """
         import httpx
+
+        if len(self.pool.endpoints) > 1:
+            pinned = [self._pinned(e.url) for e in self.pool.endpoints]
+            await asyncio.gather(*(client.check() for client in pinned))
+            kinds = {client.server for client in pinned}
+            if len(kinds) > 1:
+                raise DistillError("the teacher endpoints are different servers (" + ", ".join(
+                    f"{c.base_url}: {c.server}" for c in pinned) + "); serve the teacher the same way on each")
+            self.server = kinds.pop()
+            return
 
         try:
             await self.http.get(f"{self.base_url}/models", timeout=min(self.timeout, 15.0))
@@ -259,6 +290,13 @@ class ServedClient:
         if at is not None:
             raise DistillError(self._other_tokenizer(ours, theirs, at))
         await self._probe_logprobs(ours[:PROBE_SCORED])
+
+    def _pinned(self, url: str) -> "ServedClient":
+        """This client on one of its endpoints only (sharing its connections and counts), to check that one."""
+        pinned = copy.copy(self)
+        pinned.base_url = url.rstrip("/")
+        pinned.pool = EndpointPool([url], max_retries=self.pool.max_retries, retry_backoff=self.pool.retry_backoff)
+        return pinned
 
     def _without_added_bos(self, theirs: list[int], ours: list[int]) -> list[int]:
         """The server's ids less the BOS llama.cpp adds itself where the GGUF says so (add_bos_token)."""
@@ -285,7 +323,7 @@ class ServedClient:
                 raise _BadResponse("prompt_logprobs=0 gave more than the actual token")
             return [-1] + [int(next(iter(e))) for e in entries[1:]]
 
-        return await self._post(f"{self.base_url}/completions", body, scored_ids, retries=CHECK_RETRIES)
+        return await self._post("/completions", body, scored_ids, retries=CHECK_RETRIES)
 
     async def _probe_logprobs(self, ids: list[int]) -> None:
         """One short scoring request: refuses a server without log-probs or with a lower top-k limit."""
@@ -331,8 +369,8 @@ class ServedClient:
             else:
                 body = {"model": self.model, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.top_k,
                         "temperature": 1.0, "top_p": 1.0}
-                rows = await self._post(f"{self.base_url}/completions", body,
-                                        lambda data: self._vllm_rows(data, ids, positions), retries=retries)
+                rows = await self._post("/completions", body, lambda data: self._vllm_rows(data, ids, positions),
+                                        retries=retries, tokens=len(ids))
         return self._pack(rows)
 
     def _vllm_rows(self, data: dict, ids: list[int], positions: list[int]) -> list:
@@ -370,8 +408,8 @@ class ServedClient:
                 f"here; serve the teacher with vLLM, which takes token ids")
         body = {"model": self.model, "prompt": text, "echo": True, "logprobs": self.top_k, "max_tokens": 1,
                 "temperature": 0.0}
-        return await self._post(f"{self.base_url}/completions", body,
-                                lambda data: self._echo_rows(data, prompt, ids, positions), retries=retries)
+        return await self._post("/completions", body, lambda data: self._echo_rows(data, prompt, ids, positions),
+                                retries=retries, tokens=len(ids))
 
     def _echo_rows(self, data: dict, prompt: list[int], ids: list[int], positions: list[int]) -> list:
         """llama-cpp-python 0.3.x ``echo`` log-probs -> rows, with its quirks.
@@ -502,8 +540,9 @@ class ServedTeacher:
       to start scoring while the student works (the two above wait on it).
     """
 
-    def __init__(self, *, base_url: str, model: str, top_k: int, tokenizer, student: str, vocab_size: int,
-                 concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0, retry_backoff: float = 1.0):
+    def __init__(self, *, base_url: str | list[str], model: str, top_k: int, tokenizer, student: str,
+                 vocab_size: int, concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0,
+                 retry_backoff: float = 1.0):
         self.client = ServedClient(base_url=base_url, model=model, top_k=top_k, tokenizer=tokenizer,
                                    student=student, vocab_size=vocab_size, concurrency=concurrency,
                                    max_retries=max_retries, timeout=timeout, retry_backoff=retry_backoff)

@@ -11,6 +11,9 @@ commands that fill it (``distill logits`` from a local, API or served teacher):
 - ``index.json`` holds the settings the cache was made with (teacher, tokenizer fingerprint,
   top-k, temperature, rendering) and the list of finished shards. Shards and the index are
   written atomically (temp file + rename), so a rerun skips every trace in a finished shard.
+- in a data-parallel launch each rank lists its shards in its own ``index.part-RANK.json``;
+  ``merge_parts`` folds every part index into ``index.json`` (at the end, and at the start of a
+  rerun after a killed launch). The shard files stay where they are, so merging is one write.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from distill.records import write_json
 
 FORMAT = "distill-topk-logits/1"
 INDEX = "index.json"
+PART_INDEX = "index.part-{rank}.json"
 
 
 def token_sha(input_ids) -> str:
@@ -113,9 +117,12 @@ def read_index(directory: Path) -> dict | None:
 
 
 class CacheWriter:
-    """Appends shards to a cache directory; refuses one made with other settings (``header``)."""
+    """Appends shards to a cache directory; refuses one made with other settings (``header``).
 
-    def __init__(self, out: str | Path, header: dict):
+    ``part=RANK``: a data-parallel rank's writer, listing its shards in its own part index under
+    names no other rank or launch uses (``merge_parts`` folds them into ``index.json``)."""
+
+    def __init__(self, out: str | Path, header: dict, part: int | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.index = read_index(self.out) or {"format": FORMAT, "header": header, "shards": []}
@@ -125,14 +132,40 @@ class CacheWriter:
             raise DistillError(f"{self.out / INDEX}: cache was made with other settings ({diff}); use a new --out")
         #: ids of the traces already cached (a rerun skips them)
         self.done = LogitsCache(self.out).trace_ids() if self.index["shards"] else set()
+        self.index_file, self.shard_name = INDEX, "shard-{:05d}.safetensors"
+        if part is not None:  # the main index only grows, so its length tells launches apart
+            self.index_file = PART_INDEX.format(rank=part)
+            self.shard_name = f"shard-{len(self.index['shards']):05d}-rank{part}-{{:05d}}.safetensors"
+            self.index = {"format": FORMAT, "header": header, "shards": []}
 
     def add_shard(self, entries: list[dict]) -> None:
         """Write the next shard, then the index that lists it (a crash between the two loses nothing)."""
-        name = f"shard-{len(self.index['shards']):05d}.safetensors"
+        name = self.shard_name.format(len(self.index["shards"]))
         write_shard(self.out / name, entries)
         self.index["shards"].append({"file": name, "traces": len(entries),
                                      "tokens": sum(int(e["ids"].shape[0]) for e in entries)})
-        write_json(self.out / INDEX, self.index)
+        write_json(self.out / self.index_file, self.index)
+
+
+def merge_parts(directory: str | Path) -> None:
+    """Fold the part indexes of data-parallel ranks (of this launch or a killed one) into
+    ``index.json``. Safe to repeat after a crash: a shard already listed is not listed twice,
+    and a part index goes only once ``index.json`` lists its shards."""
+    directory = Path(directory)
+    parts = sorted(directory.glob(PART_INDEX.format(rank="*")))
+    if not parts:
+        return
+    index = read_index(directory)
+    for path in parts:
+        part = json.loads(path.read_text())
+        index = index or {"format": FORMAT, "header": part["header"], "shards": []}
+        if part["header"] != index["header"]:
+            raise DistillError(f"{path}: made with other settings than {directory / INDEX}; use a new --out")
+        listed = {s["file"] for s in index["shards"]}
+        index["shards"] += [s for s in part["shards"] if s["file"] not in listed]
+    write_json(directory / INDEX, index)
+    for path in parts:
+        path.unlink()
 
 
 def cache_stats(directory: Path) -> dict:

@@ -83,8 +83,11 @@ def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32)
-    # LoRA leaves the base frozen, so it can sit in bf16; trained weights stay fp32 masters.
-    dtype = torch.bfloat16 if (cfg.lora or cfg.qlora) and use_bf16 else torch.float32
+    # LoRA leaves the base frozen, so it can sit in bf16; trained weights are fp32, or bf16 with
+    # fp32 masters in the optimizer (train.optim).
+    if cfg.weights_dtype == "bf16" and not use_bf16:
+        raise DistillError("--weights-dtype bf16 trains in bf16: it needs --bf16 (a GPU with bf16, or --bf16 on a CPU)")
+    dtype = torch.bfloat16 if use_bf16 and (cfg.lora or cfg.qlora or cfg.weights_dtype == "bf16") else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as e:
@@ -158,6 +161,7 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds host -> GPU copies
+        use_cpu=use_bf16 and not torch.accelerator.is_available(),  # transformers wants bf16 on a CPU said
         **eval_kwargs,
     )
     return TrainingArguments(**{**kwargs, **overrides})

@@ -32,6 +32,7 @@ from distill.errors import DistillError
 from distill.train.distributed import whole
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
 from distill.train.on_policy import OnPolicy
+from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
 from distill.train.rendering import target_mask
 
 #: Tokens per loss chunk for SFT: 4096 x 151,936 bf16 logits are 1.2 GB, and fewer chunks mean
@@ -60,6 +61,13 @@ class SFTTrainer(Trainer):
         (``distributed.whole``), not DeepSpeed or FSDP1."""
         fsdp1 = self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False)
         return not (self.is_deepspeed_enabled or fsdp1)
+
+    def create_optimizer(self, model=None):
+        """The configured AdamW, over fp32 master copies when the trained weights are bf16."""
+        if self.optimizer is None and trains_bf16_weights(self.model):
+            _, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer_cls_and_kwargs = (MasterWeightAdamW, kwargs)
+        return super().create_optimizer(model)
 
     def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
