@@ -14,7 +14,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 TRAIN_LAYERS = {
-    "store": 0, "kd_losses": 0, "optim": 0,
+    "store": 0, "kd_losses": 0, "distributed": 0, "optim": 0,
     "rendering": 1,
     "batching": 2, "api_mapping": 2, "rollouts": 2,
     "teachers": 3, "on_policy": 3, "served": 3,

@@ -64,6 +64,7 @@ def test_cli_training_learns_a_trace_and_saves_a_loadable_model(tmp_path, tiny_l
     assert SUMMARY_KEYS <= set(summary)
     assert summary["method"] == "sft" and summary["teacher"] == "teacher-x" and summary["train_examples"] == 1
     assert summary["tokens_seen"] > 0 and record["data"]["traces"]["sha256"]
+    assert record["distributed"] == {"kind": "one process", "world_size": 1, "sharded": "nothing", "teacher": None}
     curve = losses(out)
     assert curve[40] < curve[1] / 10, curve
     model = AutoModelForCausalLM.from_pretrained(out)

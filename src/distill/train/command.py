@@ -2,13 +2,19 @@
 
 Built on transformers' ``Trainer`` (accelerate underneath) so the same command scales from one
 GPU to many with ``accelerate launch --config_file configs/accelerate/fsdp.yaml -m distill.cli
-train ...`` (or DeepSpeed ZeRO-3 with ``configs/accelerate/zero3.yaml``).
+train ...`` (or DeepSpeed ZeRO-3 with ``configs/accelerate/zero3.yaml``). SFT and KD (online,
+offline, served, on-policy) both run under FSDP2: the chunked loss gathers the sharded output
+embedding once per micro-batch (``distributed.whole``), and the online teacher is sharded over the
+same processes (``distributed.shard_frozen``) unless ``--teacher-device`` places it whole. Under
+DeepSpeed SFT uses the model's own loss and KD refuses (``distributed`` says why).
 
 :func:`run_training` trains with any trainer class (``trainers``), resumes, saves model +
 tokenizer + chat template, and writes ``OUT/distill_run.json`` whose ``summary`` (method,
 base_model, teacher, train_examples, eval_examples, tokens_seen, lora, wall_time_s, device,
 final_train_loss, final_eval_loss) and ``loss_curve`` the eval/compare steps read, and ``held_out``
-(the traces' path and sha256 and the prompt ids kept out of training), where eval measures fidelity.
+(the traces' path and sha256 and the prompt ids kept out of training), where eval measures fidelity,
+and ``distributed`` (FSDP2 / ZeRO-3 / DDP / one process, world_size, what was sharded, where the
+teacher lived: ``distributed.describe``).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class TrainConfig:
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
     weights_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "full fine-tuning: the student's weights in fp32 under bf16 autocast, or in bf16 with fp32 master copies in the optimizer (no per-step weight casts; bench/RESULTS.md)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
-    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under FSDP/DeepSpeed); pip install liger-kernel"})
+    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under DeepSpeed); pip install liger-kernel"})
     # run
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
@@ -84,7 +90,7 @@ class TrainConfig:
     teacher_url: list[str] | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts; several (comma-separated replicas) share the requests"})
     teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
     teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
-    teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1)"})
+    teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1; default: each process's own device, and sharded like the student under FSDP2)"})
     # on-policy KD
     on_policy: float = field(default=0.0, metadata={"help": "KD: share of micro-batches (GKD's lambda, 0..1) on which the student samples completions for the prompts and the teacher scores its tokens; 0 = off-policy"})
     prompts: str | None = field(default=None, metadata={"help": "on-policy: prompts file/dataset instead of the traces' prompts (needs --on-policy 1); options as in generate"})
@@ -161,17 +167,19 @@ def _save(trainer, setup, cfg) -> None:
             setup.tokenizer.save_pretrained(merged_dir)
 
 
-def run_training(cfg, trainer_cls=None, setup=None,
-                 extra_record: dict | None = None, **trainer_kwargs) -> int:
+def run_training(cfg, trainer_cls=None, setup=None, extra_record: dict | None = None,
+                 teacher_placement: str | None = None, **trainer_kwargs) -> int:
     """Train with ``trainer_cls`` (default ``SFTTrainer``), save, write the run record.
 
     ``trainer_kwargs`` go to the trainer's constructor (e.g. ``teacher=`` for KD);
-    ``extra_record`` is merged into ``distill_run.json`` (e.g. KD loss settings).
+    ``extra_record`` is merged into ``distill_run.json`` (e.g. KD loss settings);
+    ``teacher_placement`` says where the teacher lived (the record's ``distributed`` entry).
     """
     import torch
 
     from distill.config import to_dict
     from distill.runinfo import run_record
+    from distill.train.distributed import describe
     from distill.train.student import prepare
     from distill.train.trainers import SaveAndStopOnSignal, SFTTrainer
 
@@ -222,8 +230,9 @@ def run_training(cfg, trainer_cls=None, setup=None,
     if trainer.is_world_process_zero():
         data = {name: path for name, path in (("traces", cfg.traces), ("prompts", cfg.prompts))
                 if path and Path(path).is_file()}
-        record = run_record(f"train --method {cfg.method}", to_dict(cfg), data,
-                            summary=summary, data_stats=setup.stats, loss_curve=curve, **(extra_record or {}))
+        record = run_record(f"train --method {cfg.method}", to_dict(cfg), data, summary=summary,
+                            data_stats=setup.stats, loss_curve=curve,
+                            distributed=describe(trainer, teacher_placement), **(extra_record or {}))
         if "traces" in record["data"]:  # the prompts not trained on: eval scores fidelity on them
             held_out = setup.eval_dataset.examples if setup.eval_dataset is not None else []
             record["held_out"] = {**record["data"]["traces"], "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
@@ -288,6 +297,7 @@ def kd_settings(cfg):
 
 def run_kd(cfg: TrainConfig) -> int:
     """``--method kd``: the SFT run with a teacher (local model, served model or logits cache) and the KD loss."""
+    from distill.train.distributed import sharded_run
     from distill.train.student import prepare
     from distill.train.teachers import CachedTeacher, OnlineTeacher, local_teacher_path
     from distill.train.trainers import KDTrainer
@@ -305,9 +315,12 @@ def run_kd(cfg: TrainConfig) -> int:
     extra = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                     "chunk_size": kd.chunk_size}}
     if cfg.teacher:
+        # this process's device (the Trainer moves the student there later), or sharded like the student
+        shard = sharded_run() == "FSDP2" and not cfg.teacher_device
         teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student,
-                                     cfg.teacher_device or str(student_out.device), student_out.shape[0])
+                                     cfg.teacher_device or str(setup.args.device), student_out.shape[0], shard=shard)
         extra["kd"].update(mode="online", teacher=cfg.teacher)
+        placement = teacher.placement
     elif cfg.teacher_url:
         from distill.train.served import ServedTeacher
 
@@ -317,12 +330,14 @@ def run_kd(cfg: TrainConfig) -> int:
                                 tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_out.shape[0])
         extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {teacher.client.base_url}",
                            top_k=cfg.teacher_top_k)
+        placement = f"served at {cfg.teacher_url}"
     else:
         teacher = CachedTeacher.open(cfg.teacher_logits, setup.tokenizer, setup.examples, student=cfg.student,
                                      traces=cfg.traces, kd_temperature=cfg.kd_temperature,
                                      student_rows=student_out.shape[0])
         extra["kd"].update(mode="offline", teacher=teacher.cache.header["teacher"], cache=str(cfg.teacher_logits),
                            cache_header=teacher.cache.header)
+        placement = f"none in the run: its logits cache {cfg.teacher_logits}"
     on_policy = None
     if cfg.on_policy:
         on_policy = on_policy_schedule(cfg, setup)
@@ -331,8 +346,8 @@ def run_kd(cfg: TrainConfig) -> int:
                                     "rollouts_per_prompt": cfg.rollouts_per_prompt,
                                     "prompts": cfg.prompts or "the traces' prompts"}
     try:
-        return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra, kd=kd, teacher=teacher,
-                            on_policy=on_policy)
+        return run_training(cfg, trainer_cls=KDTrainer, setup=setup, extra_record=extra,
+                            teacher_placement=placement, kd=kd, teacher=teacher, on_policy=on_policy)
     finally:
         if hasattr(teacher, "close"):  # a served teacher's connections and event loop
             teacher.close()
@@ -342,14 +357,19 @@ def on_policy_schedule(cfg: TrainConfig, setup):
     """The student's rollouts for the training prompts, sampled with transformers' ``generate``."""
     import torch
 
+    from distill.train.distributed import sharded_run
     from distill.train.on_policy import OnPolicy
     from distill.train.rollouts import HFRollouts, RolloutSettings, prompt_ids
 
     if cfg.rollout_max_tokens < 1 or cfg.rollouts_per_prompt < 1 or cfg.rollout_temperature < 0:
         raise DistillError("--rollout-max-tokens and --rollouts-per-prompt must be >= 1, --rollout-temperature >= 0")
     cache = cfg.rollout_cache
+    sharded = sharded_run()
     if cache == "auto":  # the Trainer puts the student on the GPU when there is one
-        cache = "static" if torch.cuda.is_available() and not (cfg.lora or cfg.qlora) else "dynamic"
+        cache = "static" if torch.cuda.is_available() and not (cfg.lora or cfg.qlora or sharded) else "dynamic"
+    if cache == "static" and sharded:
+        raise DistillError(f"--rollout-cache static samples from a whole copy of the student; under {sharded} "
+                           "the student is sharded: use --rollout-cache dynamic")
     engine = HFRollouts(setup.tokenizer, RolloutSettings(max_tokens=cfg.rollout_max_tokens,
                                                          temperature=cfg.rollout_temperature,
                                                          per_prompt=cfg.rollouts_per_prompt,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from distill.train.distributed import sharded_over_processes
 from distill.train.rendering import IGNORE_INDEX, end_of_turn_id, target_mask
 
 
@@ -91,8 +92,9 @@ class HFRollouts:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
+                # a sharded student's forward is collective: every process decodes until all are done
                 out = sampler.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config)
+                                       generation_config=config, synced_gpus=sharded_over_processes(sampler))
         finally:
             sampler.train(was_training)
         rollouts = []

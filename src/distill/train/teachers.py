@@ -70,36 +70,58 @@ def vocab_rows(model_path: str) -> int:
 
 
 class OnlineTeacher:
-    """A frozen local model; its final hidden states at the target positions, per batch."""
+    """A frozen local model; its final hidden states at the target positions, per batch.
 
-    def __init__(self, model, student_rows: int):
+    Under FSDP2 it is sharded like the student (``distributed.shard_frozen``, never seen by the
+    Trainer) unless ``--teacher-device`` places it whole on a device of its own; ``placement`` says
+    which, for the run record.
+    """
+
+    def __init__(self, model, student_rows: int, placement: str | None = None):
         self.model = model
         self.vocab_size = min(student_rows, model.get_output_embeddings().weight.shape[0])
+        self.placement = placement or str(model.get_output_embeddings().weight.device)
 
     @classmethod
-    def load(cls, name: str, tokenizer, student_name: str, device: str, student_rows: int) -> "OnlineTeacher":
-        """The teacher ``name`` on ``device`` (bf16 on a GPU), checked to share the student's tokenizer."""
+    def load(cls, name: str, tokenizer, student_name: str, device: str, student_rows: int,
+             shard: bool = False) -> "OnlineTeacher":
+        """The teacher ``name`` on ``device`` (bf16 on a GPU), checked to share the student's tokenizer;
+        ``shard``: loaded on the CPU, then sharded over all processes (its shards go to their GPUs)."""
         import torch
 
         from distill.models import load_model, load_tokenizer
+        from distill.train.distributed import shard_frozen
 
         path = local_teacher_path(name)
         check_same_tokenizer(tokenizer, student_name, load_tokenizer(path, require_chat_template=False), name)
-        dtype = torch.bfloat16 if device.startswith("cuda") else None
-        model = load_model(path, device=device, dtype=dtype).eval()
+        on_gpu = device.startswith("cuda") or (shard and torch.cuda.is_available())
+        model = load_model(path, device="cpu" if shard else device, dtype=torch.bfloat16 if on_gpu else None).eval()
         model.requires_grad_(False)
-        return cls(model, student_rows)
+        if not shard:
+            return cls(model, student_rows)
+        world = torch.distributed.get_world_size()
+        return cls(shard_frozen(model), student_rows, placement=f"sharded with the student over {world} processes")
 
     def scores(self, inputs: dict, mask, example_index):
         import torch
 
+        from distill.train.distributed import whole
         from distill.train.kd_losses import DenseTeacher
 
-        weight = self.model.get_output_embeddings().weight
-        with torch.no_grad():
-            hidden = self.model.get_decoder()(**{k: v.to(weight.device) for k, v in inputs.items()},
-                                              use_cache=False).last_hidden_state
-        return DenseTeacher(hidden[:, :-1][mask.to(weight.device)], weight, vocab_size=self.vocab_size)
+        device = self.model.get_input_embeddings().weight.device
+        # the whole model's forward (a sharded model gathers its root's weights in it), with the
+        # decoder's final hidden states taken on the way and the logits of one position only
+        captured = {}
+        hook = self.model.get_decoder().register_forward_hook(
+            lambda module, args, out: captured.update(hidden=out.last_hidden_state))
+        try:
+            with torch.no_grad():
+                self.model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False, logits_to_keep=1)
+        finally:
+            hook.remove()
+        with torch.no_grad():  # sharded: gathered whole, once per micro-batch
+            weight = whole(self.model.get_output_embeddings().weight)
+        return DenseTeacher(captured["hidden"][:, :-1][mask.to(device)], weight, vocab_size=self.vocab_size)
 
 
 class CachedTeacher:

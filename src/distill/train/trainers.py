@@ -8,8 +8,14 @@ Both trainers make the loss from the student's final hidden states a chunk of to
 Qwen2.5's vocabulary are 5 GB in bf16, 10 GB upcast), the LM head runs at the mixed precision
 (bf16), and on CUDA the per-chunk maths is compiled. (Liger's fused linear cross-entropy, under
 transformers' bf16 autocast over fp32 weights, accumulated the LM head's gradient in fp32
-matmuls: 60 ms of a 500 ms step on an H100.) FSDP and DeepSpeed shard the output embedding, so
-there SFT lets the model compute its own loss, and KD refuses.
+matmuls: 60 ms of a 500 ms step on an H100.)
+
+Several processes: under DDP every process holds the whole model. Under FSDP2 (accelerate's
+``fully_shard``, configs/accelerate/fsdp.yaml) the output embedding is sharded: ``distributed.whole``
+gathers it once per micro-batch and its gradient goes back sharded, so SFT and KD use the same
+chunked loss there (tests/test_kd_fsdp.py checks two processes against one). Under DeepSpeed and
+FSDP1 (transformers' ``--fsdp`` string) SFT lets the model compute its own loss and KD refuses: their
+partitioned or flat parameters are not gathered here (why not DeepSpeed: ``distributed``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from distill.errors import DistillError
+from distill.train.distributed import whole
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
 from distill.train.on_policy import OnPolicy
 from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
@@ -43,10 +50,17 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         inputs.pop("example_index", None)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if not self.gathers_lm_head:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, _, _ = self.chunked_loss(model, inputs, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    @property
+    def gathers_lm_head(self) -> bool:
+        """Whether the chunked loss can have the whole output embedding: one process, DDP or FSDP2
+        (``distributed.whole``), not DeepSpeed or FSDP1."""
+        fsdp1 = self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False)
+        return not (self.is_deepspeed_enabled or fsdp1)
 
     def create_optimizer(self, model=None):
         """The configured AdamW, over fp32 master copies when the trained weights are bf16."""
@@ -70,8 +84,8 @@ class SFTTrainer(Trainer):
             # accelerate hands the outputs back in fp32 and the loss runs outside its autocast:
             # without this the LM head would be fp32 matmuls (325 ms of an 830 ms step, H100)
             hidden = hidden.to(torch.bfloat16 if self.args.bf16 else torch.float16)
-        weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         teacher = teacher_scores(mask) if teacher_scores else None
+        weight = whole(self.accelerator.unwrap_model(model).get_output_embeddings().weight)
         total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher, settings or self.loss_settings)
         n_tokens = int(mask.sum())
         if num_items_in_batch is not None:  # the token count of the whole accumulated batch
@@ -104,9 +118,10 @@ class KDTrainer(SFTTrainer):
 
     def __init__(self, *args, kd: KDSettings, teacher, on_policy: OnPolicy | None = None, **kwargs):
         super().__init__(*args, loss_settings=kd, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise DistillError("--method kd does not run under FSDP / DeepSpeed yet (the loss needs the whole "
-                               "output embedding); use one GPU per process (DDP), or --lora")
+        if not self.gathers_lm_head:
+            raise DistillError("--method kd runs under FSDP2 (accelerate launch --config_file "
+                               "configs/accelerate/fsdp.yaml), not DeepSpeed or FSDP1 (the loss needs the whole "
+                               "output embedding, gathered only from FSDP2's shards); or use DDP, or --lora")
         self.teacher = teacher
         self.on_policy = on_policy
         self._sums = {"train": torch.zeros(3), "eval": torch.zeros(3)}  # kd, ce, tokens

@@ -1,0 +1,116 @@
+"""KD steps through ``KDTrainer``'s loss with the student and the online teacher sharded by FSDP2.
+
+Run by tests/test_kd_fsdp.py, once in one process (``one``: plain models, the whole batch) and
+once under ``torchrun --nproc_per_node 2`` on the CPU (gloo, ``ACCELERATE_USE_CPU``: accelerate's
+multi-CPU state, as ``accelerate launch --cpu`` sets it), each process taking every other example of
+the same batches. accelerate applies FSDP only on GPUs (on a CPU ``accelerate launch``
+with an FSDP config trains with DDP), so the student is sharded here by accelerate's own
+``fsdp2_prepare_model`` (mode ``accelerate``: the LM head stays unsharded after the forward pass,
+as under ``accelerate launch --config_file configs/accelerate/fsdp.yaml``) or by ``fully_shard``
+on every unit with resharding after the forward pass (mode ``resharded``: the LM head is a
+``DTensor`` when the loss reads it). The optimizer is plain SGD: its steps are linear in the gradients, so
+the trained weights of two runs differ only as much as their gradients (Adam's normalised steps
+turn round-off in near-zero gradients into whole steps). The Trainer's own loop
+cannot run here: on a CPU accelerate does not set up FSDP.
+
+Writes OUT/curve.json ([loss, gradient norm] per step, both over the whole batch) and the trained
+model (the full state dict, gathered as accelerate's FULL_STATE_DICT does) with save_pretrained.
+
+    python tests/kd_fsdp_worker.py MODE STUDENT TEACHER TRACES OUT
+
+MODE: one, accelerate or resharded (FSDP2);
+TEACHER: a model directory (online, sharded under FSDP2) or a ``distill logits`` cache.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+STEPS, BATCH, LR = 3, 4, 0.5
+
+
+def shard_student(model, mode: str):
+    from torch.distributed.fsdp import fully_shard
+
+    if mode == "resharded":
+        for layer in model.get_decoder().layers:
+            fully_shard(layer)
+        return fully_shard(model, reshard_after_forward=True)
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                  is_main_process=True, torch_device_mesh=None)
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from distill.train.command import TrainConfig, kd_settings
+    from distill.train.rendering import n_targets
+    from distill.train.student import prepare
+    from distill.train.teachers import CachedTeacher, OnlineTeacher
+    from distill.train.trainers import KDTrainer
+
+    torch.manual_seed(0)
+    cache = teacher if os.path.isfile(os.path.join(teacher, "index.json")) else None
+    cfg = TrainConfig(method="kd", student=student, traces=traces, out=out, max_length=160, overlong="truncate",
+                      eval_fraction=0.0, bf16=False, report_to="none", alpha=0.5, kd_chunk_size=16, seed=0,
+                      teacher=None if cache else teacher, teacher_logits=cache)
+    setup = prepare(cfg)
+    setup.args.device  # as run_kd places the teacher: under torchrun this starts accelerate's gloo process group
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    setup.args.average_tokens_across_devices = True
+    rows = setup.model.get_output_embeddings().weight.shape[0]
+    model = setup.model if mode == "one" else shard_student(setup.model, mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    if cache:
+        kd_teacher = CachedTeacher.open(cache, setup.tokenizer, setup.examples, student=student, traces=traces,
+                                        kd_temperature=1.0, student_rows=rows)
+    else:
+        kd_teacher = OnlineTeacher.load(teacher, setup.tokenizer, student, "cpu", rows,
+                                        shard=mode != "one")
+    trainer = KDTrainer(model=model, args=setup.args, train_dataset=setup.train_dataset,
+                        data_collator=setup.collator, processing_class=setup.tokenizer,
+                        kd=kd_settings(cfg), teacher=kd_teacher)
+    examples = setup.train_dataset.examples
+    curve = []
+    for step in range(STEPS):
+        batch = examples[step * BATCH:(step + 1) * BATCH]
+        loss = trainer.compute_loss(model, setup.collator(batch[rank::world]),
+                                    num_items_in_batch=sum(n_targets(e) for e in batch))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = loss.detach()
+        if world > 1:
+            dist.all_reduce(loss)  # each process's loss is its share x world size: the mean is the batch's
+            loss /= world
+        curve.append([float(loss), float(norm)])
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = model.state_dict()
+    if rank == 0:
+        setup.model.save_pretrained(out, state_dict=state)
+        with open(f"{out}/curve.json", "w") as f:
+            json.dump(curve, f)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
