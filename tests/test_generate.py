@@ -290,7 +290,7 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, prompts_file):
 
 
 def test_ctrl_c_exits_130_with_resume_hint(tmp_path, prompts_file):
-    srv = FaultServer(schedules=[[]], latency=0.2).start()
+    srv = FaultServer(schedules=[[]], latency=0.5).start()  # 6 s in all: Ctrl-C lands mid-run on a busy box
     out = tmp_path / "traces.jsonl"
     args = api_args(srv, prompts_file, out, "--n", "2", "--concurrency", "2")
     try:
