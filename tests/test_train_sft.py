@@ -100,17 +100,19 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_continues_step_count_schedule_and_data_order(tmp_path, tiny_qwen2, traces):
-    reference = quick(tiny_qwen2, traces, tmp_path / "ref", max_steps=4, save_steps=2, lr_scheduler="cosine")
+    # 8 traces, batch 2: 4 steps an epoch; stopped in the second epoch, whose length-grouped order
+    # the resumed run must draw as the uninterrupted one did
+    reference = quick(tiny_qwen2, traces, tmp_path / "ref", max_steps=7, save_steps=5, lr_scheduler="cosine")
     interrupted = dataclasses.replace(reference, out=str(tmp_path / "run"))
     run_training(reference)
-    run_training(interrupted, callbacks=[StopAt(2)])  # extra trainer kwargs pass through
-    assert (tmp_path / "run" / "checkpoint-2").is_dir() and list(losses(tmp_path / "run")) == [1, 2]
+    run_training(interrupted, callbacks=[StopAt(5)])  # extra trainer kwargs pass through
+    assert (tmp_path / "run" / "checkpoint-5").is_dir() and list(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
     run_training(dataclasses.replace(interrupted, resume=True))
     done, ref = losses(tmp_path / "run"), losses(tmp_path / "ref")
-    assert list(done) == [1, 2, 3, 4]
-    for step in (3, 4):
+    assert list(done) == [1, 2, 3, 4, 5, 6, 7]
+    for step in (6, 7):
         assert done[step] == pytest.approx(ref[step], rel=1e-5)
-    assert json.loads((tmp_path / "run" / RUN_RECORD).read_text())["summary"]["global_step"] == 4
+    assert json.loads((tmp_path / "run" / RUN_RECORD).read_text())["summary"]["global_step"] == 7
 
 
 def test_lora_adapter_saves_loads_changes_outputs_and_merges(tmp_path, tiny_qwen2, traces):

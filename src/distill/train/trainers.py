@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
 from distill.train.distributed import whole
@@ -95,6 +96,12 @@ class SFTTrainer(Trainer):
         else:
             loss = total / max(n_tokens, 1)
         return loss, terms, n_tokens
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed)
+        return sampler
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -183,6 +190,25 @@ class KDTrainer(SFTTrainer):
         if mode == "train":
             logs.update(self._rollout_stats.flush())
         super().log(logs, *args, **kwargs)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from (seed, epoch) instead of the global RNG.
+
+    The global RNG of a resumed run is the one saved at the checkpoint, mid-epoch, so the epoch's
+    order was drawn again from another state: a run resumed after its first epoch trained on other
+    batches than the run it continues. The Trainer calls ``set_epoch`` before each epoch."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 def _elapsed(started: float, model) -> float:
