@@ -247,9 +247,16 @@ class socket_port:
 # --- crashes: kill -9 and Ctrl-C, then rerun -------------------------------------------------
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C (SIGINT) delivered and handled, as in a terminal, even where the tests run as a shell's
+    background job (SIGINT ignored) or a thread of the test process blocked it: a child inherits both."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start_cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "distill.cli", *args], env=env, preexec_fn=_as_from_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -290,7 +297,7 @@ def test_sigkill_mid_run_then_rerun_completes(tmp_path, prompts_file):
 
 
 def test_ctrl_c_exits_130_with_resume_hint(tmp_path, prompts_file):
-    srv = FaultServer(schedules=[[]], latency=0.5).start()  # 6 s in all: Ctrl-C lands mid-run on a busy box
+    srv = FaultServer(schedules=[[]], latency=0.2).start()
     out = tmp_path / "traces.jsonl"
     args = api_args(srv, prompts_file, out, "--n", "2", "--concurrency", "2")
     try:
