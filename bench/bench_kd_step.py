@@ -4,7 +4,7 @@
     python bench/bench_kd_step.py --device cpu --tiny      # smoke run at tiny sizes
 
 Rows (all through transformers.Trainer, same TrainingArguments: bf16, gradient checkpointing,
-batch 1, AdamW, random-weight models of the real architectures, half of each sequence prompt):
+batch 1 (--batch-size), AdamW, random-weight models of the real architectures, half of each sequence prompt):
 
 1. distill online KD (gJSD beta 0.5): teacher hidden states, chunked fused loss.
 2. TRL GKD loss path at equal settings (lmbda 0, i.e. no on-policy generation; beta 0.5): full
@@ -114,7 +114,7 @@ def fake_cache(directory: Path, data: Dataset, vocab: int, k: int) -> CachedTeac
 def run(label, trainer_cls, student, data, args_kw, steps, **kw):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(max_steps=1, per_device_train_batch_size=1, learning_rate=1e-5,
+    args = TrainingArguments(max_steps=1, learning_rate=1e-5,
                              report_to=[], save_strategy="no", logging_steps=10**6,
                              remove_unused_columns=False, disable_tqdm=True, **args_kw)
     trainer = (trainer_cls or Trainer)(model=student, args=args, train_dataset=data,
@@ -132,7 +132,7 @@ def run(label, trainer_cls, student, data, args_kw, steps, **kw):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        return label, steps * len(data.rows[0]["input_ids"]) / seconds, peak
+        return label, steps * args.per_device_train_batch_size * len(data.rows[0]["input_ids"]) / seconds, peak
     except torch.OutOfMemoryError:
         return label, None, None
     finally:
@@ -147,6 +147,7 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 4096; tiny 128)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (the largest each side fits: raise it)")
     p.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="distill rows' student: fp32 under autocast, or bf16 with fp32 masters (--weights-dtype)")
     p.add_argument("--compile-teacher", action="store_true", help="torch.compile the teacher's decoder layers")
@@ -156,9 +157,9 @@ def main():
     length = args.seq_len or (128 if args.tiny else 4096)
     t_spec, s_spec = (TINY_T, TINY_S) if args.tiny else (QWEN_7B, QWEN_1_5B)
     bf16 = cuda
-    args_kw = {"bf16": bf16, "gradient_checkpointing": True,
+    args_kw = {"bf16": bf16, "gradient_checkpointing": True, "per_device_train_batch_size": args.batch_size,
                "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": not cuda}
-    data = Dataset(args.steps, length, s_spec["vocab_size"])
+    data = Dataset(args.steps * args.batch_size, length, s_spec["vocab_size"])
     wanted = set(args.only.split(",")) if args.only else {"online", "trl", "offline", "sft"}
     ours = torch.bfloat16 if args.weights_dtype == "bf16" else torch.float32  # distill's student weights
     rows = []
@@ -186,7 +187,7 @@ def main():
     name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers
     print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
-          f"seq {length}; batch 1; {'bf16' if bf16 else 'fp32'}; distill student weights {args.weights_dtype}; "
+          f"seq {length}; batch {args.batch_size}; {'bf16' if bf16 else 'fp32'}; distill student weights {args.weights_dtype}; "
           f"gradient checkpointing\n")
     print("| run | tokens/s | peak GiB |")
     print("|---|---:|---:|")
