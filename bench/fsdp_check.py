@@ -1,8 +1,9 @@
-"""FSDP2 check of ``distill train`` (SFT, or KD from an online teacher sharded beside the student):
-it trains, a run stopped half-way resumes to the same losses, and the saved model loads.
+"""FSDP2 / ZeRO-3 check of ``distill train`` (SFT, or KD from an online teacher sharded beside the
+student): it trains, a run stopped half-way resumes to the same losses, and the saved model loads.
 
     python bench/fsdp_check.py --gpus 2                 # SFT
     python bench/fsdp_check.py --gpus 2 --method kd     # online KD, teacher sharded too
+    python bench/fsdp_check.py --gpus 2 --method kd --backend zero3   # the same under DeepSpeed ZeRO-3
 
 Builds a small random Qwen2 student (4 layers, hidden 512; the KD teacher: 6 layers) with the SmolLM2 tokenizer and chat
 template (from --tokenizer, default the test fixture's converted SmolLM2 directory), writes
@@ -57,6 +58,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--method", choices=["sft", "kd"], default="sft")
+    p.add_argument("--backend", choices=["fsdp", "zero3"], default="fsdp", help="configs/accelerate/BACKEND.yaml")
     p.add_argument("--tokenizer", default=str(REPO / ".cache/models/SmolLM2-135M-Instruct.Q4_1.hf"))
     p.add_argument("--work", default=str(REPO / "runs/fsdp-check"))
     p.add_argument("--steps", type=int, default=20)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
         method = ["--method", "kd", "--teacher", str(teacher), "--alpha", "0.5"]
 
     def launch(out: Path, steps: int, *extra: str) -> None:
-        cmd = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
+        cmd = ["accelerate", "launch", "--config_file", str(REPO / f"configs/accelerate/{args.backend}.yaml"),
                "--num_processes", str(args.gpus), "-m", "distill.cli", "train", *method,
                "--student", str(student), "--traces", str(traces), "--out", str(out),
                "--max-steps", str(steps), "--batch-size", "2", "--global-batch-size", str(4 * args.gpus),
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
 
-    straight, resumed = work / f"{args.method}-straight", work / f"{args.method}-resumed"
+    straight, resumed = (work / f"{args.backend}-{args.method}-{run}" for run in ("straight", "resumed"))
     launch(straight, args.steps)
     launch(resumed, args.steps // 2)
     launch(resumed, args.steps, "--resume")

@@ -54,8 +54,9 @@ def smollm2_dir(smollm2_gguf) -> Path:
     return ensure_hf_dir(smollm2_gguf)
 
 
-def build_tiny(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0, layers: int = 2) -> Path:
-    """A tiny random causal LM of a real architecture with the SmolLM2 tokenizer, saved to ``out``."""
+def build_tiny(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0, layers: int = 2, tied: bool = True) -> Path:
+    """A tiny random causal LM of a real architecture with the SmolLM2 tokenizer, saved to ``out``;
+    ``tied``: the output embedding is the input one (as in small Qwen2/Llama models, not 7B+ ones)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -64,7 +65,7 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0, layers:
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     if kind == "llama":

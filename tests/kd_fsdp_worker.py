@@ -1,4 +1,4 @@
-"""KD steps through ``KDTrainer``'s loss with the student and the online teacher sharded by FSDP2.
+"""KD steps through ``KDTrainer``'s loss with the student and the online teacher sharded by FSDP2 or ZeRO-3.
 
 Run by tests/test_kd_fsdp.py, once in one process (``one``: plain models, the whole batch) and
 once under ``torchrun --nproc_per_node 2`` on the CPU (gloo, ``ACCELERATE_USE_CPU``: accelerate's
@@ -8,7 +8,9 @@ with an FSDP config trains with DDP), so the student is sharded here by accelera
 ``fsdp2_prepare_model`` (mode ``accelerate``: the LM head stays unsharded after the forward pass,
 as under ``accelerate launch --config_file configs/accelerate/fsdp.yaml``) or by ``fully_shard``
 on every unit with resharding after the forward pass (mode ``resharded``: the LM head is a
-``DTensor`` when the loss reads it). The optimizer is plain SGD: its steps are linear in the gradients, so
+``DTensor`` when the loss reads it), or by DeepSpeed ZeRO-3 (mode ``zero3``: ``deepspeed.initialize``
+as accelerate calls it, on DeepSpeed's CPU accelerator; the online teacher partitioned by
+``distributed.shard_frozen_zero3``). The optimizer is plain SGD: its steps are linear in the gradients, so
 the trained weights of two runs differ only as much as their gradients (Adam's normalised steps
 turn round-off in near-zero gradients into whole steps). The Trainer's own loop
 cannot run here: on a CPU accelerate does not set up FSDP.
@@ -18,8 +20,8 @@ model (the full state dict, gathered as accelerate's FULL_STATE_DICT does) with 
 
     python tests/kd_fsdp_worker.py MODE STUDENT TEACHER TRACES OUT
 
-MODE: one, accelerate or resharded (FSDP2);
-TEACHER: a model directory (online, sharded under FSDP2) or a ``distill logits`` cache.
+MODE: one, accelerate or resharded (FSDP2), zero3;
+TEACHER: a model directory (online, sharded with the student) or a ``distill logits`` cache.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ def shard_student(model, mode: str):
     return fsdp2_prepare_model(accelerator, model)
 
 
+def zero3_engine(model):
+    """The student as accelerate hands it to the Trainer under ZeRO-3: a DeepSpeed engine with SGD."""
+    import deepspeed
+    import torch
+
+    config = {"train_micro_batch_size_per_gpu": BATCH // 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                      config=config)
+    return engine
+
+
 def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
     import os
 
@@ -70,15 +84,18 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     setup.args.average_tokens_across_devices = True
     rows = setup.model.get_output_embeddings().weight.shape[0]
-    model = setup.model if mode == "one" else shard_student(setup.model, mode)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    if mode == "zero3":
+        model, optimizer = zero3_engine(setup.model), None  # the engine steps its own
+    else:
+        model = setup.model if mode == "one" else shard_student(setup.model, mode)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     if cache:
         kd_teacher = CachedTeacher.open(cache, setup.tokenizer, setup.examples, student=student, traces=traces,
                                         kd_temperature=1.0, student_rows=rows)
     else:
         kd_teacher = OnlineTeacher.load(teacher, setup.tokenizer, student, "cpu", rows,
-                                        shard=mode != "one")
-    trainer = KDTrainer(model=model, args=setup.args, train_dataset=setup.train_dataset,
+                                        shard={"one": None, "zero3": "ZeRO-3"}.get(mode, "FSDP2"))
+    trainer = KDTrainer(model=getattr(model, "module", model), args=setup.args, train_dataset=setup.train_dataset,
                         data_collator=setup.collator, processing_class=setup.tokenizer,
                         kd=kd_settings(cfg), teacher=kd_teacher)
     examples = setup.train_dataset.examples
@@ -87,17 +104,24 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
         batch = examples[step * BATCH:(step + 1) * BATCH]
         loss = trainer.compute_loss(model, setup.collator(batch[rank::world]),
                                     num_items_in_batch=sum(n_targets(e) for e in batch))
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        optimizer.step()
-        optimizer.zero_grad()
+        if mode == "zero3":
+            model.backward(loss)
+            model.step()
+            norm = model.get_global_grad_norm()
+        else:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            optimizer.step()
+            optimizer.zero_grad()
         loss = loss.detach()
         if world > 1:
             dist.all_reduce(loss)  # each process's loss is its share x world size: the mean is the batch's
             loss /= world
         curve.append([float(loss), float(norm)])
-    if world > 1:
+    if mode == "zero3":
+        state = model._zero3_consolidated_16bit_state_dict()  # what accelerate saves (zero3_save_16bit_model)
+    elif world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -3,10 +3,10 @@
 Built on transformers' ``Trainer`` (accelerate underneath) so the same command scales from one
 GPU to many with ``accelerate launch --config_file configs/accelerate/fsdp.yaml -m distill.cli
 train ...`` (or DeepSpeed ZeRO-3 with ``configs/accelerate/zero3.yaml``). SFT and KD (online,
-offline, served, on-policy) both run under FSDP2: the chunked loss gathers the sharded output
-embedding once per micro-batch (``distributed.whole``), and the online teacher is sharded over the
-same processes (``distributed.shard_frozen``) unless ``--teacher-device`` places it whole. Under
-DeepSpeed SFT uses the model's own loss and KD refuses (``distributed`` says why).
+offline, served, on-policy) both run under FSDP2 and ZeRO-3: the chunked loss runs as the LM head's
+forward pass with its sharded weight gathered (``distributed.as_output_layer``). The online teacher
+is sharded over the same processes (FSDP2: ``distributed.shard_frozen``; ZeRO-3: DeepSpeed's inference
+partitioning, ``distributed.shard_frozen_zero3``) unless ``--teacher-device`` places it whole (FSDP2).
 
 :func:`run_training` trains with any trainer class (``trainers``), resumes, saves model +
 tokenizer + chat template, and writes ``OUT/distill_run.json`` whose ``summary`` (method,
@@ -70,7 +70,7 @@ class TrainConfig:
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
     weights_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "full fine-tuning: the student's weights in fp32 under bf16 autocast, or in bf16 with fp32 master copies in the optimizer (no per-step weight casts; bench/RESULTS.md)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
-    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one, except under DeepSpeed); pip install liger-kernel"})
+    liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one); pip install liger-kernel"})
     # run
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
     save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
@@ -90,7 +90,7 @@ class TrainConfig:
     teacher_url: list[str] | None = field(default=None, metadata={"help": "KD: a served teacher's base URL (vllm serve / llama.cpp) that scores the batches' tokens, also the student's rollouts; several (comma-separated replicas) share the requests"})
     teacher_model: str | None = field(default=None, metadata={"help": "KD --teacher-url: the model name on the server"})
     teacher_top_k: int = field(default=20, metadata={"help": "KD --teacher-url: top-k log-probs per token asked from the server (0: only the sampled token's, for the per-token reverse-KL estimator)"})
-    teacher_device: str | None = field(default=None, metadata={"help": "KD: device for the online teacher (e.g. cuda:1; default: each process's own device, and sharded like the student under FSDP2)"})
+    teacher_device: str | None = field(default=None, metadata={"help": "KD: a device for the whole online teacher (e.g. cuda:1; not under ZeRO-3). Default: each process's own device, or sharded like the student under FSDP2 and ZeRO-3"})
     # on-policy KD
     on_policy: float = field(default=0.0, metadata={"help": "KD: share of micro-batches (GKD's lambda, 0..1) on which the student samples completions for the prompts and the teacher scores its tokens; 0 = off-policy"})
     prompts: str | None = field(default=None, metadata={"help": "on-policy: prompts file/dataset instead of the traces' prompts (needs --on-policy 1); options as in generate"})
@@ -316,7 +316,10 @@ def run_kd(cfg: TrainConfig) -> int:
                     "chunk_size": kd.chunk_size}}
     if cfg.teacher:
         # this process's device (the Trainer moves the student there later), or sharded like the student
-        shard = sharded_run() == "FSDP2" and not cfg.teacher_device
+        shard = None if cfg.teacher_device else sharded_run()
+        if cfg.teacher_device and sharded_run() == "ZeRO-3":
+            raise DistillError("--teacher-device: under ZeRO-3 transformers loads every model partitioned, so the "
+                               "online teacher is sharded with the student (drop --teacher-device, or use FSDP2)")
         teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student,
                                      cfg.teacher_device or str(setup.args.device), student_out.shape[0], shard=shard)
         extra["kd"].update(mode="online", teacher=cfg.teacher)

@@ -11,48 +11,74 @@ tokens x vocabulary logits. Under sharding that weight is not whole on any proce
   (and the tied input embedding) unsharded after the forward pass (``reshard_after_forward=False``
   for that group): then the weight is already whole, and FSDP reduce-scatters its gradient itself.
 
-Anything else (one process, DDP, a LoRA student) is returned as it is. DeepSpeed ZeRO-3 is not
-handled: gathering its partitioned LM head with ``deepspeed.zero.GatheredParameters`` for the loss
-was tried on CPUs (DeepSpeed 0.19.8, gloo) and is wrong. With tied embeddings two processes matched
-one for two SGD steps, then drifted (third step: loss 7e-4, gradient norm 3.6% off); untied, the
-backward pass failed (the gradient arrives when the parameter is partitioned again). So under
-DeepSpeed SFT lets the model compute its own loss and KD refuses (``trainers``).
+- DeepSpeed ZeRO-3: a parameter is whole only inside its own module's forward pass (a hook gathers
+  it there), and its gradient is reduce-scattered by hooks that module's forward attached to its
+  inputs and outputs. So :func:`as_output_layer` runs the loss *as the LM head's forward pass*: ZeRO-3
+  gathers the weight for it, gathers it again when backward reaches the loss and reduces its
+  gradient as it does for any layer. (Gathering it with ``deepspeed.zero.GatheredParameters`` outside
+  a forward pass was tried first and gave wrong gradients: the gradient arrives when the parameter
+  is partitioned again.) ZeRO-1/2 keep whole parameters; nothing to do.
+
+Anything else (one process, DDP, a LoRA student) is returned as it is.
 """
 
 from __future__ import annotations
 
 
 def whole(weight):
-    """``weight`` in full on this process (see the module doc); differentiable."""
+    """``weight`` in full on this process (see the module doc); differentiable, except a frozen
+    ZeRO-3 partition (the online teacher's), which is copied whole, once per micro-batch."""
     from torch.distributed.tensor import DTensor, Partial
 
     if isinstance(weight, DTensor):
         return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    if hasattr(weight, "ds_id") and not weight.requires_grad and weight.ds_status.name == "NOT_AVAILABLE":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
     return weight
 
 
+def as_output_layer(model, loss_fn, hidden, *tensors):
+    """``loss_fn(hidden, weight, *tensors)`` with ``weight`` the model's whole output embedding; under
+    ZeRO-3 run as the output layer's own forward pass, the only place it is whole (see the module doc).
+    Tensor arguments only: ZeRO-3's hooks look for the tensors among a module's inputs and outputs."""
+    head = model.get_output_embeddings()
+    if not hasattr(head.weight, "ds_id"):  # not ZeRO-3 (under FSDP2 a second call of the head crashed backward)
+        return loss_fn(hidden, whole(head.weight), *tensors)
+    head.forward = lambda *args: loss_fn(args[0], head.weight, *args[1:])
+    try:
+        return head(hidden, *tensors)
+    finally:
+        del head.forward  # the class's forward again
+
+
 def sharded_run() -> str | None:
-    """"FSDP2" or "DeepSpeed" when this run (as accelerate launched it) shards the student, else None."""
+    """"FSDP2" or "ZeRO-3" when this run (as accelerate launched it) shards the student's
+    parameters, else None (ZeRO-1/2 shard only optimizer state and gradients)."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     state = PartialState()
     if state.distributed_type == DistributedType.FSDP:
         return "FSDP2"
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        return "DeepSpeed"
+    if state.distributed_type == DistributedType.DEEPSPEED and is_deepspeed_zero3_enabled():
+        return "ZeRO-3"
     return None
 
 
 def sharded_over_processes(model) -> bool:
-    """Whether ``model``'s forward passes are collective (FSDP2 over several processes): then every
-    process must run as many of them, e.g. ``generate(synced_gpus=True)``."""
+    """Whether ``model``'s forward passes are collective (FSDP2 or ZeRO-3 over several processes): then
+    every process must run as many of them, e.g. ``generate(synced_gpus=True)``."""
     import torch
     from torch.distributed.fsdp import FSDPModule
 
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or \
+        any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 marks its partitioned parameters
 
 
 def shard_frozen(model, mesh=None):
@@ -65,6 +91,20 @@ def shard_frozen(model, mesh=None):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def shard_frozen_zero3(model, bf16: bool):
+    """A frozen model (the online teacher) as a ZeRO-3 inference engine's module: its parameters stay
+    partitioned over the processes (transformers loaded it so under the student's ZeRO-3 config) and
+    DeepSpeed's hooks gather each layer's for its forward pass. Every process must then run as many
+    teacher forward passes, which the Trainer's lockstep micro-batches do."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16}}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.module.eval()
+    engine.module.distill_engine = engine  # the hooks' owner lives as long as the model
+    return engine.module
 
 
 def describe(trainer, teacher: str | None) -> dict:

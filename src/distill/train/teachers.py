@@ -72,9 +72,9 @@ def vocab_rows(model_path: str) -> int:
 class OnlineTeacher:
     """A frozen local model; its final hidden states at the target positions, per batch.
 
-    Under FSDP2 it is sharded like the student (``distributed.shard_frozen``, never seen by the
-    Trainer) unless ``--teacher-device`` places it whole on a device of its own; ``placement`` says
-    which, for the run record.
+    Under FSDP2 or ZeRO-3 it is sharded like the student (``distributed.shard_frozen`` or
+    ``shard_frozen_zero3``, never seen by the Trainer) unless ``--teacher-device`` places it whole on
+    a device of its own (FSDP2 only); ``placement`` says which, for the run record.
     """
 
     def __init__(self, model, student_rows: int, placement: str | None = None):
@@ -84,23 +84,26 @@ class OnlineTeacher:
 
     @classmethod
     def load(cls, name: str, tokenizer, student_name: str, device: str, student_rows: int,
-             shard: bool = False) -> "OnlineTeacher":
+             shard: str | None = None) -> "OnlineTeacher":
         """The teacher ``name`` on ``device`` (bf16 on a GPU), checked to share the student's tokenizer;
-        ``shard``: loaded on the CPU, then sharded over all processes (its shards go to their GPUs)."""
+        ``shard`` ("FSDP2" or "ZeRO-3"): sharded over all processes like the student instead."""
         import torch
 
         from distill.models import load_model, load_tokenizer
-        from distill.train.distributed import shard_frozen
+        from distill.train.distributed import shard_frozen, shard_frozen_zero3
 
         path = local_teacher_path(name)
         check_same_tokenizer(tokenizer, student_name, load_tokenizer(path, require_chat_template=False), name)
         on_gpu = device.startswith("cuda") or (shard and torch.cuda.is_available())
-        model = load_model(path, device="cpu" if shard else device, dtype=torch.bfloat16 if on_gpu else None).eval()
+        # FSDP2 shards it from the CPU; under ZeRO-3 transformers loads it partitioned already, on ``device``
+        model = load_model(path, device="cpu" if shard == "FSDP2" else device,
+                           dtype=torch.bfloat16 if on_gpu else None).eval()
         model.requires_grad_(False)
         if not shard:
             return cls(model, student_rows)
         world = torch.distributed.get_world_size()
-        return cls(shard_frozen(model), student_rows, placement=f"sharded with the student over {world} processes")
+        model = shard_frozen(model) if shard == "FSDP2" else shard_frozen_zero3(model, bf16=on_gpu)
+        return cls(model, student_rows, placement=f"sharded with the student over {world} processes ({shard})")
 
     def scores(self, inputs: dict, mask, example_index):
         import torch

@@ -11,11 +11,12 @@ transformers' bf16 autocast over fp32 weights, accumulated the LM head's gradien
 matmuls: 60 ms of a 500 ms step on an H100.)
 
 Several processes: under DDP every process holds the whole model. Under FSDP2 (accelerate's
-``fully_shard``, configs/accelerate/fsdp.yaml) the output embedding is sharded: ``distributed.whole``
-gathers it once per micro-batch and its gradient goes back sharded, so SFT and KD use the same
-chunked loss there (tests/test_kd_fsdp.py checks two processes against one). Under DeepSpeed and
-FSDP1 (transformers' ``--fsdp`` string) SFT lets the model compute its own loss and KD refuses: their
-partitioned or flat parameters are not gathered here (why not DeepSpeed: ``distributed``).
+``fully_shard``, configs/accelerate/fsdp.yaml) and DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml)
+the output embedding is sharded: the loss runs as the LM head's forward pass with the weight
+gathered (``distributed.as_output_layer``) and its gradient goes back sharded, so SFT and KD use
+the same chunked loss there (tests/test_kd_fsdp.py checks two processes against one). Under FSDP1
+(transformers' ``--fsdp`` string) SFT lets the model compute its own loss and KD refuses: its flat
+parameters are not gathered here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
-from distill.train.distributed import whole
+from distill.train.distributed import as_output_layer
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
 from distill.train.on_policy import OnPolicy
 from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
@@ -58,14 +59,14 @@ class SFTTrainer(Trainer):
 
     @property
     def gathers_lm_head(self) -> bool:
-        """Whether the chunked loss can have the whole output embedding: one process, DDP or FSDP2
-        (``distributed.whole``), not DeepSpeed or FSDP1."""
-        fsdp1 = self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False)
-        return not (self.is_deepspeed_enabled or fsdp1)
+        """Whether the chunked loss can have the whole output embedding: one process, DDP, FSDP2 or
+        DeepSpeed (``distributed.as_output_layer``), not FSDP1."""
+        return not (self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False))
 
     def create_optimizer(self, model=None):
-        """The configured AdamW, over fp32 master copies when the trained weights are bf16."""
-        if self.optimizer is None and trains_bf16_weights(self.model):
+        """The configured AdamW, over fp32 master copies when the trained weights are bf16 (DeepSpeed
+        keeps its own masters: its bf16 weights take the plain AdamW, which it wraps)."""
+        if self.optimizer is None and trains_bf16_weights(self.model) and not self.is_deepspeed_enabled:
             _, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             self.optimizer_cls_and_kwargs = (MasterWeightAdamW, kwargs)
         return super().create_optimizer(model)
@@ -86,8 +87,10 @@ class SFTTrainer(Trainer):
             # without this the LM head would be fp32 matmuls (325 ms of an 830 ms step, H100)
             hidden = hidden.to(torch.bfloat16 if self.args.bf16 else torch.float16)
         teacher = teacher_scores(mask) if teacher_scores else None
-        weight = whole(self.accelerator.unwrap_model(model).get_output_embeddings().weight)
-        total, terms = chunked_kd_loss(hidden, weight, labels[:, 1:][mask], teacher, settings or self.loss_settings)
+        settings = settings or self.loss_settings
+        total, terms = as_output_layer(self.accelerator.unwrap_model(model),
+                                       lambda h, weight, targets: chunked_kd_loss(h, weight, targets, teacher, settings),
+                                       hidden, labels[:, 1:][mask])
         n_tokens = int(mask.sum())
         if num_items_in_batch is not None:  # the token count of the whole accumulated batch
             loss = total / num_items_in_batch
@@ -126,9 +129,9 @@ class KDTrainer(SFTTrainer):
     def __init__(self, *args, kd: KDSettings, teacher, on_policy: OnPolicy | None = None, **kwargs):
         super().__init__(*args, loss_settings=kd, **kwargs)
         if not self.gathers_lm_head:
-            raise DistillError("--method kd runs under FSDP2 (accelerate launch --config_file "
-                               "configs/accelerate/fsdp.yaml), not DeepSpeed or FSDP1 (the loss needs the whole "
-                               "output embedding, gathered only from FSDP2's shards); or use DDP, or --lora")
+            raise DistillError("--method kd runs under FSDP2 (accelerate launch --config_file configs/accelerate/fsdp.yaml) "
+                               "or DeepSpeed (configs/accelerate/zero3.yaml), not FSDP1 (--fsdp): the loss needs the "
+                               "whole output embedding, not gathered from FSDP1's flat parameters")
         self.teacher = teacher
         self.on_policy = on_policy
         self._sums = {"train": torch.zeros(3), "eval": torch.zeros(3)}  # kd, ce, tokens
