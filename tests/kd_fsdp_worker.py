@@ -10,7 +10,7 @@ as under ``accelerate launch --config_file configs/accelerate/fsdp.yaml``) or by
 on every unit with resharding after the forward pass (mode ``resharded``: the LM head is a
 ``DTensor`` when the loss reads it), or by DeepSpeed ZeRO-3 (mode ``zero3``: ``deepspeed.initialize``
 as accelerate calls it, on DeepSpeed's CPU accelerator; the online teacher partitioned by
-``distributed.shard_frozen_zero3``). The optimizer is plain SGD: its steps are linear in the gradients, so
+``distributed.shard_frozen_zero3``). The optimizer is SGD with momentum: its steps are linear in the gradients, so
 the trained weights of two runs differ only as much as their gradients (Adam's normalised steps
 turn round-off in near-zero gradients into whole steps). The Trainer's own loop
 cannot run here: on a CPU accelerate does not set up FSDP.
@@ -18,7 +18,11 @@ cannot run here: on a CPU accelerate does not set up FSDP.
 Writes OUT/curve.json ([loss, gradient norm] per step, both over the whole batch) and the trained
 model (the full state dict, gathered as accelerate's FULL_STATE_DICT does) with save_pretrained.
 
-    python tests/kd_fsdp_worker.py MODE STUDENT TEACHER TRACES OUT
+CHECKPOINT (FSDP2 modes): a directory. Empty, the run stops after step ``STOP_AT`` and saves the
+sharded model and optimizer state there as accelerate's FSDP2 checkpoints do (torch distributed
+checkpoint); holding one, the run loads it and takes the remaining steps (OUT/curve.json: those).
+
+    python tests/kd_fsdp_worker.py MODE STUDENT TEACHER TRACES OUT [CHECKPOINT]
 
 MODE: one, accelerate or resharded (FSDP2), zero3;
 TEACHER: a model directory (online, sharded with the student) or a ``distill logits`` cache.
@@ -30,7 +34,7 @@ import json
 import sys
 from types import SimpleNamespace
 
-STEPS, BATCH, LR = 3, 4, 0.5
+STEPS, BATCH, LR, MOMENTUM, STOP_AT = 3, 4, 0.5, 0.5, 2
 
 
 def shard_student(model, mode: str):
@@ -57,12 +61,38 @@ def zero3_engine(model):
 
     config = {"train_micro_batch_size_per_gpu": BATCH // 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                      config=config)
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
     return engine
 
 
-def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
+def save_checkpoint(model, optimizer, directory: str, step: int) -> None:
+    """The sharded model and optimizer state (momentum), as accelerate's FSDP2 checkpoint holds them."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+    if dist.get_rank() == 0:
+        with open(f"{directory}/step.json", "w") as f:
+            json.dump(step, f)
+
+
+def load_checkpoint(model, optimizer, directory: str) -> int:
+    """Load :func:`save_checkpoint`'s state into the freshly sharded model and optimizer; the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(f"{directory}/step.json") as f:
+        return json.load(f)
+
+
+def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoint: str | None = None) -> None:
     import os
 
     import torch
@@ -88,7 +118,7 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
         model, optimizer = zero3_engine(setup.model), None  # the engine steps its own
     else:
         model = setup.model if mode == "one" else shard_student(setup.model, mode)
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     if cache:
         kd_teacher = CachedTeacher.open(cache, setup.tokenizer, setup.examples, student=student, traces=traces,
                                         kd_temperature=1.0, student_rows=rows)
@@ -100,7 +130,9 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
                         kd=kd_settings(cfg), teacher=kd_teacher)
     examples = setup.train_dataset.examples
     curve = []
-    for step in range(STEPS):
+    resuming = checkpoint is not None and os.path.isfile(f"{checkpoint}/step.json")
+    first = load_checkpoint(model, optimizer, checkpoint) if resuming else 0
+    for step in range(first, STEPS):
         batch = examples[step * BATCH:(step + 1) * BATCH]
         loss = trainer.compute_loss(model, setup.collator(batch[rank::world]),
                                     num_items_in_batch=sum(n_targets(e) for e in batch))
@@ -119,6 +151,9 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str) -> None:
             dist.all_reduce(loss)  # each process's loss is its share x world size: the mean is the batch's
             loss /= world
         curve.append([float(loss), float(norm)])
+        if checkpoint is not None and not resuming and step + 1 == STOP_AT:
+            save_checkpoint(model, optimizer, checkpoint, step + 1)
+            break
     if mode == "zero3":
         state = model._zero3_consolidated_16bit_state_dict()  # what accelerate saves (zero3_save_16bit_model)
     elif world > 1:
