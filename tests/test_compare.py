@@ -85,6 +85,15 @@ def test_files_keep_the_order_given(three_runs, capsys):
     assert [line.split("|")[1].strip() for line in lines[2:4]] == ["student-kd", "teacher"]
 
 
+def test_one_sample_per_problem_has_no_cons_column(tmp_path, capsys):
+    """cons@1 is pass@1: with k = 1 in every row the column would only repeat it."""
+    write(tmp_path, "a", result("teacher", {"distill_gsm8k": task(0.125, 0.0625, 0.125, 0.9, k=1)}))
+    write(tmp_path, "b", result("student", {"distill_gsm8k": task(0.0625, 0.03, 0.0625, 1.0, k=1)}, training=SFT))
+    assert compare(CompareConfig(results=[str(tmp_path)])) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "distill_gsm8k pass@1" in header and "distill_gsm8k finished" in header and "cons@" not in header
+
+
 @pytest.mark.parametrize("change, named", [
     ({"generation": {"temperature": 0.0}}, "temperature 0.0 vs 0.6"),
     ({"generation": {"system_prompt": "Be brief."}}, "system_prompt 'Be brief.' vs null"),

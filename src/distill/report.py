@@ -266,8 +266,11 @@ def _hours(hours: float) -> str:
     return f"{hours:.0f}" if hours >= 100 else f"{hours:.1f}" if hours >= 1 else f"{hours:.3f}"
 
 
-def _cons_header(rows: list[Row], task: str) -> str:
+def _cons_header(rows: list[Row], task: str) -> str | None:
+    """cons@K for the rows' one k, cons@k for several, None when every row drew one sample (cons@1 is pass@1)."""
     ks = {row.task(task).get("k") for row in rows if row.task(task)}
+    if ks == {1}:
+        return None
     return f"cons@{ks.pop()}" if len(ks) == 1 else "cons@k"
 
 
@@ -287,7 +290,8 @@ def _task_columns(rows: list[Row], t: str) -> list[tuple[str, Callable[[Row], st
         stderr = (row.task(t) or {}).get("metrics", {}).get("pass@1_stderr")
         return metric(row, "pass@1") + (f" ± {_pct(stderr)}" if row.task(t) and stderr is not None else "")
 
-    return [(f"{t} pass@1", pass1), (f"{t} {_cons_header(rows, t)}", lambda row: metric(row, "cons@k")),
+    cons = _cons_header(rows, t)
+    return [(f"{t} pass@1", pass1), *([(f"{t} {cons}", lambda row: metric(row, "cons@k"))] if cons else []),
             (f"{t} finished", lambda row: metric(row, "finished_rate", 0))]
 
 
