@@ -104,12 +104,39 @@ def flops_per_sequence(config, s: int) -> float:
     return 6 * params * s + 6 * L * d * s * s
 
 
-def run_row(name: str, make_trainer, config, warmup: int) -> dict:
+def step_profiler(name: str, warmup: int, steps: int = 3):
+    """Profiles ``steps`` optimizer steps after the warm-up and prints the kernels that took the most
+    GPU time (where a row's step time goes, side by side with another row's)."""
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and state.global_step == warmup + steps:
+                torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                print(f"\n## {name}: {steps} steps, by GPU time\n" + self.profiler.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+                self.profiler = None
+
+    return StepProfiler()
+
+
+def run_row(name: str, make_trainer, config, warmup: int, profile: bool = False) -> dict:
     """Train one row; returns tokens/s and achieved TFLOP/s over the timed steps."""
     torch.manual_seed(0)
     trainer, meter = make_trainer()
     timer = step_timer(warmup)
     trainer.add_callback(timer)
+    if profile:
+        trainer.add_callback(step_profiler(name, warmup))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -139,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
     p.add_argument("--only", default=None, help="comma-separated row names to run")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over 3 steps after the warm-up of each row: prints its top CUDA kernels "
+                        "(the rows' timings then include the profiler's overhead)")
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initialises: Trainer stays on the CPU
@@ -168,7 +198,7 @@ def main(argv=None) -> int:
         wanted = {w.strip() for w in args.only.split(",")}
         rows = [r for r in rows if r[0] in wanted]
 
-    results = [run_row(name, make, config, warmup) for name, make in rows]
+    results = [run_row(name, make, config, warmup, args.profile) for name, make in rows]
     _print_table(results, args, max_len, steps, warmup, attn, trl_note)
     return 0
 
