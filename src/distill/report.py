@@ -340,7 +340,8 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 def notes(rows: list[Row]) -> list[str]:
     """Lines under the table: what the numbers are, and every marked row's differences."""
     sizes = ", ".join(f"{t} n={_first_task_field(rows, t, 'n_problems')}" for t in task_names(rows))
-    lines = [f"Scores in %: pass@1 ± standard error over k samples per problem, cons@k = majority vote of k; "
+    cons = ", cons@k = majority vote of k" if any(_cons_header(rows, t) for t in task_names(rows)) else ""
+    lines = [f"Scores in %: pass@1 ± standard error over k samples per problem{cons}; "
              f"finished = answers that ended before the token limit ({sizes})."]
     fidelity = next((row.result["fidelity"] for row in rows if row.result.get("fidelity")), None)
     if fidelity:
