@@ -54,15 +54,17 @@ def smollm2_dir(smollm2_gguf) -> Path:
     return ensure_hf_dir(smollm2_gguf)
 
 
-def build_tiny(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0, layers: int = 2, tied: bool = True) -> Path:
+def build_tiny(kind: str, tokenizer_dir: Path, out: Path, seed: int = 0, layers: int = 2, tied: bool = True,
+               extra_rows: int = 0) -> Path:
     """A tiny random causal LM of a real architecture with the SmolLM2 tokenizer, saved to ``out``;
-    ``tied``: the output embedding is the input one (as in small Qwen2/Llama models, not 7B+ ones)."""
+    ``tied``: the output embedding is the input one (as in small Qwen2/Llama models, not 7B+ ones);
+    ``extra_rows``: embedding rows past the tokenizer's (Qwen2.5-7B has 128 more than Qwen2.5-1.5B)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=len(tok) + extra_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=tied,

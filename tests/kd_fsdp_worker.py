@@ -99,6 +99,7 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoin
     import torch.distributed as dist
 
     from distill.train.command import TrainConfig, kd_settings
+    from distill.train.distributed import output_rows
     from distill.train.rendering import n_targets
     from distill.train.student import prepare
     from distill.train.teachers import CachedTeacher, OnlineTeacher
@@ -113,12 +114,12 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoin
     setup.args.device  # as run_kd places the teacher: under torchrun this starts accelerate's gloo process group
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     setup.args.average_tokens_across_devices = True
-    rows = setup.model.get_output_embeddings().weight.shape[0]
     if mode == "zero3":
         model, optimizer = zero3_engine(setup.model), None  # the engine steps its own
     else:
         model = setup.model if mode == "one" else shard_student(setup.model, mode)
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    rows = output_rows(getattr(model, "module", model))  # as run_kd reads them, from the sharded student
     if cache:
         kd_teacher = CachedTeacher.open(cache, setup.tokenizer, setup.examples, student=student, traces=traces,
                                         kd_temperature=1.0, student_rows=rows)

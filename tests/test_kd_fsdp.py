@@ -104,10 +104,13 @@ def test_kd_from_a_cache_with_a_dtensor_lm_head_matches_one(tmp_path, shared_dat
 
 
 @pytest.mark.slow
-def test_kd_online_under_zero3_on_two_processes_matches_one(tmp_path, shared_data, smollm2_dir, tiny_llama):
-    """Student and online teacher partitioned by DeepSpeed ZeRO-3: the loss runs as the LM head's forward."""
+def test_kd_online_under_zero3_on_two_processes_matches_one(tmp_path, shared_data, smollm2_dir):
+    """Student and online teacher partitioned by DeepSpeed ZeRO-3: the loss runs as the LM head's forward.
+    The teacher has more output rows than the student, as Qwen2.5-7B has over 1.5B: only the shared
+    ones count, which needs the rows of a partitioned weight (its own shape is empty)."""
     student = build_tiny("qwen2", smollm2_dir, tmp_path / "student", tied=False)
+    teacher = build_tiny("llama", smollm2_dir, tmp_path / "teacher", extra_rows=64)
     traces = write_traces(tmp_path / "traces.jsonl", shared_data, 0, 12)
-    reference = run_worker("one", student, tiny_llama, traces, tmp_path / "one")
-    curve = run_worker("zero3", student, tiny_llama, traces, tmp_path / "zero3", processes=2)
+    reference = run_worker("one", student, teacher, traces, tmp_path / "one")
+    curve = run_worker("zero3", student, teacher, traces, tmp_path / "zero3", processes=2)
     assert_same_run(curve, reference, tmp_path / "zero3", tmp_path / "one")

@@ -297,7 +297,7 @@ def kd_settings(cfg):
 
 def run_kd(cfg: TrainConfig) -> int:
     """``--method kd``: the SFT run with a teacher (local model, served model or logits cache) and the KD loss."""
-    from distill.train.distributed import sharded_run
+    from distill.train.distributed import output_rows, sharded_run
     from distill.train.student import prepare
     from distill.train.teachers import CachedTeacher, OnlineTeacher, local_teacher_path
     from distill.train.trainers import KDTrainer
@@ -311,17 +311,17 @@ def run_kd(cfg: TrainConfig) -> int:
     if cfg.teacher:
         local_teacher_path(cfg.teacher)  # refuse an API teacher before loading the student
     setup = prepare(cfg)
-    student_out = setup.model.get_output_embeddings().weight
+    student_rows = output_rows(setup.model)  # under ZeRO-3 the student is loaded partitioned
     extra = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                     "chunk_size": kd.chunk_size}}
     if cfg.teacher:
         # this process's device (the Trainer moves the student there later), or sharded like the student
-        shard = None if cfg.teacher_device else sharded_run()
-        if cfg.teacher_device and sharded_run() == "ZeRO-3":
+        sharded = sharded_run()
+        if cfg.teacher_device and sharded == "ZeRO-3":
             raise DistillError("--teacher-device: under ZeRO-3 transformers loads every model partitioned, so the "
                                "online teacher is sharded with the student (drop --teacher-device, or use FSDP2)")
-        teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student,
-                                     cfg.teacher_device or str(setup.args.device), student_out.shape[0], shard=shard)
+        teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student, cfg.teacher_device or str(setup.args.device),
+                                     student_rows, shard=None if cfg.teacher_device else sharded)
         extra["kd"].update(mode="online", teacher=cfg.teacher)
         placement = teacher.placement
     elif cfg.teacher_url:
@@ -330,14 +330,14 @@ def run_kd(cfg: TrainConfig) -> int:
         if cfg.teacher_top_k == 0 and not cfg.on_policy:
             raise DistillError("--teacher-top-k 0 (sampled tokens only) is an on-policy estimator: add --on-policy")
         teacher = ServedTeacher(base_url=cfg.teacher_url, model=cfg.teacher_model, top_k=cfg.teacher_top_k,
-                                tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_out.shape[0])
+                                tokenizer=setup.tokenizer, student=cfg.student, vocab_size=student_rows)
         extra["kd"].update(mode="served", teacher=f"{cfg.teacher_model} at {teacher.client.base_url}",
                            top_k=cfg.teacher_top_k)
         placement = f"served at {cfg.teacher_url}"
     else:
         teacher = CachedTeacher.open(cfg.teacher_logits, setup.tokenizer, setup.examples, student=cfg.student,
                                      traces=cfg.traces, kd_temperature=cfg.kd_temperature,
-                                     student_rows=student_out.shape[0])
+                                     student_rows=student_rows)
         extra["kd"].update(mode="offline", teacher=teacher.cache.header["teacher"], cache=str(cfg.teacher_logits),
                            cache_header=teacher.cache.header)
         placement = f"none in the run: its logits cache {cfg.teacher_logits}"

@@ -25,6 +25,18 @@ Anything else (one process, DDP, a LoRA student) is returned as it is.
 from __future__ import annotations
 
 
+def partitioned_by_zero3(tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``tensor``: it marks the parameters it partitions with ``ds_id``."""
+    return hasattr(tensor, "ds_id")
+
+
+def output_rows(model) -> int:
+    """Rows of the model's output embedding as the whole model has them: a ZeRO-3 partition's own
+    shape is empty (an FSDP2 ``DTensor`` reports the global one)."""
+    weight = model.get_output_embeddings().weight
+    return weight.ds_shape[0] if partitioned_by_zero3(weight) else weight.shape[0]
+
+
 def whole(weight):
     """``weight`` in full on this process (see the module doc); differentiable, except a frozen
     ZeRO-3 partition (the online teacher's), which is copied whole, once per micro-batch."""
@@ -32,7 +44,7 @@ def whole(weight):
 
     if isinstance(weight, DTensor):
         return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
-    if hasattr(weight, "ds_id") and not weight.requires_grad and weight.ds_status.name == "NOT_AVAILABLE":
+    if partitioned_by_zero3(weight) and not weight.requires_grad and weight.ds_status.name == "NOT_AVAILABLE":
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([weight]):
@@ -45,7 +57,7 @@ def as_output_layer(model, loss_fn, hidden, *tensors):
     ZeRO-3 run as the output layer's own forward pass, the only place it is whole (see the module doc).
     Tensor arguments only: ZeRO-3's hooks look for the tensors among a module's inputs and outputs."""
     head = model.get_output_embeddings()
-    if not hasattr(head.weight, "ds_id"):  # not ZeRO-3 (under FSDP2 a second call of the head crashed backward)
+    if not partitioned_by_zero3(head.weight):  # not ZeRO-3 (under FSDP2 a second call of the head crashed backward)
         return loss_fn(hidden, whole(head.weight), *tensors)
     head.forward = lambda *args: loss_fn(args[0], head.weight, *args[1:])
     try:
@@ -77,8 +89,7 @@ def sharded_over_processes(model) -> bool:
 
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules()) or \
-        any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 marks its partitioned parameters
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(map(partitioned_by_zero3, model.parameters()))
 
 
 def shard_frozen(model, mesh=None):
@@ -103,7 +114,9 @@ def shard_frozen_zero3(model, bf16: bool):
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16}}
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.module.eval()
-    engine.module.distill_engine = engine  # the hooks' owner lives as long as the model
+    # the engine removes its hooks when collected, so the model keeps it: as a plain attribute, since
+    # a submodule that holds the model would make the module tree a cycle (eval(), to() would recurse)
+    object.__setattr__(engine.module, "distill_engine", engine)
     return engine.module
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from distill.errors import DistillError
+from distill.train.distributed import output_rows, shard_frozen, shard_frozen_zero3, whole
 from distill.train.rendering import target_mask
 
 
@@ -79,7 +80,7 @@ class OnlineTeacher:
 
     def __init__(self, model, student_rows: int, placement: str | None = None):
         self.model = model
-        self.vocab_size = min(student_rows, model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = min(student_rows, output_rows(model))
         self.placement = placement or str(model.get_output_embeddings().weight.device)
 
     @classmethod
@@ -90,7 +91,6 @@ class OnlineTeacher:
         import torch
 
         from distill.models import load_model, load_tokenizer
-        from distill.train.distributed import shard_frozen, shard_frozen_zero3
 
         path = local_teacher_path(name)
         check_same_tokenizer(tokenizer, student_name, load_tokenizer(path, require_chat_template=False), name)
@@ -108,7 +108,6 @@ class OnlineTeacher:
     def scores(self, inputs: dict, mask, example_index):
         import torch
 
-        from distill.train.distributed import whole
         from distill.train.kd_losses import DenseTeacher
 
         device = self.model.get_input_embeddings().weight.device
