@@ -18,6 +18,7 @@ TRL rows are skipped with a note if trl is not installed (pip install trl).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -161,7 +162,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="sequences (padded) or packed rows per step")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 30; 4 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5; 1 with --tiny)")
-    p.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 if installed, else sdpa)")
+    p.add_argument("--attn", default=None, help="attention implementation (default: distill's for packed rows: "
+                                               "flash_attention_2 if installed, else varlen; sdpa on a CPU)")
+    p.add_argument("--trl-attn", default=None, help="the TRL rows' attention (default: --attn; e.g. flex_attention, "
+                                                    "what TRL can use for packed rows without flash-attn)")
     p.add_argument("--liger", action="store_true", help="Liger kernels on every row (pip install liger-kernel)")
     p.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
@@ -177,6 +181,11 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     attn = args.attn or _default_attn(args.device)
     config = model_config(args.tiny)
+    trl_attn = args.trl_attn or attn
+    if "varlen" in (attn, trl_attn):
+        from distill.train import attention
+
+        attention.register()  # the TRL rows can use it too: transformers' registry is per process
     config._attn_implementation = attn
     # enough sequences for the packed rows: about 3 sequences fit in a row
     examples = synthetic_examples(args.batch_size * steps * 4, max_len, config.vocab_size)
@@ -189,8 +198,8 @@ def main(argv=None) -> int:
                                                              packing=True, weights_dtype="bf16"))]
     try:
         import trl  # noqa: F401
-        rows += [("TRL padded", lambda: _trl(config, examples, args, max_len, steps, packing=False)),
-                 ("TRL packed", lambda: _trl(config, examples, args, max_len, steps, packing=True))]
+        rows += [("TRL padded", lambda: _trl(config, examples, args, max_len, steps, trl_attn, packing=False)),
+                 ("TRL packed", lambda: _trl(config, examples, args, max_len, steps, trl_attn, packing=True))]
         trl_note = f"trl {trl.__version__}"
     except ImportError:
         trl_note = "trl not installed: TRL rows skipped (pip install trl)"
@@ -199,12 +208,13 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r[0] in wanted]
 
     results = [run_row(name, make, config, warmup, args.profile) for name, make in rows]
-    _print_table(results, args, max_len, steps, warmup, attn, trl_note)
+    _print_table(results, args, max_len, steps, warmup, attn if trl_attn == attn else f"{attn} (TRL: {trl_attn})",
+                 trl_note)
     return 0
 
 
 def _default_attn(device: str) -> str:
-    """distill's choice for packed rows (flash-attn varlen, else flex_attention), used on every row."""
+    """distill's choice for packed rows (flash-attn, else torch's varlen kernel), used on every row."""
     if device.startswith("cuda"):
         from distill.train.student import default_attention
 
@@ -242,8 +252,10 @@ def _distill(config, examples, args, max_len, steps, attn, packing: bool, weight
     return SFTTrainer(model=model, args=targs, train_dataset=ExampleDataset(data), data_collator=meter), meter
 
 
-def _trl(config, examples, args, max_len, steps, packing: bool):
+def _trl(config, examples, args, max_len, steps, attn, packing: bool):
     """TRL's SFTTrainer on the same tokenized data (input_ids + labels), same settings."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = attn
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 

@@ -69,7 +69,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations to save memory"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on where supported)"})
     weights_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "full fine-tuning: the student's weights in fp32 under bf16 autocast, or in bf16 with fp32 master copies in the optimizer (no per-step weight casts; bench/RESULTS.md)"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|flash_attention_2|flex_attention|eager (default: varlen flash/flex for --packing on a GPU, else sdpa)"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa|varlen|flash_attention_2|flex_attention|eager (default for --packing on a GPU: flash_attention_2 if flash-attn is installed, else varlen: torch's own varlen kernel; else sdpa)"})
     liger: bool = field(default=False, metadata={"help": "Liger kernels for RMSNorm/RoPE/SwiGLU (the loss is distill's own chunked one); pip install liger-kernel"})
     # run
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in OUT"})
@@ -321,7 +321,8 @@ def run_kd(cfg: TrainConfig) -> int:
             raise DistillError("--teacher-device: under ZeRO-3 transformers loads every model partitioned, so the "
                                "online teacher is sharded with the student (drop --teacher-device, or use FSDP2)")
         teacher = OnlineTeacher.load(cfg.teacher, setup.tokenizer, cfg.student, cfg.teacher_device or str(setup.args.device),
-                                     student_rows, shard=None if cfg.teacher_device else sharded)
+                                     student_rows, shard=None if cfg.teacher_device else sharded,
+                                     attn=setup.model.config._attn_implementation)
         extra["kd"].update(mode="online", teacher=cfg.teacher)
         placement = teacher.placement
     elif cfg.teacher_url:

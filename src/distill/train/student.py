@@ -50,9 +50,12 @@ def _use_bf16(cfg) -> bool:
 
 def default_attention(packing: bool) -> str | None:
     """Packed rows on a GPU need varlen attention: sdpa can only take them as a dense block mask
-    (1.9x slower per step on an H100, bench/RESULTS.md), so flash-attn when installed, else
-    flex_attention's block-sparse mask. Otherwise transformers' own choice (sdpa)."""
+    (1.9x slower per step on an H100, bench/RESULTS.md), so flash-attn when installed, else torch's own
+    varlen kernel (``attention.py``), else flex_attention's block-sparse mask. Otherwise transformers'
+    own choice (sdpa)."""
     import torch
+
+    from distill.train import attention
 
     if not packing or not torch.cuda.is_available():
         return None
@@ -60,7 +63,7 @@ def default_attention(packing: bool) -> str | None:
         import flash_attn  # noqa: F401
         return "flash_attention_2"
     except ImportError:
-        return "flex_attention"
+        return attention.NAME if attention.available() else "flex_attention"
 
 
 def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
@@ -68,8 +71,12 @@ def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from distill.train import attention
+
     kwargs: dict[str, Any] = {}
     attn = cfg.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.packing)
+    if attn == attention.NAME:
+        attention.register()
     if attn:
         kwargs["attn_implementation"] = attn
     if cfg.qlora:

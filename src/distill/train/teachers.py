@@ -85,9 +85,10 @@ class OnlineTeacher:
 
     @classmethod
     def load(cls, name: str, tokenizer, student_name: str, device: str, student_rows: int,
-             shard: str | None = None) -> "OnlineTeacher":
+             shard: str | None = None, attn: str | None = None) -> "OnlineTeacher":
         """The teacher ``name`` on ``device`` (bf16 on a GPU), checked to share the student's tokenizer;
-        ``shard`` ("FSDP2" or "ZeRO-3"): sharded over all processes like the student instead."""
+        ``shard`` ("FSDP2" or "ZeRO-3"): sharded over all processes like the student instead; ``attn``:
+        the student's attention implementation (packed rows need varlen attention on both sides)."""
         import torch
 
         from distill.models import load_model, load_tokenizer
@@ -97,7 +98,8 @@ class OnlineTeacher:
         on_gpu = device.startswith("cuda") or (shard and torch.cuda.is_available())
         # FSDP2 shards it from the CPU; under ZeRO-3 transformers loads it partitioned already, on ``device``
         model = load_model(path, device="cpu" if shard == "FSDP2" else device,
-                           dtype=torch.bfloat16 if on_gpu else None).eval()
+                           dtype=torch.bfloat16 if on_gpu else None,
+                           **({"attn_implementation": attn} if attn else {})).eval()
         model.requires_grad_(False)
         if not shard:
             return cls(model, student_rows)

@@ -1,0 +1,100 @@
+"""``attn_implementation="varlen"``: packed rows on torch's own variable-length attention kernel.
+
+Packed rows (``--packing``) need attention that stays inside each sequence. flash-attn's varlen
+kernel does that but is often not installed; torch ships one (``torch.nn.attention.varlen``,
+flash-attention 2 inside, CUDA only). Against flex_attention, the fallback before it, there is no
+block mask to build per step and nothing to compile (flex's first compile took minutes), and in an
+H200 training step of Qwen2.5-1.5B on 16k packed tokens a layer's attention takes 1.9 ms forward +
+backward instead of 2.6 (bench/RESULTS.md, "train (SFT)").
+
+The sequences are read from the ``position_ids`` (restarting at 0 per sequence, as the packing
+collator makes them; transformers' flash-attention path reads them the same way), once per forward.
+Calls the kernel cannot take (a padding mask, a KV cache longer than the query: generation) go to
+transformers' sdpa with the mask transformers builds for sdpa.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+
+from distill.errors import DistillError
+
+NAME = "varlen"
+_last: list = [None, None]  # [weakref to the position_ids of the forward in progress, its sequences]
+
+
+def available() -> bool:
+    """Whether this torch has the kernel and a CUDA device to run it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def sequences(position_ids: torch.Tensor | None, batch: int, length: int) -> tuple[torch.Tensor, int]:
+    """Cumulative sequence starts (int32, sequences + 1) and the longest sequence of a (batch, length)
+    forward: a sequence starts at every position 0 and at every row's start. Cached for the forward
+    in progress (every layer gets the same ``position_ids``): one host sync per forward, not per layer."""
+    if position_ids is not None and _last[0] is not None and _last[0]() is position_ids:
+        return _last[1]
+    starts = torch.zeros(batch, length, dtype=torch.bool, device="cpu" if position_ids is None else position_ids.device)
+    if position_ids is not None:
+        starts |= position_ids.expand(batch, length) == 0
+    starts[:, 0] = True
+    total = torch.tensor([batch * length], device=starts.device)
+    cu = torch.cat([starts.flatten().nonzero().flatten(), total]).to(torch.int32)
+    found = (cu, int((cu[1:] - cu[:-1]).max()))
+    if position_ids is not None:
+        _last[:] = [weakref.ref(position_ids), found]
+    return found
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     sliding_window=None, **kwargs):
+    """transformers' attention interface: query (B, H, S, D), key/value (B, H_kv, S_kv, D) -> (B, S, H, D)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, length, dim = query.shape
+    if attention_mask is not None or key.shape[2] != length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    if dropout:
+        raise DistillError("attention 'varlen' has no attention dropout; use --attn-implementation sdpa")
+    cu, longest = sequences(kwargs.get("position_ids"), batch, length)
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
+    options = {"scale": scaling}
+    params = inspect.signature(varlen_attn).parameters
+    if k.shape[1] != heads:  # grouped-query attention: the kernel takes it natively in newer torch
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+    # causal: a window that reaches no later key ((-1, 0): no limit to the left)
+    options["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    return out.view(batch, length, heads, dim), None
+
+
+def varlen_mask(attention_mask=None, q_length: int = 0, kv_length: int = 0, q_offset=0, kv_offset=0, **kwargs):
+    """The mask transformers builds for ``varlen``: none where the kernel runs (no padding, no cache),
+    else sdpa's (``varlen_attention`` hands those calls to sdpa)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+        return None
+    return sdpa_mask(attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, **kwargs)
+
+
+def register() -> None:
+    """Make ``attn_implementation="varlen"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention)
+    AttentionMaskInterface.register(NAME, varlen_mask)
