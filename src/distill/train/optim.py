@@ -6,7 +6,8 @@ time and activation memory on every micro-step. Holding the weights in bf16 remo
 update of ``lr x g`` is far below bf16's resolution of a weight (8 bits of mantissa), so the
 optimizer keeps an fp32 copy of each weight, steps that copy and writes it back rounded to bf16.
 Gradients arrive (and accumulate over micro-steps) in bf16; clipping sees them as usual; the step
-upcasts them one tensor at a time, freeing each bf16 one.
+upcasts them all into one fp32 buffer with one multi-tensor copy (a copy kernel per tensor took
+~8 ms of a 1.5B model's step on an H200), then frees the bf16 ones.
 The masters travel in the optimizer's state dict, so a resumed run continues from them, not from
 the rounded weights.
 """
@@ -38,8 +39,17 @@ class MasterWeightAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         masters = self.masters
-        for param, master in zip(self.model_params, masters):  # each bf16 gradient freed once upcast
-            master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
+        pairs = [(param, master) for param, master in zip(self.model_params, masters) if param.grad is not None]
+        grads = [param.grad for param, _ in pairs]
+        if all(type(g) is torch.Tensor for g in grads) and grads:
+            # one fp32 buffer filled by one multi-tensor copy (a copy kernel per tensor is slower)
+            flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device)
+            upcast = [view.view_as(g) for view, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            torch._foreach_copy_(upcast, grads)
+        else:  # sharded (FSDP2's DTensors): each its own fp32 copy
+            upcast = [g.float() for g in grads]
+        for (param, master), grad in zip(pairs, upcast):
+            master.grad, param.grad = grad, None
         loss = super().step(closure)
         torch._foreach_copy_(self.model_params, masters)
         for master in masters:
