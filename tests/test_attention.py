@@ -10,7 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill.errors import DistillError
 from distill.train import attention
+from distill.train.command import run_training
+
+from test_train_sft import quick, traces  # noqa: F401  (traces: a fixture)
 
 
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
@@ -79,3 +83,10 @@ def test_sequences_are_read_once_per_forward():
     assert attention.sequences(second, 1, 9)[0].tolist() == [0, 6, 9]
     # rows of a plain batch each start a sequence, whatever their positions say
     assert attention.sequences(None, 2, 4)[0].tolist() == [0, 4, 8]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_varlen_without_cuda_is_refused_in_one_line(tmp_path, tiny_qwen2, traces):  # noqa: F811
+    cfg = quick(tiny_qwen2, traces, tmp_path / "run", packing=True, attn_implementation="varlen")
+    with pytest.raises(DistillError, match="varlen needs a CUDA GPU"):
+        run_training(cfg)

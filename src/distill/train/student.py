@@ -76,6 +76,9 @@ def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
     kwargs: dict[str, Any] = {}
     attn = cfg.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.packing)
     if attn == attention.NAME:
+        if not attention.available():
+            raise DistillError("--attn-implementation varlen needs a CUDA GPU and a torch with "
+                               "torch.nn.attention.varlen; use sdpa here")
         attention.register()
     if attn:
         kwargs["attn_implementation"] = attn
