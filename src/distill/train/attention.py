@@ -15,6 +15,7 @@ transformers' sdpa with the mask transformers builds for sdpa.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
@@ -35,13 +36,20 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def sequences(position_ids: torch.Tensor | None, batch: int, length: int) -> tuple[torch.Tensor, int]:
-    """Cumulative sequence starts (int32, sequences + 1) and the longest sequence of a (batch, length)
-    forward: a sequence starts at every position 0 and at every row's start. Cached for the forward
-    in progress (every layer gets the same ``position_ids``): one host sync per forward, not per layer."""
+@functools.cache
+def _takes_gqa(kernel) -> bool:
+    """Whether the kernel takes fewer key/value heads than query heads itself (torch >= 2.12)."""
+    return "enable_gqa" in inspect.signature(kernel).parameters
+
+
+def sequences(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
+    """Cumulative sequence starts (int32, sequences + 1, on ``device``) and the longest sequence of a
+    (batch, length) forward: a sequence starts at every position 0 and at every row's start. Cached for
+    the forward in progress (every layer gets the same ``position_ids``): one host sync per forward,
+    not per layer."""
     if position_ids is not None and _last[0] is not None and _last[0]() is position_ids:
         return _last[1]
-    starts = torch.zeros(batch, length, dtype=torch.bool, device="cpu" if position_ids is None else position_ids.device)
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
     if position_ids is not None:
         starts |= position_ids.expand(batch, length) == 0
     starts[:, 0] = True
@@ -65,12 +73,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       sliding_window=sliding_window, **kwargs)
     if dropout:
         raise DistillError("attention 'varlen' has no attention dropout; use --attn-implementation sdpa")
-    cu, longest = sequences(kwargs.get("position_ids"), batch, length)
+    cu, longest = sequences(kwargs.get("position_ids"), batch, length, query.device)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
     options = {"scale": scaling}
-    params = inspect.signature(varlen_attn).parameters
-    if k.shape[1] != heads:  # grouped-query attention: the kernel takes it natively in newer torch
-        if "enable_gqa" in params:
+    if k.shape[1] != heads:  # grouped-query attention
+        if _takes_gqa(varlen_attn):
             options["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))

@@ -41,7 +41,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         masters = self.masters
         pairs = [(param, master) for param, master in zip(self.model_params, masters) if param.grad is not None]
         grads = [param.grad for param, _ in pairs]
-        if all(type(g) is torch.Tensor for g in grads) and grads:
+        if grads and all(type(g) is torch.Tensor for g in grads):
             # one fp32 buffer filled by one multi-tensor copy (a copy kernel per tensor is slower)
             flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device)
             upcast = [view.view_as(g) for view, g in zip(flat.split([g.numel() for g in grads]), grads)]
