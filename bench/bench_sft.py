@@ -78,21 +78,27 @@ class Meter:
 
 
 def step_timer(warmup: int):
+    """Times the steps after ``warmup``: the device is synchronised at the window's two ends only, as a
+    training run never waits for the GPU between steps (a sync per step would hide whether the host
+    keeps ahead of the GPU). Per-step times are the host's, between the same two syncs."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.last = None
-            self.steps: list[float] = []  # seconds of each step after the warm-up ones
+            self.seconds = 0.0  # of the timed window, device work included
+            self.steps: list[float] = []  # host seconds of each step after the warm-up ones
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= warmup:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                if self.last is not None:
-                    self.steps.append(now - self.last)
-                self.last = now
+            if state.global_step < warmup:
+                return
+            if state.global_step in (warmup, state.max_steps) and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if self.last is not None:
+                self.steps.append(now - self.last)
+                self.seconds += now - self.last
+            self.last = now
 
     return StepTimer()
 
@@ -145,7 +151,7 @@ def run_row(name: str, make_trainer, config, warmup: int, profile: bool = False)
     tokens = sum(sum(b) for b in timed)
     flops = sum(flops_per_sequence(config, s) for b in timed for s in b)
     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    seconds = sum(timer.steps)
+    seconds = timer.seconds
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

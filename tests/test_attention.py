@@ -61,6 +61,27 @@ def test_packed_row_matches_each_sequence_alone(tiny_qwen2, kernel):
     torch.testing.assert_close(packed.float(), alone.float(), atol=tol, rtol=tol)
 
 
+def test_collators_bounds_are_used_without_a_host_sync(tiny_qwen2, kernel, monkeypatch):
+    """A packed batch from distill's collator carries the sequences' bounds (found on the CPU): the
+    kernel takes them and nothing reads the GPU's position_ids (a host sync per forward)."""
+    from distill.train.batching import Collator
+
+    model, ref = load(tiny_qwen2, "varlen", kernel), load(tiny_qwen2, "sdpa", kernel)
+    seqs = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36]]
+    batch = Collator(0, packing=True)([{"input_ids": s, "labels": s} for s in seqs])
+    del batch["labels"], batch["target_index"]
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("the sequences were read from the GPU's position_ids")
+
+    monkeypatch.setattr(attention, "sequences", no_sync)
+    with torch.no_grad():
+        packed = model(**{k: v.to(kernel) if torch.is_tensor(v) else v for k, v in batch.items()}).logits[0]
+        alone = torch.cat([ref(input_ids=torch.tensor([s], device=kernel)).logits[0] for s in seqs])
+    tol = 3e-2 if kernel == "cuda" else 1e-5
+    torch.testing.assert_close(packed.float(), alone.float(), atol=tol, rtol=tol)
+
+
 def test_generation_with_left_padding_matches_sdpa(tiny_qwen2, kernel):
     """generate() with left-padded prompts (a padding mask, then a KV cache) goes to sdpa: the same
     tokens as a model loaded with sdpa."""

@@ -148,15 +148,19 @@ def test_out_of_memory_says_what_to_lower(tmp_path, tiny_qwen2, traces):
         run_training(quick(tiny_qwen2, traces, tmp_path / "oom"), trainer_cls=OutOfMemoryTrainer)
 
 
-def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwen2):
+@pytest.mark.parametrize("collated_targets", [True, False], ids=["distill-collator", "other-collator"])
+def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwen2, collated_targets):
     """The trainer's loss (final hidden states, a few tokens at a time) is the model's mean next-token
-    cross-entropy over the labelled tokens, with the same gradients, padding and prompts masked."""
+    cross-entropy over the labelled tokens, with the same gradients, padding and prompts masked;
+    with the rows found by the collator (no host sync) or from the labels (another collator's batch)."""
     from transformers import TrainingArguments
 
     torch.manual_seed(0)
     examples = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, 7, 8, 9, 10]},
                 {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}]
     batch = Collator(pad_token_id=0)(examples)
+    if not collated_targets:
+        del batch["target_index"]
     losses_and_grads = []
     for chunked in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
@@ -166,7 +170,7 @@ def test_chunked_sft_loss_equals_the_models_own_cross_entropy(tmp_path, tiny_qwe
             trainer.loss_settings.chunk_size = 3  # 6 labelled tokens: two chunks
             loss = trainer.compute_loss(model, batch)
         else:
-            loss = model(**batch).loss
+            loss = model(**{k: v for k, v in batch.items() if k != "target_index"}).loss
         loss.backward()
         losses_and_grads.append((loss.detach(), model.get_output_embeddings().weight.grad,
                                  model.get_input_embeddings().weight.grad))

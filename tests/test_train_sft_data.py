@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
+import torch
 
 from distill.errors import DistillError
 from distill.train.batching import Collator, pack_examples
@@ -146,6 +148,12 @@ def test_packing_fills_rows_and_keeps_sequences_apart():
     assert len(starts) == len(rows[0]["example_index"]) + len(rows[1]["example_index"])
     assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts), "no sequence predicts the next one's start"
     assert batch["example_index"].tolist() == rows[0]["example_index"] + rows[1]["example_index"]
+    # the sequences' bounds for the attention kernel and the loss' rows, found here on the CPU
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [batch["input_ids"].shape[1]])]
+    assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(lengths)] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == max(lengths)
+    labels = batch["labels"][0].tolist()
+    assert batch["target_index"].tolist() == [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
 
 
 def test_padded_batches_mask_the_padding():
@@ -155,6 +163,8 @@ def test_padded_batches_mask_the_padding():
     assert batch["labels"].tolist() == [[-100, 2, 3], [5, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["example_index"].tolist() == [4, 7]
+    assert batch["target_index"].tolist() == [0, 1]  # row 0's outputs 0 and 1; row 1 has no labelled next token
+    assert "cu_seq_lens_q" not in batch
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -155,6 +155,7 @@ def score(model, examples: list[dict], pad_token_id: int, teacher=None, batch_si
         for start in range(0, len(order), batch_size):
             batch = collate(order[start:start + batch_size])
             labels, index = batch.pop("labels").to(weight.device), batch.pop("example_index", None)
+            batch.pop("target_index")
             inputs = {k: v.to(weight.device) for k, v in batch.items()}
             mask = target_mask(labels)
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]

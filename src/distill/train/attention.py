@@ -7,8 +7,10 @@ block mask to build per step and nothing to compile (flex's first compile took m
 H200 training step of Qwen2.5-1.5B on 16k packed tokens a layer's attention takes 1.9 ms forward +
 backward instead of 2.6 (bench/RESULTS.md, "train (SFT)").
 
-The sequences are read from the ``position_ids`` (restarting at 0 per sequence, as the packing
-collator makes them; transformers' flash-attention path reads them the same way), once per forward.
+The sequences come from distill's packing collator, found on the CPU and passed as transformers'
+flash-attention kwargs (``cu_seq_lens_q``, ``max_length_q``): no host sync in the step. Without them
+(another collator) they are read from the ``position_ids`` (restarting at 0 per sequence, as
+transformers' flash-attention path reads them), once per forward.
 Calls the kernel cannot take (a padding mask, a KV cache longer than the query: generation) go to
 transformers' sdpa with the mask transformers builds for sdpa.
 """
@@ -42,20 +44,26 @@ def _takes_gqa(kernel) -> bool:
     return "enable_gqa" in inspect.signature(kernel).parameters
 
 
-def sequences(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
+def sequence_bounds(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
     """Cumulative sequence starts (int32, sequences + 1, on ``device``) and the longest sequence of a
-    (batch, length) forward: a sequence starts at every position 0 and at every row's start. Cached for
-    the forward in progress (every layer gets the same ``position_ids``): one host sync per forward,
-    not per layer."""
-    if position_ids is not None and _last[0] is not None and _last[0]() is position_ids:
-        return _last[1]
+    (batch, length) forward: a sequence starts at every position 0 and at every row's start. On a GPU
+    this syncs with the host (the count of sequences and the longest are data); the packing collator
+    calls it on the CPU and hands the result to the model as transformers' flash-attention kwargs."""
     starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
     if position_ids is not None:
-        starts |= position_ids.expand(batch, length) == 0
+        starts |= position_ids.expand(batch, length).to(starts.device) == 0
     starts[:, 0] = True
     total = torch.tensor([batch * length], device=starts.device)
     cu = torch.cat([starts.flatten().nonzero().flatten(), total]).to(torch.int32)
-    found = (cu, int((cu[1:] - cu[:-1]).max()))
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def sequences(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
+    """``sequence_bounds`` cached for the forward in progress (every layer gets the same
+    ``position_ids``): one host sync per forward, not per layer."""
+    if position_ids is not None and _last[0] is not None and _last[0]() is position_ids:
+        return _last[1]
+    found = sequence_bounds(position_ids, batch, length, device)
     if position_ids is not None:
         _last[:] = [weakref.ref(position_ids), found]
     return found
@@ -73,7 +81,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                                       sliding_window=sliding_window, **kwargs)
     if dropout:
         raise DistillError("attention 'varlen' has no attention dropout; use --attn-implementation sdpa")
-    cu, longest = sequences(kwargs.get("position_ids"), batch, length, query.device)
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:  # from the collator
+        cu, longest = kwargs["cu_seq_lens_q"].to(torch.int32), kwargs["max_length_q"]
+    else:
+        cu, longest = sequences(kwargs.get("position_ids"), batch, length, query.device)
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
     options = {"scale": scaling}
     if k.shape[1] != heads:  # grouped-query attention

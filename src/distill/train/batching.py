@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from distill.errors import DistillError
-from distill.train.rendering import IGNORE_INDEX
+from distill.train.rendering import IGNORE_INDEX, target_index
 
 
 class ExampleDataset:
@@ -63,12 +63,15 @@ class Collator:
     ``packing=True``: padding-free - the whole batch becomes one row with ``position_ids`` that
     restart at 0 per sequence and no ``attention_mask``, so transformers keeps attention inside
     each sequence (flash-attention varlen on GPU; a block-diagonal mask built from the position
-    ids with sdpa/eager). The model must run with ``use_cache=False`` (training sets it; a teacher
+    ids with sdpa/eager). The sequences' bounds come along as transformers' flash-attention kwargs
+    (``cu_seq_lens_q/k`` int32, ``max_length_q/k`` ints), found here on the CPU so that the GPU
+    step does not stop to count them (``attention.sequence_bounds``). The model must run with ``use_cache=False`` (training sets it; a teacher
     forward must pass it too): with a KV cache transformers skips the packed-sequence detection
     and the sequences would attend to each other. The first label of every sequence is -100 so
     no sequence learns to predict the next one's first token.
-    Either way an ``example_index`` tensor (one entry per sequence, in batch order) is kept when
-    the examples carry it, for trainers that look up per-example data such as cached logits.
+    Either way ``target_index`` lists the outputs the loss trains (``rendering.target_index``),
+    and an ``example_index`` tensor (one entry per sequence, in batch order) is kept when the
+    examples carry it, for trainers that look up per-example data such as cached logits.
     """
 
     def __init__(self, pad_token_id: int, packing: bool = False):
@@ -81,6 +84,12 @@ class Collator:
         index = _example_indices(features)
         batch = self._packed(features) if self.packing else self._padded(features)
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        batch["target_index"] = target_index(batch["labels"])
+        if self.packing:
+            from distill.train.attention import sequence_bounds
+
+            cu, longest = sequence_bounds(batch["position_ids"], *batch["position_ids"].shape)
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if index is not None:
             batch["example_index"] = torch.tensor(index, dtype=torch.long)
         return batch

@@ -57,6 +57,15 @@ def target_mask(labels):
     return labels[..., 1:] != IGNORE_INDEX
 
 
+def target_index(labels):
+    """``target_mask(labels)``'s positions, in order, as flat indices into the (B, T) outputs of a
+    (B, T) ``labels`` tensor. The collator computes them on the CPU, so the loss picks its rows out
+    of the GPU's hidden states without a host sync (a boolean mask's count is data)."""
+    import torch
+
+    return torch.nn.functional.pad(target_mask(labels), (0, 1)).flatten().nonzero().flatten()
+
+
 def n_targets(example: dict) -> int:
     return sum(target_mask(example["labels"]))
 

@@ -561,7 +561,8 @@ class ServedTeacher:
 
     def submit(self, inputs: dict, mask):
         """Start scoring a batch; the future's result is its :class:`ScoredRows` (target rows, batch order)."""
-        sequences = batch_sequences({k: v.cpu() if v is not None else v for k, v in inputs.items()}, mask.cpu())
+        sequences = batch_sequences({k: v.cpu() if hasattr(v, "cpu") else v for k, v in inputs.items()},
+                                    mask.cpu())
 
         async def score_all() -> ScoredRows:
             parts = await asyncio.gather(*(self.client.score(ids, positions) for ids, positions in sequences))

@@ -171,6 +171,10 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds host -> GPU copies
+        # no host sync in a step: batches go to the GPU asynchronously (from pinned memory), and a
+        # non-finite loss is logged as it is instead of being tested each step (a sync per step)
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
+        logging_nan_inf_filter=False,
         use_cpu=use_bf16 and not torch.accelerator.is_available(),  # transformers wants bf16 on a CPU said
         **eval_kwargs,
     )

@@ -120,7 +120,8 @@ class OnlineTeacher:
             lambda module, args, out: captured.update(hidden=out.last_hidden_state))
         try:
             with torch.no_grad():
-                self.model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False, logits_to_keep=1)
+                self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
+                           use_cache=False, logits_to_keep=1)
         finally:
             hook.remove()
         with torch.no_grad():  # sharded: gathered whole, once per micro-batch

@@ -35,7 +35,7 @@ from distill.train.distributed import as_output_layer
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
 from distill.train.on_policy import OnPolicy
 from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
-from distill.train.rendering import target_mask
+from distill.train.rendering import target_index, target_mask
 
 #: Tokens per loss chunk for SFT: 4096 x 151,936 bf16 logits are 1.2 GB, and fewer chunks mean
 #: fewer passes accumulating the output embedding's fp32 gradient.
@@ -53,6 +53,7 @@ class SFTTrainer(Trainer):
         inputs = dict(inputs)
         inputs.pop("example_index", None)
         if not self.gathers_lm_head:
+            inputs.pop("target_index", None)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, _, _ = self.chunked_loss(model, inputs, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
@@ -62,6 +63,15 @@ class SFTTrainer(Trainer):
         """Whether the chunked loss can have the whole output embedding: one process, DDP, FSDP2 or
         DeepSpeed (``distributed.as_output_layer``), not FSDP1."""
         return not (self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False))
+
+    def _track_num_input_tokens(self, inputs):
+        """Packed rows on one process hold no padding: count their tokens by the shape, not with
+        transformers' count on the GPU, which syncs with the host every step."""
+        if (self.args.include_num_input_tokens_seen == "all" and self.accelerator.num_processes == 1
+                and "attention_mask" not in inputs):
+            self.state.num_input_tokens_seen += inputs["input_ids"].numel()
+        else:
+            super()._track_num_input_tokens(inputs)
 
     def create_optimizer(self, model=None):
         """The configured AdamW, over fp32 master copies when the trained weights are bf16 (DeepSpeed
@@ -79,9 +89,12 @@ class SFTTrainer(Trainer):
         whole accumulated batch's token count when the Trainer gives it, else by this batch's.
         """
         labels = inputs.pop("labels")
+        index = inputs.pop("target_index", None)
         out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
         mask = target_mask(labels)
-        hidden = out.hidden_states[-1][:, :-1][mask]
+        if index is None:  # a batch from another collator: finding the targets syncs with the host
+            index = target_index(labels)
+        hidden = out.hidden_states[-1].flatten(0, 1)[index]
         if self.args.bf16 or self.args.fp16:
             # accelerate hands the outputs back in fp32 and the loss runs outside its autocast:
             # without this the LM head would be fp32 matmuls (325 ms of an 830 ms step, H100)
@@ -90,8 +103,8 @@ class SFTTrainer(Trainer):
         settings = settings or self.loss_settings
         total, terms = as_output_layer(self.accelerator.unwrap_model(model),
                                        lambda h, weight, targets: chunked_kd_loss(h, weight, targets, teacher, settings),
-                                       hidden, labels[:, 1:][mask])
-        n_tokens = int(mask.sum())
+                                       hidden, labels.flatten()[index + 1])
+        n_tokens = index.numel()
         if num_items_in_batch is not None:  # the token count of the whole accumulated batch
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices:
@@ -160,7 +173,7 @@ class KDTrainer(SFTTrainer):
         inputs = dict(inputs)
         example_index = inputs.pop("example_index", None)
         on_policy = inputs.pop("on_policy", False)
-        features = {k: v for k, v in inputs.items() if k != "labels"}
+        features = {k: v for k, v in inputs.items() if k not in ("labels", "target_index")}
         labels = inputs["labels"]
         used = {}
         # a served teacher starts scoring now, while the student runs its forward pass
