@@ -40,9 +40,9 @@ def kernel(monkeypatch):
     return "cpu"
 
 
-def load(path, attn, device):
+def load(path, attn, device, dtype=None):
     attention.register()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype).to(device).eval()
 
 
@@ -59,6 +59,24 @@ def test_packed_row_matches_each_sequence_alone(tiny_qwen2, kernel):
         alone = torch.cat([ref(input_ids=s[None].to(kernel)).logits[0] for s in seqs])
     tol = 3e-2 if kernel == "cuda" else 1e-5
     torch.testing.assert_close(packed.float(), alone.float(), atol=tol, rtol=tol)
+
+
+def test_fp32_weights_under_autocast_reach_the_kernel_in_bf16(tiny_qwen2, kernel, monkeypatch):
+    """The kernel takes bf16/fp16 only and autocast casts only its listed ops' inputs (the rotary
+    embedding hands q and k on in fp32): fp32 weights under bf16 autocast, distill's default full
+    fine-tuning, give the kernel bf16 and the logits sdpa gives under the same autocast."""
+    model = load(tiny_qwen2, "varlen", kernel, dtype=torch.float32)
+    ref = load(tiny_qwen2, "sdpa", kernel, dtype=torch.float32)
+    seen, inner = [], attention._ops["kernel"]
+    monkeypatch.setitem(attention._ops, "kernel", lambda q, *args, **kw: (seen.append(q.dtype), inner(q, *args, **kw))[1])
+    seqs = [torch.arange(10, 17), torch.arange(30, 42)]
+    ids = torch.cat(seqs)[None].to(kernel)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None].to(kernel)
+    with torch.no_grad(), torch.autocast(kernel, dtype=torch.bfloat16):
+        packed = model(input_ids=ids, position_ids=positions).logits[0]
+        alone = torch.cat([ref(input_ids=s[None].to(kernel)).logits[0] for s in seqs])
+    assert seen and set(seen) == {torch.bfloat16}
+    torch.testing.assert_close(packed.float(), alone.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_collators_bounds_are_used_without_a_host_sync(tiny_qwen2, kernel, monkeypatch):

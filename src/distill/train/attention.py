@@ -17,7 +17,6 @@ transformers' sdpa with the mask transformers builds for sdpa.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import weakref
 
@@ -27,6 +26,10 @@ from distill.errors import DistillError
 
 NAME = "varlen"
 _last: list = [None, None]  # [weakref to the position_ids of the forward in progress, its sequences]
+#: what ``register`` resolves once, so that a layer's call (or torch.compile tracing it) looks nothing up:
+#: the kernel, transformers' sdpa (for the calls the kernel cannot take), and whether the kernel takes
+#: fewer key/value heads than query heads itself (torch >= 2.12)
+_ops: dict = {}
 
 
 def available() -> bool:
@@ -37,11 +40,6 @@ def available() -> bool:
         return False
     return torch.cuda.is_available()
 
-
-@functools.cache
-def _takes_gqa(kernel) -> bool:
-    """Whether the kernel takes fewer key/value heads than query heads itself (torch >= 2.12)."""
-    return "enable_gqa" in inspect.signature(kernel).parameters
 
 
 def sequence_bounds(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
@@ -72,12 +70,9 @@ def sequences(position_ids: torch.Tensor | None, batch: int, length: int, device
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      sliding_window=None, **kwargs):
     """transformers' attention interface: query (B, H, S, D), key/value (B, H_kv, S_kv, D) -> (B, S, H, D)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from torch.nn.attention.varlen import varlen_attn
-
     batch, heads, length, dim = query.shape
     if attention_mask is not None or key.shape[2] != length:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return _ops["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     if dropout:
         raise DistillError("attention 'varlen' has no attention dropout; use --attn-implementation sdpa")
@@ -85,16 +80,19 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         cu, longest = kwargs["cu_seq_lens_q"].to(torch.int32), kwargs["max_length_q"]
     else:
         cu, longest = sequences(kwargs.get("position_ids"), batch, length, query.device)
+    if torch.is_autocast_enabled(query.device.type):  # autocast casts sdpa's inputs, not this kernel's
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
     options = {"scale": scaling}
     if k.shape[1] != heads:  # grouped-query attention
-        if _takes_gqa(varlen_attn):
+        if _ops["gqa"]:
             options["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
     # causal: a window that reaches no later key ((-1, 0): no limit to the left)
     options["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+    out = _ops["kernel"](q, k, v, cu, cu, longest, longest, **options)
     return out.view(batch, length, heads, dim), None
 
 
@@ -111,8 +109,12 @@ def varlen_mask(attention_mask=None, q_length: int = 0, kv_length: int = 0, q_of
 
 def register() -> None:
     """Make ``attn_implementation="varlen"`` known to transformers (idempotent)."""
+    from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
+    _ops.update(kernel=varlen_attn, sdpa=sdpa_attention_forward,
+                gqa="enable_gqa" in inspect.signature(varlen_attn).parameters)
     AttentionInterface.register(NAME, varlen_attention)
     AttentionMaskInterface.register(NAME, varlen_mask)
