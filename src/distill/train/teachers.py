@@ -21,6 +21,21 @@ from distill.train.distributed import output_rows, shard_frozen, shard_frozen_ze
 from distill.train.rendering import target_mask
 
 
+
+def final_hidden_states(model, decoder, inputs: dict):
+    """The decoder's final (normed) hidden states, taken on the way through a forward of the whole
+    ``model`` (so the hooks of its wrappers run: DDP, FSDP, DeepSpeed), with the logits of one position
+    only. Not ``output_hidden_states``: transformers collects every layer's with hooks inside each
+    layer and keeps them in a list (an H200 packed step: 1.3% faster and 2.8 GiB less at peak without;
+    torch.compile also breaks its graph at those hooks)."""
+    captured = {}
+    hook = decoder.register_forward_hook(lambda module, args, out: captured.update(hidden=out.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured["hidden"]
+
 class Teacher(Protocol):
     def scores(self, inputs: dict, mask, example_index):
         """The teacher at the batch's target positions (rows in batch order)."""
@@ -113,20 +128,11 @@ class OnlineTeacher:
         from distill.train.kd_losses import DenseTeacher
 
         device = self.model.get_input_embeddings().weight.device
-        # the whole model's forward (a sharded model gathers its root's weights in it), with the
-        # decoder's final hidden states taken on the way and the logits of one position only
-        captured = {}
-        hook = self.model.get_decoder().register_forward_hook(
-            lambda module, args, out: captured.update(hidden=out.last_hidden_state))
-        try:
-            with torch.no_grad():
-                self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
-                           use_cache=False, logits_to_keep=1)
-        finally:
-            hook.remove()
-        with torch.no_grad():  # sharded: gathered whole, once per micro-batch
-            weight = whole(self.model.get_output_embeddings().weight)
-        return DenseTeacher(captured["hidden"][:, :-1][mask.to(device)], weight, vocab_size=self.vocab_size)
+        with torch.no_grad():  # sharded: the whole model's forward gathers its root's weights in it
+            hidden = final_hidden_states(self.model, self.model.get_decoder(),
+                                         {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+            weight = whole(self.model.get_output_embeddings().weight)  # gathered whole, once per micro-batch
+        return DenseTeacher(hidden[:, :-1][mask.to(device)], weight, vocab_size=self.vocab_size)
 
 
 class CachedTeacher:

@@ -36,6 +36,7 @@ from distill.train.kd_losses import KDSettings, chunked_kd_loss
 from distill.train.on_policy import OnPolicy
 from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
 from distill.train.rendering import target_index, target_mask
+from distill.train.teachers import final_hidden_states
 
 #: Tokens per loss chunk for SFT: 4096 x 151,936 bf16 logits are 1.2 GB, and fewer chunks mean
 #: fewer passes accumulating the output embedding's fp32 gradient.
@@ -90,11 +91,11 @@ class SFTTrainer(Trainer):
         """
         labels = inputs.pop("labels")
         index = inputs.pop("target_index", None)
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = final_hidden_states(model, self.accelerator.unwrap_model(model).get_decoder(), inputs)
         mask = target_mask(labels)
         if index is None:  # a batch from another collator: finding the targets syncs with the host
             index = target_index(labels)
-        hidden = out.hidden_states[-1].flatten(0, 1)[index]
+        hidden = hidden.flatten(0, 1)[index]
         if self.args.bf16 or self.args.fp16:
             # accelerate hands the outputs back in fp32 and the loss runs outside its autocast:
             # without this the LM head would be fp32 matmuls (325 ms of an 830 ms step, H100)
