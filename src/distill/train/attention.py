@@ -26,9 +26,9 @@ from distill.errors import DistillError
 
 NAME = "varlen"
 _last: list = [None, None]  # [weakref to the position_ids of the forward in progress, its sequences]
-#: what ``register`` resolves once, so that a layer's call (or torch.compile tracing it) looks nothing up:
-#: the kernel, transformers' sdpa (for the calls the kernel cannot take), and whether the kernel takes
-#: fewer key/value heads than query heads itself (torch >= 2.12)
+#: what ``register`` resolves once, so that a layer's call looks nothing up: the kernel, transformers'
+#: sdpa (for the calls the kernel cannot take), and whether the kernel takes fewer key/value heads
+#: than query heads itself (torch >= 2.12)
 _ops: dict = {}
 
 
@@ -39,7 +39,6 @@ def available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
 
 
 def sequence_bounds(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
@@ -73,7 +72,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     batch, heads, length, dim = query.shape
     if attention_mask is not None or key.shape[2] != length:
         return _ops["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
+                            sliding_window=sliding_window, **kwargs)
     if dropout:
         raise DistillError("attention 'varlen' has no attention dropout; use --attn-implementation sdpa")
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("max_length_q") is not None:  # from the collator

@@ -65,10 +65,11 @@ class Collator:
     each sequence (flash-attention varlen on GPU; a block-diagonal mask built from the position
     ids with sdpa/eager). The sequences' bounds come along as transformers' flash-attention kwargs
     (``cu_seq_lens_q/k`` int32, ``max_length_q/k`` ints), found here on the CPU so that the GPU
-    step does not stop to count them (``attention.sequence_bounds``). The model must run with ``use_cache=False`` (training sets it; a teacher
-    forward must pass it too): with a KV cache transformers skips the packed-sequence detection
-    and the sequences would attend to each other. The first label of every sequence is -100 so
-    no sequence learns to predict the next one's first token.
+    step does not stop to count them (``attention.sequence_bounds``). The model must run with
+    ``use_cache=False`` (training sets it; a teacher forward must pass it too): with a KV cache
+    transformers skips the packed-sequence detection and the sequences would attend to each other.
+    The first label of every sequence is -100 so no sequence learns to predict the next one's first
+    token.
     Either way ``target_index`` lists the outputs the loss trains (``rendering.target_index``),
     and an ``example_index`` tensor (one entry per sequence, in batch order) is kept when the
     examples carry it, for trainers that look up per-example data such as cached logits.
