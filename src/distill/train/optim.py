@@ -43,8 +43,9 @@ class MasterWeightAdamW(torch.optim.AdamW):
         grads = [param.grad for param, _ in pairs]
         if grads and all(type(g) is torch.Tensor for g in grads):
             # one fp32 buffer filled by one multi-tensor copy (a copy kernel per tensor is slower)
-            flat = torch.empty(sum(g.numel() for g in grads), dtype=torch.float32, device=grads[0].device)
-            upcast = [view.view_as(g) for view, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            sizes = [g.numel() for g in grads]
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=grads[0].device)
+            upcast = [view.view_as(g) for view, g in zip(flat.split(sizes), grads)]
             torch._foreach_copy_(upcast, grads)
         else:  # sharded (FSDP2's DTensors): each its own fp32 copy
             upcast = [g.float() for g in grads]
