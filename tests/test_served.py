@@ -71,7 +71,7 @@ def assert_cache_is_the_teacher(cache_dir: Path, traces: str, tok) -> None:
 
 
 def test_served_cache_survives_faults_and_trains(tmp_path, traces, tok, smollm2_dir, tiny_llama):
-    server = serve(tok, schedules=FAULTS)
+    server = serve(tok, schedules=FAULTS, latency=0.1)  # each reply long enough for the next request to overlap it
     out = tmp_path / "logits"
     try:
         assert main(logits_args(server.base_url, traces, smollm2_dir, out, "--shard-size", "4",
