@@ -126,6 +126,26 @@ def test_chunked_equals_unchunked_values_and_gradients(loss):
     torch.testing.assert_close(cut, results[0][0], atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_hidden_states_with_fp32_weights_give_the_full_products_gradients():
+    """Full fine-tuning under bf16 autocast: bf16 hidden states, the fp32 output embedding cast once;
+    each gradient comes back in its input's dtype and equals autograd through the unchunked product."""
+    g = torch.Generator().manual_seed(5)
+    n, hid = 37, 16
+    hs = torch.randn(n, hid, generator=g).to(torch.bfloat16)
+    ws = torch.randn(V, hid, generator=g)
+    targets = torch.randint(0, V, (n,), generator=g)
+    h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    total, _ = chunked_kd_loss(h, w, targets, None, KDSettings(chunk_size=5))
+    total.backward()
+    rh, rw = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy((rh @ rw.to(torch.bfloat16).T).float(), targets, reduction="sum")
+    ref.backward()
+    assert (h.grad.dtype, w.grad.dtype) == (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
+    for got, want in ((h.grad, rh.grad), (w.grad, rw.grad)):  # within bf16 rounding of the products (2^-8)
+        torch.testing.assert_close(got.float(), want.float(), atol=2**-7 * want.abs().max().item(), rtol=0)
+
+
 def _top_k(logits, k, temperature=1.0):
     logp = torch.log_softmax(logits / temperature, -1)
     top = logp.topk(k, dim=-1)

@@ -38,6 +38,7 @@ on CUDA, eager elsewhere: compiling on a CPU is slow to warm up), ``always`` or 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -330,28 +331,53 @@ def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: b
     """
     n = hidden.shape[0]
     sums = torch.zeros(4 if top1 else 3, dtype=torch.float32, device=hidden.device)
-    grad_h = torch.zeros_like(hidden) if with_grads else None
+    grad_h = torch.empty_like(hidden) if with_grads else None  # every chunk writes its rows
     want_w = with_grads and weight.requires_grad
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-    w = weight.detach().requires_grad_(want_w)
+    # cast once, not per chunk: with fp32 weights and bf16 hidden states a cast per chunk copied the
+    # whole output embedding, and its gradient back to fp32, for every chunk (bench/RESULTS.md)
+    w = weight.detach().to(hidden.dtype)
     maths = _chunk_fn(cfg, teacher, hidden.device)
     for start in range(0, n, cfg.chunk_size):
         rows = slice(start, min(start + cfg.chunk_size, n))
-        h = hidden[rows].detach().requires_grad_(with_grads)
+        h = hidden[rows].detach()
+        logits = (h @ w.T).requires_grad_(with_grads)  # upcast to fp32 inside the maths
+        teacher_rows = teacher.chunk(rows, logits.device) if teacher is not None else ()
         with torch.set_grad_enabled(with_grads):
-            logits = h @ w.to(h.dtype).T          # upcast to fp32 inside the maths
-            teacher_rows = teacher.chunk(rows, logits.device) if teacher is not None else ()
             total, kd, ce = maths(logits, targets[rows], *teacher_rows)
         if with_grads:
-            grads = torch.autograd.grad(total, [h, w] if want_w else [h])
-            grad_h[rows] = grads[0]
+            (grad_logits,) = torch.autograd.grad(total, logits)
+            torch.mm(grad_logits, w, out=grad_h[rows])
             if want_w:
-                grad_w += grads[1]
+                _add_product(grad_w, grad_logits.T, h)
         terms = [total.detach(), kd.detach(), ce.detach()]
         if top1:
             terms.append((logits.argmax(-1) == teacher.top1(teacher_rows)).sum().float())
         sums += torch.stack(terms)
     return sums, grad_h, grad_w
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into the fp32 ``acc``. For bf16/fp16 ``a``, ``b`` inside the GEMM where torch
+    can (CUDA's ``addmm`` with ``out_dtype``): the product is never rounded to bf16 nor written and
+    re-read for a separate add, so the output embedding's gradient is both faster and closer to fp32."""
+    if a.dtype != acc.dtype and _gemm_adds_into_fp32(a.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
+
+
+@functools.cache
+def _gemm_adds_into_fp32(device: torch.device) -> bool:
+    """Whether this torch's ``addmm`` adds a bf16 product into an fp32 tensor on ``device`` (CUDA in
+    recent releases; not on the CPU, nor in releases before ``out_dtype``)."""
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+    acc = torch.zeros(1, 1, device=device)
+    try:
+        torch.addmm(acc, one, one, out_dtype=acc.dtype, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return acc.item() == 1.0
 
 
 class _FusedChunkedKD(torch.autograd.Function):
