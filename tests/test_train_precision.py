@@ -31,6 +31,42 @@ def test_updates_below_bf16_resolution_accumulate_in_the_master_weights():
     assert mastered.float().tolist() == pytest.approx([0.9902] * 4, abs=2 ** -8)  # the master, rounded
 
 
+def test_master_weight_adamw_steps_as_torch_adamw_on_fp32_copies_and_resumes():
+    """Two groups (with and without decay), a tensor without a gradient in one step, a state-dict round
+    trip mid-run: the masters follow torch's AdamW on fp32 copies (on a GPU: the fused kernel)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(300, 16), (5008,), (4, 4)]  # one spans several of the kernel's blocks
+    start = [torch.randn(s, generator=g, device=device).to(torch.bfloat16) for s in shapes]
+    options = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6)
+
+    def groups(tensors):
+        return [{"params": tensors[:2], "weight_decay": 0.1}, {"params": tensors[2:], "weight_decay": 0.0}]
+
+    ref_params = [torch.nn.Parameter(w.float()) for w in start]
+    ref = torch.optim.AdamW(groups(ref_params), **options)
+    params = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = MasterWeightAdamW(groups(params), **options)
+    for step in range(6):
+        grads = [torch.randn(s, generator=g, device=device) for s in shapes]
+        if step == 2:
+            grads[1] = None
+        if step == 3:  # resume: a new optimizer over the same weights, from the saved state
+            opt = MasterWeightAdamW(groups(params), **options)
+            opt.load_state_dict(saved)
+        for p, r, grad in zip(params, ref_params, grads):
+            p.grad = None if grad is None else grad.to(torch.bfloat16)
+            r.grad = None if grad is None else grad.to(torch.bfloat16).float()
+        opt.step()
+        ref.step()
+        if step == 2:
+            saved = opt.state_dict()
+    for master, param, r in zip(opt.masters, params, ref_params, strict=True):
+        torch.testing.assert_close(master, r.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(param, master.to(torch.bfloat16))  # the weight is its master, rounded
+    assert all(p.grad is None for p in params)
+
+
 def test_bf16_weights_follow_the_fp32_loss_curve_and_save_bf16(tmp_path, tiny_qwen2, traces):  # noqa: F811
     fp32 = quick(tiny_qwen2, traces, tmp_path / "fp32", max_steps=6, bf16=True, lr=1e-2)
     bf16 = dataclasses.replace(fp32, out=str(tmp_path / "bf16"), weights_dtype="bf16")
