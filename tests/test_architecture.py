@@ -2,9 +2,9 @@
 
 Every ``import`` counts, also those inside functions (a loop through a deferred import is still
 a loop a reader has to untangle). The layers of ``train/``: the logits store, the loss maths, the
-optimizer and the attention kernel at the bottom, then rendering; batching, the API mapping and
-rollouts; the teachers (local, cached, served) and the on-policy schedule; the trainers; the
-student set-up; and the two commands on top.
+AdamW kernel and the attention kernel at the bottom, then the optimizer and rendering; batching,
+the API mapping and rollouts; the teachers (local, cached, served) and the on-policy schedule; the
+trainers; the student set-up; and the two commands on top.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 TRAIN_LAYERS = {
-    "store": 0, "kd_losses": 0, "distributed": 0, "optim": 0, "attention": 0,
-    "rendering": 1,
+    "store": 0, "kd_losses": 0, "distributed": 0, "fused_adamw": 0, "attention": 0,
+    "optim": 1, "rendering": 1,
     "batching": 2, "api_mapping": 2, "rollouts": 2,
     "teachers": 3, "on_policy": 3, "served": 3,
     "trainers": 4,
