@@ -128,12 +128,15 @@ def test_lora_adapter_saves_loads_changes_outputs_and_merges(tmp_path, tiny_qwen
     assert summary["lora"] and summary["eval_examples"] == 2 and summary["final_eval_loss"] is not None
     ids = torch.tensor([[1, 42, 43, 44, 45]])
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen2).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     with torch.no_grad():
         before = base(ids).logits
         tuned = PeftModel.from_pretrained(base, out).eval()(ids).logits
-        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(ids).logits
+        merged = merged_model(ids).logits.float()
     assert (tuned - before).abs().max() > 1e-3, "the adapter changes outputs"
-    torch.testing.assert_close(merged, tuned, atol=1e-4, rtol=1e-4)
+    # on a GPU the base trains and merges in bf16: the merged weights are rounded to bf16
+    tolerance = 1e-4 if merged_model.dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(merged, tuned, atol=tolerance, rtol=tolerance)
 
 
 class OutOfMemoryTrainer(Trainer):
