@@ -3,6 +3,8 @@
     python bench/bench_sft.py --device cuda                 # Qwen2.5-1.5B sizes, 4k sequences
     python bench/bench_sft.py --device cuda --liger         # + Liger kernels on both sides
     python bench/bench_sft.py --device cpu --tiny           # end-to-end smoke run on a CPU
+    python bench/bench_sft.py --device cuda --liger --no-gradient-checkpointing --steps 45 --repeats 2 \
+        --only "distill packed bf16-weights,TRL packed"    # the issue-21 pair, A B B A, mean and range
 
 The model is a Qwen2.5-1.5B architecture with random weights (Qwen2Config at the real sizes,
 vocab 151936); the data is synthetic chain-of-thought-like sequences: a 64-256 token prompt
@@ -160,6 +162,14 @@ def run_row(name: str, make_trainer, config, warmup: int, profile: bool = False)
             "step_ms": sorted(1000 * t for t in timer.steps)}
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One row from its repeats: mean rates and their range, the highest peak memory, every step time."""
+    rates = [r["tokens_s"] for r in runs]
+    return {"name": runs[0]["name"], "tokens_s": sum(rates) / len(rates), "range": (min(rates), max(rates)),
+            "tflops": sum(r["tflops"] for r in runs) / len(runs), "seqs": sum(r["seqs"] for r in runs),
+            "mem_gib": max(r["mem_gib"] for r in runs), "step_ms": sorted(t for r in runs for t in r["step_ms"])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -176,6 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-gradient-checkpointing", dest="ckpt", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
     p.add_argument("--only", default=None, help="comma-separated row names to run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the rows this many times, in order then reversed (A B B A ...), and report each row's "
+                        "mean and range (TRL's rate moved by 2.5%% between runs on one H200)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over 3 steps after the warm-up of each row: prints its top CUDA kernels "
                         "(the rows' timings then include the profiler's overhead)")
@@ -213,7 +226,9 @@ def main(argv=None) -> int:
         wanted = {w.strip() for w in args.only.split(",")}
         rows = [r for r in rows if r[0] in wanted]
 
-    results = [run_row(name, make, config, warmup, args.profile) for name, make in rows]
+    runs = [run_row(name, make, config, warmup, args.profile)
+            for i in range(args.repeats) for name, make in (rows if i % 2 == 0 else rows[::-1])]
+    results = [merge_runs([r for r in runs if r["name"] == name]) for name, _ in rows]
     _print_table(results, args, max_len, steps, warmup, attn if trl_attn == attn else f"{attn} (TRL: {trl_attn})",
                  trl_note)
     return 0
@@ -302,13 +317,17 @@ def _print_table(results, args, max_len, steps, warmup, attn, trl_note) -> None:
     print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}, {trl_note}; "
           f"python {platform.python_version()}\n")
     base = {r["name"].split()[1]: r["tokens_s"] for r in results if r["name"].startswith("TRL")}
-    print("| row | tokens/s | TFLOP/s | MFU | vs TRL (same packing) | peak mem GiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    if args.repeats > 1:
+        print(f"each row run {args.repeats} times (order, then reversed): mean tokens/s, its range\n")
+    print("| row | tokens/s | range | TFLOP/s | MFU | vs TRL (same packing) | peak mem GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
         kind = r["name"].split()[1]
-        ratio = f"{r['tokens_s'] / base[kind]:.2f}x" if kind in base else "n/a"
-        print(f"| {r['name']} | {r['tokens_s']:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} | {r['mem_gib']:.1f} |")
+        ratio = f"{r['tokens_s'] / base[kind]:.3f}x" if kind in base else "n/a"
+        low, high = r["range"]
+        print(f"| {r['name']} | {r['tokens_s']:,.0f} | {low:,.0f}-{high:,.0f} | {r['tflops']:.1f} | {mfu} | {ratio} "
+              f"| {r['mem_gib']:.1f} |")
     for r in results:  # step times: a few slow steps (recompiles) vs every step slow
         ms = r["step_ms"]
         print(f"{r['name']}: step ms min {ms[0]:.0f} median {ms[len(ms) // 2]:.0f} max {ms[-1]:.0f}; "
