@@ -1,5 +1,6 @@
-"""The compact logits cache (format 2): exact ids, log-probs within the stated bound, <= 128 B/token
-at k = 64, and offline KD from it as good as from the exact format-1 cache, which is still read."""
+"""The compact logits cache (format 3): exact ids, log-probs within the stated bound, <= 128 B/token
+at k = 64, and offline KD from it as good as from the exact format-1 cache; formats 1 and 2 are
+still read."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from safetensors.torch import save_file
 
 from distill.cli import main
 from distill.errors import DistillError
-from distill.train.store import LogitsCache, pack_rows, packing, unpack_rows
+from distill.train.store import LogitsCache, pack_rows, packing, row_bytes, unpack_rows, unsplit
 from conftest import assert_within_bound
 from test_kd import QUIET, held_out_kl, write_traces
 
 
-def teacher_rows(n: int, vocab: int, k: int, scale: float, seed: int):
-    """Normalised top-k rows of random softmaxes (most likely first), as ``teacher_top_k`` writes them."""
+def teacher_rows(n: int, vocab: int, k: int, scale: float, seed: int, frequent: float = 0.0):
+    """Normalised top-k rows of random softmaxes (most likely first), as ``teacher_top_k`` writes them;
+    ``frequent`` > 0 tilts them towards low ids (a trained teacher on a byte-pair vocabulary)."""
     g = torch.Generator().manual_seed(seed)
-    logp = torch.log_softmax(torch.randn(n, vocab, generator=g) * scale, dim=-1)
+    logp = torch.log_softmax(torch.randn(n, vocab, generator=g) * scale - frequent * torch.arange(vocab), dim=-1)
     top = logp.topk(k, dim=-1)
     tail = torch.logsumexp(logp.scatter(1, top.indices, -torch.inf), dim=-1)
     return top.indices, top.values, tail
@@ -28,14 +30,25 @@ def teacher_rows(n: int, vocab: int, k: int, scale: float, seed: int):
 
 @pytest.mark.parametrize("vocab,k", [(49152, 64), (151936, 64), (32000, 7), (300, 1)])
 def test_rows_round_trip_within_the_stated_error(vocab, k):
-    for scale in (0.05, 1.0, 4.0):  # near-flat (a random tiny model) to peaked (a trained one)
-        ids, lps, tail = teacher_rows(40, vocab, k, scale, seed=k)
-        layout = packing(vocab, k)
-        rows = pack_rows(ids, lps, tail, layout)
-        assert rows.shape == (40, layout["row_bytes"]) and rows.dtype == torch.uint8
-        assert_within_bound(ids, lps, tail, unpack_rows(rows, layout))
-    if k == 64 and vocab <= 65536:  # ids of fewer than 16 bits: 2 bytes per entry, the tail included
-        assert layout["row_bytes"] <= 2 * k
+    layout = packing(vocab, k)
+    for scale, frequent in ((0.05, 0.0), (1.0, 0.0), (4.0, 0.0), (1.0, 1e-3)):  # near-flat to peaked
+        ids, lps, tail = teacher_rows(40, vocab, k, scale, seed=k, frequent=frequent)
+        stream, common = pack_rows(ids, lps, tail, layout)
+        assert stream.dtype == torch.uint8 and len(stream) == sum(row_bytes(layout, int(c)) for c in common)
+        assert_within_bound(ids, lps, tail, unpack_rows(stream, common, layout))
+    if k == 64 and vocab <= 65536:  # ids of fewer than 16 bits: 2 bytes per entry at most, the tail included
+        assert max(row_bytes(layout, c) for c in range(k + 2)) <= 2 * k
+
+
+def test_rows_on_frequent_tokens_take_fewer_bytes():
+    """Ids mostly below the split (a trained teacher's top-k) cost less than ids spread over the
+    vocabulary: at Qwen2.5's 152k tokens such rows fit 128 B; spread ones stay unsplit, the size of
+    format 2's rows, with no count per row (it would not pay for itself)."""
+    layout = packing(151936, 64)
+    spread = pack_rows(*teacher_rows(40, 151936, 64, 1.0, seed=1), layout)
+    frequent = pack_rows(*teacher_rows(40, 151936, 64, 1.0, seed=1, frequent=1e-3), layout)
+    assert frequent[1].float().mean() > 48 and (spread[1] == unsplit(layout)).all()
+    assert len(frequent[0]) / 40 <= 128 < len(spread[0]) / 40 == row_bytes(layout, unsplit(layout)) == 141
 
 
 def test_api_rows_one_hot_and_padded_round_trip():
@@ -44,9 +57,31 @@ def test_api_rows_one_hot_and_padded_round_trip():
     lps = torch.tensor([[0.0, -20.0, -20.0, -20.0], [-0.2, -1.9, -20.0, -20.0]])
     tail = torch.log1p(-lps.exp().sum(1)).clamp(min=-20.0)
     layout = packing(49152, 4)
-    assert_within_bound(ids, lps, tail, unpack_rows(pack_rows(ids, lps, tail, layout), layout))
+    assert_within_bound(ids, lps, tail, unpack_rows(*pack_rows(ids, lps, tail, layout), layout))
     with pytest.raises(DistillError, match="do not fit the cache's top-4 of a 300-token vocabulary"):
         pack_rows(ids, lps, tail, packing(300, 4))
+
+
+#: three rows as distill wrote them in format 2 (49,152 tokens, k = 4; its index's packing below),
+#: and what they decode to
+FORMAT_2_ROWS = "d5c2a98bf00000004004007f00e8c2b3f03b0018014013fffe0841bd94a02f0063ffe001530e20"
+FORMAT_2_PACKING = {"vocab_size": 49152, "top_k": 4, "low_bits": 13, "high_bits": 9, "value_bits": 4, "row_bytes": 13}
+FORMAT_2_IDS = [[0, 1, 2, 7], [3, 5, 9, 49151], [12, 4095, 4096, 30000]]
+FORMAT_2_LOGPROBS = [[-3.1496, -4.3718, -6.0014, -0.0941], [-9.3316, -0.2213, -1.792, -6.8184],
+                     [-2.5312, -0.9729, -1.219, -3.3514]]
+
+
+def test_a_format_2_cache_is_still_read(tmp_path):
+    rows = torch.tensor(list(bytes.fromhex(FORMAT_2_ROWS)), dtype=torch.uint8).view(3, 13)
+    save_file({"rows": rows, "offsets": torch.tensor([0, 1, 3])}, str(tmp_path / "shard-00000.safetensors"),
+              metadata={"trace_ids": json.dumps(["a", "b"]), "token_sha": json.dumps(["x", "y"])})
+    header = {"vocab_size": 49152, "top_k": 4, "format_version": 2}
+    (tmp_path / "index.json").write_text(json.dumps({
+        "format": "distill-topk-logits/2", "header": header, "packing": FORMAT_2_PACKING,
+        "shards": [{"file": "shard-00000.safetensors", "traces": 2, "tokens": 3}]}))
+    ids, lps, _ = LogitsCache(tmp_path).get_many(["b", "a"])
+    assert ids.tolist() == FORMAT_2_IDS[1:] + FORMAT_2_IDS[:1]
+    torch.testing.assert_close(lps, torch.tensor(FORMAT_2_LOGPROBS[1:] + FORMAT_2_LOGPROBS[:1]), atol=1e-4, rtol=0)
 
 
 def write_format_1(directory, header: dict, entries: list[dict]) -> None:
@@ -80,7 +115,7 @@ def test_kd_from_the_compact_cache_matches_the_exact_one(tmp_path, shared_data, 
     assert main(["logits", "--teacher", str(smollm2_dir), "--student", str(tiny_qwen2), "--traces", str(traces),
                  "--out", str(compact), "--top-k", "64"]) == 0
     index = json.loads((compact / "index.json").read_text())
-    assert index["format"] == "distill-topk-logits/2" and index["header"]["format_version"] == 2
+    assert index["format"] == "distill-topk-logits/3" and index["header"]["format_version"] == 3
     stats = json.loads((compact / "run.json").read_text())["stats"]
     assert stats["tokens"] > 1000 and stats["bytes_per_token"] <= 128, stats
     cache = LogitsCache(compact)

@@ -15,17 +15,25 @@ commands that fill it (``distill logits`` from a local, API or served teacher):
   each trace's token ids, so training can check that it renders every trace to exactly the
   tokens the teacher saw.
 
-A row (format 2, ``rows`` uint8 (T, row_bytes)) is k (id, log-prob) entries plus the tail. At
-k = 64 that is 127 B for a 49k-token vocabulary (SmolLM2), 123 B at 32k, 139 B at 128k (Llama 3)
-and 141 B at 152k (Qwen2.5), where the ids alone take 105 B:
+A row (format 3) is k (id, log-prob) entries plus the tail, its length set by how many of its ids
+fall below ``split`` (4,096: a byte-pair vocabulary numbers its tokens roughly by frequency, and a
+trained teacher's top-k sits mostly on frequent tokens; SmolLM2-135M's top-64 over GSM8K has 69% of
+its ids there). A shard keeps the rows back to back (``rows`` uint8, one stream), that count per row
+(``common``) and each trace's first byte (``byte_offsets``). Where the split would not save the byte
+its count costs (a flat teacher's ids, spread over the vocabulary) the shard codes every row
+unsplit, the ids as one part over the whole vocabulary, as format 2 did (``rows`` uint8 (T,
+row_bytes), no counts, no byte offsets). At k = 64, SmolLM2-135M's rows over GSM8K take 114 B on
+average (127 B in format 2); unsplit rows take 127 B at 49k tokens, 139 B at Llama 3's 128k and
+141 B at Qwen2.5's 152k:
 
 - bytes 0-1: the tail's log-odds, log(tail / top-k mass), in fp16; byte 2: the row's range R
   (its top minus its lowest log-prob) rounded up to R' = 2^(c/16 - 8), c in 0..255;
 - k/2 bytes: a 4-bit code per entry, in ascending id order, high nibble first: 0 marks the
   row's top, c = 1..15 a log-prob R' (c - 1/2) / 14.5 below it (15 levels spread over (0, R']);
-- then bits, most significant first: the ids (ascending) Elias-Fano coded: the low L bits of
-  each id (k x L bits), then the high parts id >> L as a bit vector with a one at high_i + i
-  (k + (V - 1 >> L) bits); L minimises the total (9 bits at 49k tokens).
+- then bits, most significant first: the ids below ``split`` and then the others (less ``split``),
+  each part Elias-Fano coded: the low L bits of each id (n x L bits), then the high parts id >> L
+  as a bit vector with a one at high_i + i (n + (U - 1 >> L) bits, U the part's universe); L
+  minimises the part's total.
 
 Decoding gives the top k the mass the odds say and puts the top back from it: top = log(top-k
 mass) - logsumexp(offsets below the top). The rows come back normalised (the k + 1 buckets sum
@@ -37,12 +45,14 @@ fp16, under 0.01 nats for any tail between e^-20 and 1 - e^-20), the log tail wi
 are exact and the top stays the unique largest. For SmolLM2-135M on GSM8K (R = 9.4 nats at the
 median) that is a KL(exact || stored) of about 0.004 nats per token over the k + 1 buckets.
 
+Format 2 (``rows`` uint8 (T, row_bytes), every row unsplit) is still read.
 Format 1 (``ids`` int32 (T, k), ``logprobs`` fp16 (T, k), ``log_tail`` fp32 (T,): 4k + 2k + 4
-bytes, 388 B per token at k = 64) is still read; new shards are always format 2.
+bytes, 388 B per token at k = 64) is still read; new shards are always format 3.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,9 +61,10 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.records import write_json
 
-FORMAT = "distill-topk-logits/2"
-FORMAT_VERSION = 2
-OLD_FORMAT = "distill-topk-logits/1"  # read, never written
+FORMAT = "distill-topk-logits/3"
+FORMAT_VERSION = 3
+READ_ONLY_FORMATS = ("distill-topk-logits/2", "distill-topk-logits/1")  # read, never written
+SPLIT = 4096  # ids below it are coded apart from the rest
 VALUE_BITS = 4  # per entry: 0 marks the top, 1..15 the offset below it
 LEVELS = 2**VALUE_BITS - 1  # codes 1..15: offsets R' (c - 1/2) / 14.5 below the top
 INDEX = "index.json"
@@ -74,18 +85,46 @@ def tokenizer_sha(tokenizer) -> str:
 
 
 def packing(vocab_size: int, top_k: int) -> dict:
-    """The byte layout of a row for this vocabulary and k (recorded in the index)."""
-    low = min(range(18), key=lambda bits: top_k * bits + ((vocab_size - 1) >> bits))
-    high = top_k + ((vocab_size - 1) >> low)
-    return {"vocab_size": vocab_size, "top_k": top_k, "low_bits": low, "high_bits": high, "value_bits": VALUE_BITS,
-            "row_bytes": 3 + (top_k + 1) // 2 + (top_k * low + high + 7) // 8}
+    """The settings of a row's layout for this vocabulary and k (recorded in the index)."""
+    return {"vocab_size": vocab_size, "top_k": top_k, "value_bits": VALUE_BITS, "split": min(SPLIT, vocab_size)}
+
+
+def _elias_fano(n: int, universe: int) -> tuple[int, int]:
+    """(low bits per id, bits of the high part) of n ascending ids below ``universe``."""
+    if n == 0:
+        return 0, 0
+    low = min(range(18), key=lambda bits: n * bits + ((universe - 1) >> bits))
+    return low, n + ((universe - 1) >> low)
+
+
+def _parts(layout: dict, common: int) -> list[tuple[int, int, int, int]]:
+    """(first id, count, low bits, high bits) of a row's id parts: below the split, and the rest;
+    ``common`` = ``unsplit(layout)``: one part over the whole vocabulary (format 2's rows)."""
+    k, vocab = layout["top_k"], layout["vocab_size"]
+    if common > k:
+        return [(0, k, *_elias_fano(k, vocab))]
+    split = layout["split"]
+    return [(0, common, *_elias_fano(common, split)), (split, k - common, *_elias_fano(k - common, vocab - split))]
+
+
+def unsplit(layout: dict) -> int:
+    """The count that marks a row coded without the split."""
+    return layout["top_k"] + 1
+
+
+def row_bytes(layout: dict, common: int) -> int:
+    """Bytes of a row with ``common`` of its ids below the split."""
+    bits = sum(n * low + high for _, n, low, high in _parts(layout, common))
+    return 3 + (layout["top_k"] + 1) // 2 + (bits + 7) // 8
 
 
 def pack_rows(ids, logprobs, log_tail, layout: dict):
-    """(T, k) ids and log-probs, (T,) log tails -> (T, row_bytes) uint8 rows (format in the module doc)."""
+    """(T, k) ids and log-probs, (T,) log tails -> the rows back to back (uint8) and each row's count
+    of ids below the split (format in the module doc); ``unsplit`` for every row when the split
+    would not save the counts' byte per row."""
     import torch
 
-    k, low_bits, vocab = layout["top_k"], layout["low_bits"], layout["vocab_size"]
+    k, vocab, split = layout["top_k"], layout["vocab_size"], layout["split"]
     ids, logprobs = ids.long(), logprobs.float()
     if ids.shape[1] != k or ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
         raise DistillError(f"teacher rows of {ids.shape[1]} token ids up to {int(ids.max())} do not fit the "
@@ -97,34 +136,100 @@ def pack_rows(ids, logprobs, log_tail, layout: dict):
     span = (2 ** (code / 16 - 8))[:, None]
     values = 1 + torch.round(torch.minimum(below, span) / span * (LEVELS - 0.5) - 0.5).clamp(min=0).long()
     values.scatter_(1, below.argmin(1, keepdim=True), 0)
-    high = torch.zeros(len(ids), layout["high_bits"], dtype=torch.bool)
-    high.scatter_(1, (ids >> low_bits) + torch.arange(k), True)
     odds = log_tail.float() - torch.logsumexp(logprobs, dim=1)  # log(tail / top-k mass)
-    return torch.cat([odds.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2),
-                      code.to(torch.uint8)[:, None], _bytes(_bits(values, VALUE_BITS)),
-                      _bytes(torch.cat([_bits(ids & ((1 << low_bits) - 1), low_bits), high], dim=1))], dim=1)
+    head = torch.cat([odds.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2), code.to(torch.uint8)[:, None],
+                      _bytes(_bits(values, VALUE_BITS))], dim=1)
+    common = (ids < split).sum(1)
+    count = torch.uint8 if unsplit(layout) < 256 else torch.int32
+    if len(ids) * row_bytes(layout, unsplit(layout)) <= (_row_starts(common, layout)[1].sum()
+                                                         + len(ids) * torch.iinfo(count).bits // 8):
+        common.fill_(unsplit(layout))  # rows spread over the vocabulary (a flat teacher): no split, no counts
+    starts, lengths = _row_starts(common, layout)
+    stream = torch.empty(int(lengths.sum()), dtype=torch.uint8)
+    for c in common.unique().tolist():  # the rows with c ids below the split share one layout
+        rows = (common == c).nonzero()[:, 0]
+        parts = _parts(layout, c)
+        bits = [_elias_fano_bits(part - first, low, high) for (first, _, low, high), part
+                in zip(parts, ids[rows].split([n for _, n, _, _ in parts], dim=1))]
+        stream[starts[rows, None] + torch.arange(lengths[rows[0]])] = torch.cat([head[rows], _bytes(torch.cat(bits, 1))], 1)
+    return stream, common.to(count)
 
 
-def unpack_rows(rows, layout: dict):
-    """(T, row_bytes) uint8 rows -> ids int64 (T, k) ascending, log-probs fp32 (T, k), log tail fp32 (T,)."""
+def unpack_rows(stream, common, layout: dict):
+    """The rows back to back (uint8) and their counts of ids below the split -> ids int64 (T, k)
+    ascending, log-probs fp32 (T, k), log tail fp32 (T,). On the stream's device, every row at once:
+    each entry's bit position follows from its row's count."""
     import torch
 
-    k, low_bits, device = layout["top_k"], layout["low_bits"], rows.device
-    odds = rows[:, :2].contiguous().view(torch.float16).float()[:, 0]
-    span = (2 ** (rows[:, 2].float() / 16 - 8))[:, None]
-    nibbles = rows[:, 3:3 + (k + 1) // 2]
+    k, device = layout["top_k"], stream.device
+    rows = _layouts(layout, device)[common.long()]
+    n1, low1, high1, first2, low2, high2, length = rows.unbind(1)
+    most1, most2, longest = rows[:, [2, 5, 6]].max(0).values.tolist() if len(rows) else (0, 0, 0)  # one sync
+    starts = length.cumsum(0) - length
+    head = stream[starts[:, None] + torch.arange(3 + (k + 1) // 2, device=device)]
+    odds = head[:, :2].contiguous().view(torch.float16).float()[:, 0]
+    span = (2 ** (head[:, 2].float() / 16 - 8))[:, None]
+    nibbles = head[:, 3:]
     values = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).flatten(1)[:, :k]
-    body = torch.nn.functional.pad(rows[:, 3 + (k + 1) // 2:], (0, 2)).int()
-    at = low_bits * torch.arange(k, device=device)
-    window = (body[:, at // 8] << 16) | (body[:, at // 8 + 1] << 8) | body[:, at // 8 + 2]
-    low = (window >> (24 - low_bits - at % 8)) & ((1 << low_bits) - 1)
-    first = k * low_bits // 8
-    bits = (rows[:, 3 + (k + 1) // 2 + first:, None] >> torch.arange(7, -1, -1, dtype=torch.uint8, device=device)) & 1
-    ones = bits.flatten(1)[:, k * low_bits % 8:][:, :layout["high_bits"]].nonzero()[:, 1].view(-1, k)
-    ids = ((ones - torch.arange(k, device=device)) << low_bits) | low
+    # the bits after the head: part 1's low bits and high bit vector, then part 2's
+    width = max(longest - head.shape[1], 0) + 2
+    body = torch.nn.functional.pad(stream, (0, width))[starts[:, None] + head.shape[1] + torch.arange(width, device=device)]
+    body = body.long()
+    j = torch.arange(k, device=device)
+    second = j >= n1[:, None]  # (T, k): the entry is in part 2
+    low = torch.where(second, low2[:, None], low1[:, None])
+    at = torch.where(second, (n1 * low1 + high1)[:, None] + (j - n1[:, None]) * low2[:, None], j * low1[:, None])
+    byte = at >> 3
+    window = sum(body.gather(1, byte + i) << 8 * (2 - i) for i in range(3))  # each low part in 3 bytes
+    lows = (window >> (24 - low - (at & 7))) & ((1 << low) - 1)
+    col = torch.arange(most1 + most2, device=device)
+    in2 = col >= most1
+    bit = torch.where(in2, (n1 * low1 + high1 + (k - n1) * low2)[:, None] + col - most1, (n1 * low1)[:, None] + col)
+    valid = torch.where(in2, col - most1 < high2[:, None], col < high1[:, None])
+    bit = bit.clamp(max=8 * width - 1)
+    bits = ((body.gather(1, bit >> 3) >> (7 - (bit & 7))) & 1).bool() & valid
+    ones = bits.nonzero()[:, 1].view(-1, k)  # k ones a row: part 1's, then part 2's
+    high = torch.where(second, ones - most1 - (j - n1[:, None]), ones - j)
+    ids = torch.where(second, first2[:, None], 0) + ((high << low) | lows)
     offset = torch.where(values == 0, 0.0, -span * (values - 0.5) / (LEVELS - 0.5))
     log_mass = torch.nn.functional.logsigmoid(-odds)  # what the top k hold
     return ids, offset + (log_mass - torch.logsumexp(offset, dim=1))[:, None], torch.nn.functional.logsigmoid(odds)
+
+
+def _layouts(layout: dict, device):
+    """Per count of ids below the split (0..k, then ``unsplit``), a row's (part 1's count, low bits,
+    high bits, part 2's first id, low bits, high bits, row bytes); format 2 has unsplit rows only."""
+    return _layout_table(layout["vocab_size"], layout["top_k"], layout.get("split"), str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout_table(vocab_size: int, top_k: int, split: int | None, device: str):
+    """``_layouts``, made once per cache and device (a copy to a GPU each batch would wait for it)."""
+    import torch
+
+    layout = {"vocab_size": vocab_size, "top_k": top_k, "split": split}
+    table = torch.zeros(unsplit(layout) + 1, 7, dtype=torch.long)
+    for c in range(unsplit(layout) + 1) if split is not None else [unsplit(layout)]:
+        parts = _parts(layout, c)
+        _, n1, low1, high1 = parts[0] if len(parts) == 2 else (0, 0, 0, 0)
+        first2, _, low2, high2 = parts[-1]
+        table[c] = torch.tensor([n1, low1, high1, first2, low2, high2, row_bytes(layout, c)])
+    return table.to(device)
+
+
+def _row_starts(common, layout: dict):
+    """Each row's first byte in the stream and its length."""
+    lengths = _layouts(layout, common.device)[common.long(), 6]
+    return lengths.cumsum(0) - lengths, lengths
+
+
+def _elias_fano_bits(ids, low: int, high: int):
+    """(T, n) ascending ids -> (T, n * low + high) bools: their low bits, then the high parts' bit vector."""
+    import torch
+
+    upper = torch.zeros(len(ids), high, dtype=torch.bool)
+    upper.scatter_(1, (ids >> low) + torch.arange(ids.shape[1]), True)
+    return torch.cat([_bits(ids & ((1 << low) - 1), low), upper], dim=1)
 
 
 def _bits(values, width: int):
@@ -150,9 +255,14 @@ def write_shard(path: Path, entries: list[dict], layout: dict) -> None:
     counts = [int(e["ids"].shape[0]) for e in entries]
     offsets = torch.zeros(len(entries) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-    tensors = {"rows": pack_rows(*(torch.cat([e[name] for e in entries]) for name in ("ids", "logprobs", "log_tail")),
-                                 layout).contiguous(),
-               "offsets": offsets}
+    stream, common = pack_rows(*(torch.cat([e[name] for e in entries]) for name in ("ids", "logprobs", "log_tail")),
+                               layout)
+    if (common == unsplit(layout)).all():  # as format 2 wrote it: rows of one size, found by row
+        tensors = {"rows": stream.view(len(common), row_bytes(layout, unsplit(layout))), "offsets": offsets}
+    else:
+        row_ends = _row_starts(common.long(), layout)[1].cumsum(0)
+        tensors = {"rows": stream, "common": common, "offsets": offsets,
+                   "byte_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), row_ends])[offsets]}
     meta = {"trace_ids": json.dumps([e["id"] for e in entries]), "token_sha": json.dumps([e["sha"] for e in entries])}
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -179,17 +289,19 @@ class LogitsCache:
         if not index_path.is_file():
             raise DistillError(f"{self.dir}: not a logits cache (no {INDEX}); make one with 'distill logits'")
         self.index = json.loads(index_path.read_text())
-        if self.index.get("format") not in (FORMAT, OLD_FORMAT):
-            raise DistillError(f"{index_path}: unknown cache format {self.index.get('format')!r} (expected {FORMAT} "
-                               f"or {OLD_FORMAT}); re-cache with 'distill logits'")
+        if self.index.get("format") not in (FORMAT, *READ_ONLY_FORMATS):
+            raise DistillError(f"{index_path}: unknown cache format {self.index.get('format')!r} (expected one of "
+                               f"{', '.join((FORMAT, *READ_ONLY_FORMATS))}); re-cache with 'distill logits'")
         self.header, self.layout = self.index["header"], self.index.get("packing")
         self._files, self._where = [], {}
         for shard in self.index["shards"]:
             f = safe_open(str(self.dir / shard["file"]), framework="pt")
             meta = f.metadata()
             offsets = f.get_tensor("offsets").tolist()
+            # where each trace's rows are: format 3 by byte (rows of varying length), else by row
+            at = f.get_tensor("byte_offsets").tolist() if "byte_offsets" in f.keys() else offsets
             for i, (tid, sha) in enumerate(zip(json.loads(meta["trace_ids"]), json.loads(meta["token_sha"]))):
-                self._where[tid] = (len(self._files), offsets[i], offsets[i + 1], sha)
+                self._where[tid] = (len(self._files), offsets[i], offsets[i + 1], sha, (at[i], at[i + 1]))
             self._files.append(f)
 
     def __contains__(self, trace_id: str) -> bool:
@@ -211,13 +323,19 @@ class LogitsCache:
         """The traces' rows, concatenated in this order, on ``device`` (decoded there: 1/3 of the bytes to move)."""
         import torch
 
-        names = ("ids", "logprobs", "log_tail") if self.layout is None else ("rows",)
         parts = []
         for tid in trace_ids:
-            shard, start, end, _ = self._where[tid]
-            parts.append(tuple(self._files[shard].get_slice(name)[start:end] for name in names))
+            shard, start, end, _, (first, last) = self._where[tid]
+            f = self._files[shard]
+            if self.layout is None:  # format 1: the entries as they are
+                parts.append(tuple(f.get_slice(name)[start:end] for name in ("ids", "logprobs", "log_tail")))
+                continue
+            # no counts: every row unsplit, one size (format 2, or a shard the split did not pay for)
+            common = (f.get_slice("common")[start:end].int() if "common" in f.keys()
+                      else torch.full((end - start,), unsplit(self.layout), dtype=torch.int32))
+            parts.append((f.get_slice("rows")[first:last].flatten(), common))
         stored = tuple(torch.cat(p).to(device) for p in zip(*parts))
-        return stored if self.layout is None else unpack_rows(stored[0], self.layout)
+        return stored if self.layout is None else unpack_rows(*stored, self.layout)
 
 
 def read_index(directory: Path) -> dict | None:
