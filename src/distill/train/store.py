@@ -141,10 +141,10 @@ def pack_rows(ids, logprobs, log_tail, layout: dict):
                       _bytes(_bits(values, VALUE_BITS))], dim=1)
     common = (ids < split).sum(1)
     count = torch.uint8 if unsplit(layout) < 256 else torch.int32
-    if len(ids) * row_bytes(layout, unsplit(layout)) <= (_row_starts(common, layout)[1].sum()
-                                                         + len(ids) * torch.iinfo(count).bits // 8):
-        common.fill_(unsplit(layout))  # rows spread over the vocabulary (a flat teacher): no split, no counts
     starts, lengths = _row_starts(common, layout)
+    if len(ids) * row_bytes(layout, unsplit(layout)) <= lengths.sum() + len(ids) * torch.iinfo(count).bits // 8:
+        common.fill_(unsplit(layout))  # rows spread over the vocabulary (a flat teacher): no split, no counts
+        starts, lengths = _row_starts(common, layout)
     stream = torch.empty(int(lengths.sum()), dtype=torch.uint8)
     for c in common.unique().tolist():  # the rows with c ids below the split share one layout
         rows = (common == c).nonzero()[:, 0]
