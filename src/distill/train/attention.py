@@ -27,8 +27,7 @@ from distill.errors import DistillError
 NAME = "varlen"
 _last: list = [None, None]  # [weakref to the position_ids of the forward in progress, its sequences]
 #: what ``register`` resolves once, so that a layer's call looks nothing up: the kernel, transformers'
-#: sdpa (for the calls the kernel cannot take), and whether the kernel takes fewer key/value heads
-#: than query heads itself (torch >= 2.12)
+#: sdpa (for the calls the kernel cannot take), and whether the kernel's signature has ``enable_gqa``
 _ops: dict = {}
 
 
@@ -84,11 +83,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
         query, key, value = (x.to(dtype) for x in (query, key, value))
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
     options = {"scale": scaling}
-    if k.shape[1] != heads:  # grouped-query attention
-        if _ops["gqa"]:
-            options["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+    if k.shape[1] != heads and _ops["gqa"]:  # grouped-query attention, which the kernel takes as it is
+        options["enable_gqa"] = True  # (torch >= 2.12 asks that it be said)
     # causal: a window that reaches no later key ((-1, 0): no limit to the left)
     options["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     out = _ops["kernel"](q, k, v, cu, cu, longest, longest, **options)
