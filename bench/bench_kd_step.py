@@ -26,10 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distill.records import write_json  # noqa: E402
 from distill.train.batching import Collator  # noqa: E402
 from distill.train.kd_losses import KDSettings  # noqa: E402
-from distill.train.store import FORMAT, LogitsCache, write_shard  # noqa: E402
+from distill.train.store import CacheWriter, LogitsCache  # noqa: E402
 from distill.train.teachers import CachedTeacher, OnlineTeacher  # noqa: E402
 from distill.train.trainers import KDTrainer, SFTTrainer  # noqa: E402
 
@@ -99,15 +98,17 @@ def gkd_trainer_cls():
 
 
 def fake_cache(directory: Path, data: Dataset, vocab: int, k: int) -> CachedTeacher:
-    """A top-k cache in the real on-disk format, random teacher log-probs."""
+    """A top-k cache in the real on-disk format, random teacher log-probs; ids fall as a real teacher's
+    do (69% below 4,096, SmolLM2-135M's share), so rows take the cache's split layout and its decoding."""
     entries = []
+    low = min(vocab // 2, 4096)
+    n_low = round(0.69 * k)
     for row in data.rows:
         n = sum(label != -100 for label in row["labels"][1:])
         lp = torch.log_softmax(torch.randn(n, k + 1), -1)
-        entries.append({"id": row["id"], "sha": "-", "ids": torch.randint(0, vocab, (n, k)),
-                        "logprobs": lp[:, :k], "log_tail": lp[:, k]})
-    write_shard(directory / "shard-00000.safetensors", entries)
-    write_json(directory / "index.json", {"format": FORMAT, "header": {}, "shards": [{"file": "shard-00000.safetensors"}]})
+        ids = torch.cat([torch.rand(n, low).argsort(dim=1)[:, :n_low], torch.randint(low, vocab, (n, k - n_low))], 1)
+        entries.append({"id": row["id"], "sha": "-", "ids": ids, "logprobs": lp[:, :k], "log_tail": lp[:, k]})
+    CacheWriter(directory, {"vocab_size": vocab, "top_k": k}).add_shard(entries)
     return CachedTeacher(LogitsCache(directory), {r["example_index"]: r["id"] for r in data.rows})
 
 
