@@ -218,13 +218,17 @@ def _sparse_teacher(logprobs, log_tail):
 def _cross_entropy(z, targets, s_full, temperature):
     """Summed next-token cross-entropy at T = 1 over the whole vocabulary; targets of -100 add none.
 
-    Reuses the KD log-softmax when it is that one. The target is picked by comparison with a column
-    index, not gather, so that under torch.compile forward and backward stay elementwise and fuse
-    (a gather's gradient is a scatter into a new tensor).
+    Reuses the KD log-softmax when it is that one. Otherwise log-sum-exp minus the target's logit: two
+    reductions over a row that do not wait for each other, so that compiled they read the logits
+    once (log-softmax then the target's entry reads them twice). The target is picked by comparison
+    with a column index, not gather, so that under torch.compile forward and backward stay
+    elementwise and fuse (a gather's gradient is a scatter into a new tensor).
     """
-    logp = s_full if temperature == 1.0 and s_full is not None else torch.log_softmax(z, dim=-1)
     hit = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
-    return -torch.where(hit, logp, 0.0).sum()
+    if temperature == 1.0 and s_full is not None:
+        return -torch.where(hit, s_full, 0.0).sum()
+    picked = torch.where(hit, z, 0.0).sum(-1)
+    return torch.where(targets >= 0, torch.logsumexp(z, dim=-1) - picked, 0.0).sum()
 
 
 def _sparse_student_ce(logits, targets, ids, temperature):
