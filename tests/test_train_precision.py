@@ -31,9 +31,10 @@ def test_updates_below_bf16_resolution_accumulate_in_the_master_weights():
     assert mastered.float().tolist() == pytest.approx([0.9902] * 4, abs=2 ** -8)  # the master, rounded
 
 
-def test_master_weight_adamw_steps_as_torch_adamw_on_fp32_copies_and_resumes():
+def test_master_weight_adamw_clips_and_steps_as_torch_adamw_on_fp32_copies_and_resumes():
     """Two groups (with and without decay), a tensor without a gradient in one step, a state-dict round
-    trip mid-run: the masters follow torch's AdamW on fp32 copies (on a GPU: the fused kernel)."""
+    trip mid-run, gradients clipped (scaled in the step) on all steps but one: the masters follow
+    torch's clipping and AdamW on fp32 copies (on a GPU: the fused kernel)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=device).manual_seed(0)
     shapes = [(300, 16), (5008,), (4, 4)]  # one spans several of the kernel's blocks
@@ -57,6 +58,9 @@ def test_master_weight_adamw_steps_as_torch_adamw_on_fp32_copies_and_resumes():
         for p, r, grad in zip(params, ref_params, grads):
             p.grad = None if grad is None else grad.to(torch.bfloat16)
             r.grad = None if grad is None else grad.to(torch.bfloat16).float()
+        max_norm = 1e6 if step == 4 else 50.0  # the gradients' norm is ~100
+        norm = opt.clip_grad_norm_(max_norm)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref_params, max_norm))
         opt.step()
         ref.step()
         if step == 2:

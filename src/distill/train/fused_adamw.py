@@ -52,7 +52,7 @@ def _aligned(grad: torch.Tensor) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _step(chunk_tensor, chunk_start, numel, flat_offset, addresses, n_tensors, hyper,
+    def _step(chunk_tensor, chunk_start, numel, flat_offset, addresses, n_tensors, hyper, grad_scale,
               master, exp_avg, exp_avg_sq, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
         # the hints (multiples of ALIGN elements, addresses of ALIGN bytes) let every access be a vector
         pid = tl.program_id(0)
@@ -62,7 +62,7 @@ if triton is not None:
         limit = tl.where(grad_addr != 0, tl.load(numel + t), 0)  # address 0: no gradient, nothing moves
         mask = offs < tl.multiple_of(limit, ALIGN)
         grad_ptr = tl.multiple_of(grad_addr.to(tl.pointer_type(tl.bfloat16)), ALIGN)
-        grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+        grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) * tl.load(grad_scale)  # clipping
         weight = tl.multiple_of(tl.load(addresses + n_tensors + t).to(tl.pointer_type(tl.bfloat16)), ALIGN)
         flat = tl.multiple_of(tl.load(flat_offset + t), ALIGN) + offs
         h = hyper + t * 6
@@ -92,14 +92,16 @@ class FusedStep:
         self.device = device
 
     def __call__(self, grads: list[torch.Tensor | None], weights: list[torch.Tensor], hyper: list[tuple],
-                 master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+                 grad_scale: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
+                 exp_avg_sq: torch.Tensor) -> None:
         """Step every tensor with a gradient (contiguous bf16 gradients and weights; ``hyper``: one
-        ``HYPER`` row per tensor). The tables go to the GPU from pinned memory: no host sync."""
+        ``HYPER`` row per tensor; ``grad_scale``: one fp32 number on the GPU, every gradient's factor,
+        gradient clipping's). The tables go to the GPU from pinned memory: no host sync."""
         grads = [None if g is None else _aligned(g) for g in grads]  # held until the kernel is queued
         addresses = [0 if g is None else g.data_ptr() for g in grads] + [w.data_ptr() for w in weights]
         addresses = torch.tensor(addresses, dtype=torch.int64, pin_memory=self.device.type == "cuda")
         rows = torch.tensor(hyper, dtype=torch.float32, pin_memory=self.device.type == "cuda")
         addresses, rows = (x.to(self.device, non_blocking=True) for x in (addresses, rows))
         _step[(len(self.chunk_tensor),)](self.chunk_tensor, self.chunk_start, self.numel, self.flat_offset,
-                                         addresses, len(weights), rows, master, exp_avg, exp_avg_sq,
-                                         BLOCK=BLOCK, ALIGN=ALIGN, num_warps=NUM_WARPS)
+                                         addresses, len(weights), rows, grad_scale, master, exp_avg,
+                                         exp_avg_sq, BLOCK=BLOCK, ALIGN=ALIGN, num_warps=NUM_WARPS)

@@ -82,6 +82,14 @@ class SFTTrainer(Trainer):
             self.optimizer_cls_and_kwargs = (MasterWeightAdamW, kwargs)
         return super().create_optimizer(model)
 
+    def _clip_grad_norm(self, model):
+        """Over fp32 masters of whole gradients (not FSDP's shards), clipping's scale goes into the
+        optimizer's step (no pass of its own over the gradients); otherwise transformers' clipping."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        if isinstance(optimizer, MasterWeightAdamW) and not self.is_fsdp_enabled:
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
     def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
 
