@@ -6,7 +6,8 @@ fault type is hit, retries are what fix it, and a rerun sees the same behaviour.
 
 - ``429``: Too Many Requests with ``Retry-After: <retry_after>``
 - ``500``: an internal server error
-- ``slow``: answers after ``slow_seconds`` (longer than the client's timeout in tests)
+- ``slow``: answers after ``slow_seconds`` (longer than the client's timeout in tests), unless the
+  client hangs up first (then it is no longer in flight: ``max_in_flight`` counts open requests)
 - ``drop``: closes the connection without answering
 
 The chain of thought comes back the way ``reasoning`` says: ``reasoning_content`` (DeepSeek),
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import select
 import socket
 import threading
 import time
@@ -173,7 +175,13 @@ class FaultServer(BackgroundServer):
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                time.sleep(server.slow_seconds if fault == "slow" else server.latency)
+                if fault == "slow":
+                    # late, but a client that gives up first hangs up: then nothing is in flight any more
+                    if select.select([self.connection], [], [], server.slow_seconds)[0]:
+                        self.close_connection = True
+                        return
+                else:
+                    time.sleep(server.latency)
                 if fault == "429":
                     with server._lock:
                         server.last_429[key] = time.monotonic()
