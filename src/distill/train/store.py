@@ -294,15 +294,17 @@ class LogitsCache:
                                f"{', '.join((FORMAT, *READ_ONLY_FORMATS))}); re-cache with 'distill logits'")
         self.header, self.layout = self.index["header"], self.index.get("packing")
         self._files, self._where = [], {}
+        self._counted = []  # per shard: whether its rows have counts (format 3's split rows)
         for shard in self.index["shards"]:
             f = safe_open(str(self.dir / shard["file"]), framework="pt")
-            meta = f.metadata()
+            meta, keys = f.metadata(), set(f.keys())
             offsets = f.get_tensor("offsets").tolist()
             # where each trace's rows are: format 3 by byte (rows of varying length), else by row
-            at = f.get_tensor("byte_offsets").tolist() if "byte_offsets" in f.keys() else offsets
+            at = f.get_tensor("byte_offsets").tolist() if "byte_offsets" in keys else offsets
             for i, (tid, sha) in enumerate(zip(json.loads(meta["trace_ids"]), json.loads(meta["token_sha"]))):
                 self._where[tid] = (len(self._files), offsets[i], offsets[i + 1], sha, (at[i], at[i + 1]))
             self._files.append(f)
+            self._counted.append("common" in keys)
 
     def __contains__(self, trace_id: str) -> bool:
         return trace_id in self._where
@@ -331,7 +333,7 @@ class LogitsCache:
                 parts.append(tuple(f.get_slice(name)[start:end] for name in ("ids", "logprobs", "log_tail")))
                 continue
             # no counts: every row unsplit, one size (format 2, or a shard the split did not pay for)
-            common = (f.get_slice("common")[start:end].int() if "common" in f.keys()
+            common = (f.get_slice("common")[start:end].int() if self._counted[shard]
                       else torch.full((end - start,), unsplit(self.layout), dtype=torch.int32))
             parts.append((f.get_slice("rows")[first:last].flatten(), common))
         stored = tuple(torch.cat(p).to(device) for p in zip(*parts))
