@@ -3,13 +3,14 @@
     python bench/bench_kd_step.py --device cuda            # Qwen2.5-7B-arch teacher, 1.5B student
     python bench/bench_kd_step.py --device cpu --tiny      # smoke run at tiny sizes
 
-Rows (all through transformers.Trainer, same TrainingArguments: bf16, gradient checkpointing,
-batch 1 (--batch-size), AdamW, random-weight models of the real architectures, half of each sequence prompt):
+Rows (all through transformers.Trainer at equal settings: bf16, gradient checkpointing, batch 1
+(--batch-size), AdamW, random-weight models of the real architectures, half of each sequence prompt;
+distill's rows with the TrainingArguments ``distill train`` makes, TRL's with transformers' defaults):
 
 1. distill online KD (gJSD beta 0.5): teacher hidden states, chunked fused loss.
 2. TRL GKD loss path at equal settings (lmbda 0, i.e. no on-policy generation; beta 0.5): full
-   logits of both models, then ``trl.GKDTrainer.generalized_jsd_loss`` as GKDTrainer.compute_loss
-   does. Skipped when trl is not importable.
+   logits of both models, then ``trl.GKDTrainer.generalized_jsd_loss`` and the cache emptied, as
+   GKDTrainer.compute_loss does. Skipped when trl is not importable.
 3. distill offline KD from a cached top-64 cache (fkl), no teacher in memory.
 4. distill SFT (the same trainer's chunked cross-entropy, no teacher) on the same data: the baseline for row 3.
 """
@@ -77,6 +78,7 @@ def gkd_trainer_cls():
         except ImportError:
             return None
     from transformers import Trainer
+    from trl.experimental.utils import empty_cache
 
     class TRLGKD(Trainer):
         def __init__(self, *a, teacher_model, **kw):
@@ -92,6 +94,7 @@ def gkd_trainer_cls():
             v = min(student.shape[-1], teacher.shape[-1])
             loss = GKDTrainer.generalized_jsd_loss(student[:, :-1, :v], teacher[:, :-1, :v], labels=labels[:, 1:],
                                                    beta=0.5, temperature=1.0)
+            empty_cache()
             return (loss, None) if return_outputs else loss
 
     return TRLGKD
@@ -112,15 +115,34 @@ def fake_cache(directory: Path, data: Dataset, vocab: int, k: int) -> CachedTeac
     return CachedTeacher(LogitsCache(directory), {r["example_index"]: r["id"] for r in data.rows})
 
 
-def run(label, trainer_cls, student, data, args_kw, steps, **kw):
-    from transformers import Trainer, TrainingArguments
+def trl_arguments(cuda: bool, batch_size: int, liger: bool):
+    """TrainingArguments as a TRL user gets them (transformers' defaults), at the shared settings."""
+    from transformers import TrainingArguments
 
-    args = TrainingArguments(max_steps=1, learning_rate=1e-5,
-                             report_to=[], save_strategy="no", logging_steps=10**6,
-                             remove_unused_columns=False, disable_tqdm=True, **args_kw)
+    return TrainingArguments(max_steps=1, learning_rate=1e-5, report_to=[], save_strategy="no", logging_steps=10**6,
+                             remove_unused_columns=False, disable_tqdm=True, bf16=cuda, use_cpu=not cuda,
+                             per_device_train_batch_size=batch_size, gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False}, use_liger_kernel=liger)
+
+
+def distill_arguments(cuda: bool, batch_size: int, liger: bool):
+    """The TrainingArguments ``distill train --method kd`` makes, at the shared settings."""
+    from distill.train.command import TrainConfig
+    from distill.train.student import training_arguments
+
+    cfg = TrainConfig(method="kd", out=tempfile.mkdtemp(prefix="bench_kd_"), max_steps=1, batch_size=batch_size,
+                      lr=1e-5, warmup_ratio=0.0, gradient_checkpointing=True, liger=liger, logging_steps=10**6,
+                      report_to="none")
+    return training_arguments(cfg, has_eval=False, use_bf16=cuda, grad_accum=1, save_strategy="no",
+                              disable_tqdm=True, train_sampling_strategy="random")
+
+
+def run(label, trainer_cls, student, data, args, steps, **kw):
+    from transformers import Trainer
+
     trainer = (trainer_cls or Trainer)(model=student, args=args, train_dataset=data,
                                        data_collator=Collator(0), **kw)
-    cuda = torch.cuda.is_available() and args_kw.get("use_cpu") is not True
+    cuda = torch.cuda.is_available() and not args.use_cpu
     try:
         trainer.train()  # one untimed warm-up step (allocator, kernels)
         if cuda:
@@ -152,44 +174,47 @@ def main():
     p.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="distill rows' student: fp32 under autocast, or bf16 with fp32 masters (--weights-dtype)")
     p.add_argument("--compile-teacher", action="store_true", help="torch.compile the teacher's decoder layers")
+    p.add_argument("--liger", action="store_true", help="Liger kernels in every row's student (pip install liger-kernel)")
     p.add_argument("--only", default=None, help="comma-separated words: online, trl, offline, sft")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     length = args.seq_len or (128 if args.tiny else 4096)
     t_spec, s_spec = (TINY_T, TINY_S) if args.tiny else (QWEN_7B, QWEN_1_5B)
     bf16 = cuda
-    args_kw = {"bf16": bf16, "gradient_checkpointing": True, "per_device_train_batch_size": args.batch_size,
-               "gradient_checkpointing_kwargs": {"use_reentrant": False}, "use_cpu": not cuda}
+
+    def distill_args():
+        return distill_arguments(cuda, args.batch_size, args.liger)
+
     data = Dataset(args.steps * args.batch_size, length, s_spec["vocab_size"])
     wanted = set(args.only.split(",")) if args.only else {"online", "trl", "offline", "sft"}
     ours = torch.bfloat16 if args.weights_dtype == "bf16" else torch.float32  # distill's student weights
     rows = []
     teacher = model(t_spec, args.device, torch.bfloat16 if cuda else torch.float32).eval().requires_grad_(False)
     if "trl" in wanted and (gkd := gkd_trainer_cls()) is not None:  # TRL as a user runs it: the teacher eager
-        rows.append(run("TRL GKD loss path (gJSD)", gkd, model(s_spec, args.device, torch.float32), data, args_kw,
-                        args.steps, teacher_model=teacher))
+        rows.append(run("TRL GKD loss path (gJSD)", gkd, model(s_spec, args.device, torch.float32), data,
+                        trl_arguments(cuda, args.batch_size, args.liger), args.steps, teacher_model=teacher))
     if args.compile_teacher:  # then compiled, in place, for distill's row
         for layer in teacher.model.layers:
             layer.compile()
     if "online" in wanted:
-        rows.append(run("distill online KD (gJSD)", KDTrainer, model(s_spec, args.device, ours), data, args_kw,
-                        args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0),
+        rows.append(run("distill online KD (gJSD)", KDTrainer, model(s_spec, args.device, ours), data,
+                        distill_args(), args.steps, kd=KDSettings(loss="jsd", beta=0.5, alpha=1.0),
                         teacher=OnlineTeacher(teacher, s_spec["vocab_size"])))
     del teacher
     if "offline" in wanted:
         with tempfile.TemporaryDirectory() as tmp:
             cached = fake_cache(Path(tmp), data, s_spec["vocab_size"], 64)
             rows.append(run("distill offline KD (top-64, fkl)", KDTrainer, model(s_spec, args.device, ours),
-                            data, args_kw, args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher=cached))
+                            data, distill_args(), args.steps, kd=KDSettings(loss="fkl", alpha=0.5), teacher=cached))
     if "sft" in wanted:
-        rows.append(run("distill SFT (same data)", SFTTrainer, model(s_spec, args.device, ours), data, args_kw,
-                        args.steps))
+        rows.append(run("distill SFT (same data)", SFTTrainer, model(s_spec, args.device, ours), data,
+                        distill_args(), args.steps))
 
     name = torch.cuda.get_device_name() if cuda else "cpu"
     import transformers
     print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"seq {length}; batch {args.batch_size}; {'bf16' if bf16 else 'fp32'}; distill student weights {args.weights_dtype}; "
-          f"gradient checkpointing\n")
+          f"gradient checkpointing; liger {'on' if args.liger else 'off'}\n")
     print("| run | tokens/s | peak GiB |")
     print("|---|---:|---:|")
     for label, tps, peak in rows:

@@ -575,9 +575,10 @@ class ServedTeacher:
 
         return asyncio.run_coroutine_threadsafe(score_all(), self._loop)
 
-    def scores(self, inputs: dict, mask, example_index=None, scored=None):
+    def scores(self, inputs: dict, mask, example_index=None, index=None, scored=None):
         """The teacher at the batch's target positions (on ``mask``'s device): a sparse teacher (top-k
-        plus tail), or with ``top_k=0`` one known only by the target tokens' log-probs."""
+        plus tail), or with ``top_k=0`` one known only by the target tokens' log-probs. ``index`` is
+        not needed: the server's rows come in ``mask``'s order."""
         if self.client.top_k < 1:
             from distill.train.kd_losses import SampledTokenTeacher
 

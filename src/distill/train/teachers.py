@@ -1,7 +1,8 @@
 """Where KD's teacher distribution comes from, behind one small interface.
 
-A teacher answers ``scores(inputs, mask, example_index)`` for a batch: the teacher's side of the
-loss at the batch's target positions (``rendering.target_mask``), as ``kd_losses.DenseTeacher``
+A teacher answers ``scores(inputs, mask, example_index, index=None)`` for a batch: the teacher's side
+of the loss at the batch's target positions (``rendering.target_mask``; ``index``: the same positions
+as ``rendering.target_index`` gives them, on the training device), as ``kd_losses.DenseTeacher``
 (hidden states + output embedding; logits are made a chunk at a time) or
 ``kd_losses.SparseTeacher`` (top-k log-probs + the tail's mass).
 
@@ -43,8 +44,9 @@ def final_hidden_states(model, decoder, inputs: dict):
 
 
 class Teacher(Protocol):
-    def scores(self, inputs: dict, mask, example_index):
-        """The teacher at the batch's target positions (rows in batch order)."""
+    def scores(self, inputs: dict, mask, example_index, index=None):
+        """The teacher at the batch's target positions (rows in batch order). With ``index`` a teacher
+        picks and counts the rows without a host sync (a boolean mask's count is data on the device)."""
 
 
 def local_teacher_path(name: str) -> str:
@@ -128,7 +130,7 @@ class OnlineTeacher:
         model = shard_frozen(model) if shard == "FSDP2" else shard_frozen_zero3(model, bf16=on_gpu)
         return cls(model, student_rows, placement=f"sharded with the student over {world} processes ({shard})")
 
-    def scores(self, inputs: dict, mask, example_index):
+    def scores(self, inputs: dict, mask, example_index, index=None):
         import torch
 
         from distill.train.kd_losses import DenseTeacher
@@ -138,7 +140,8 @@ class OnlineTeacher:
             hidden = final_hidden_states(self.model, self.model.get_decoder(),
                                          {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
             weight = whole(self.model.get_output_embeddings().weight)  # gathered whole, once per micro-batch
-        return DenseTeacher(hidden[:, :-1][mask.to(device)], weight, vocab_size=self.vocab_size)
+        rows = hidden.flatten(0, 1)[index.to(device)] if index is not None else hidden[:, :-1][mask.to(device)]
+        return DenseTeacher(rows, weight, vocab_size=self.vocab_size)
 
 
 class CachedTeacher:
@@ -178,15 +181,16 @@ class CachedTeacher:
                     f"run 'distill logits --student {student}' with the same settings as this training")
         return cls(cache, {ex["example_index"]: ex["id"] for ex in examples})
 
-    def scores(self, inputs: dict, mask, example_index):
+    def scores(self, inputs: dict, mask, example_index, index=None):
         from distill.train.kd_losses import SparseTeacher
 
         if example_index is None:
             raise DistillError("offline KD needs 'example_index' in each batch (the collator keeps it)")
         ids, lps, tail = self.cache.get_many([self.trace_ids[int(i)] for i in example_index.tolist()], mask.device)
-        if ids.shape[0] != int(mask.sum()):
+        wanted = index.numel() if index is not None else int(mask.sum())
+        if ids.shape[0] != wanted:
             raise DistillError(f"cached teacher rows ({ids.shape[0]}) do not match the batch's target tokens "
-                               f"({int(mask.sum())}); the cache was made from differently rendered traces")
+                               f"({wanted}); the cache was made from differently rendered traces")
         return SparseTeacher(ids, lps, tail)
 
 

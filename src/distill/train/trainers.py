@@ -93,7 +93,7 @@ class SFTTrainer(Trainer):
     def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
 
-        ``teacher_scores(mask)`` gives the teacher at the target positions (None: cross-entropy only);
+        ``teacher_scores(mask, index)`` gives the teacher at the target positions (None: cross-entropy only);
         ``settings`` replace the trainer's loss settings for this batch. The loss is normalised by the
         whole accumulated batch's token count when the Trainer gives it, else by this batch's.
         """
@@ -109,7 +109,7 @@ class SFTTrainer(Trainer):
             # runs outside autocast: without this the LM head would be fp32 matmuls (325 ms of an
             # 830 ms step, H100)
             hidden = hidden.to(torch.bfloat16 if self.args.bf16 else torch.float16)
-        teacher = teacher_scores(target_mask(labels)) if teacher_scores else None
+        teacher = teacher_scores(target_mask(labels), index) if teacher_scores else None
         settings = settings or self.loss_settings
         total, terms = as_output_layer(unwrapped,
                                        lambda h, weight, targets: chunked_kd_loss(h, weight, targets, teacher, settings),
@@ -157,7 +157,9 @@ class KDTrainer(SFTTrainer):
                                "whole output embedding, not gathered from FSDP1's flat parameters")
         self.teacher = teacher
         self.on_policy = on_policy
-        self._sums = {"train": torch.zeros(3), "eval": torch.zeros(3)}  # kd, ce, tokens
+        # (kd, ce) summed on the device, target tokens counted on the host: read at log time, not per
+        # step (a read per step waited for the forward pass before the backward pass could be queued)
+        self._sums = {"train": [0, 0], "eval": [0, 0]}
         self._rollout_stats = RolloutStats()
         self._micro = (-1, 0)  # (global step, micro-steps taken in it)
 
@@ -189,10 +191,10 @@ class KDTrainer(SFTTrainer):
         # a served teacher starts scoring now, while the student runs its forward pass
         pending = self.teacher.submit(features, target_mask(labels)) if hasattr(self.teacher, "submit") else None
 
-        def teacher_scores(mask):
+        def teacher_scores(mask, index):
             started = time.perf_counter()
-            used["teacher"] = (self.teacher.scores(features, mask, example_index, scored=pending) if pending
-                               else self.teacher.scores(features, mask, example_index))
+            used["teacher"] = (self.teacher.scores(features, mask, example_index, index=index, scored=pending)
+                               if pending else self.teacher.scores(features, mask, example_index, index=index))
             if on_policy:
                 self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
             return used["teacher"]
@@ -200,7 +202,8 @@ class KDTrainer(SFTTrainer):
         settings = replace(self.loss_settings, alpha=1.0) if on_policy else self.loss_settings
         loss, terms, n_tokens = self.chunked_loss(model, inputs, num_items_in_batch, teacher_scores, settings)
         mode = "train" if model.training else "eval"
-        self._sums[mode] += torch.cat([terms.detach().float().cpu(), torch.tensor([float(n_tokens)])])
+        sums = self._sums[mode]
+        sums[0], sums[1] = sums[0] + terms.detach().float(), sums[1] + n_tokens
         if on_policy:
             targets = labels[:, 1:][target_mask(labels)]
             self._rollout_stats.add_scores(float(terms[0]), teacher_nll(used["teacher"], targets), n_tokens)
@@ -208,11 +211,12 @@ class KDTrainer(SFTTrainer):
 
     def log(self, logs, *args, **kwargs):
         mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
-        kd, ce, tokens = self._sums[mode].tolist()
+        terms, tokens = self._sums[mode]
         if tokens:
+            kd, ce = terms.tolist()
             logs[f"{prefix}kd_loss"] = round(kd / tokens, 6)
             logs[f"{prefix}ce_loss"] = round(ce / tokens, 6)
-            self._sums[mode].zero_()
+            self._sums[mode] = [0, 0]
         if mode == "train":
             logs.update(self._rollout_stats.flush())
         super().log(logs, *args, **kwargs)
