@@ -150,3 +150,35 @@ def test_kd_refuses_other_tokenizers_and_teachers_without_logprobs(tmp_path, tra
     assert "--method sft" in capsys.readouterr().err
     assert main(["logits", "--teacher", str(preset), "--traces", str(traces), "--out", str(tmp_path / "l")]) == 2
     assert "--method sft" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the teacher's own stream needs a GPU")
+def test_teacher_on_its_own_stream_and_thread_gives_the_in_line_loss_and_gradients(tmp_path, tiny_llama, tiny_qwen2):
+    """On a GPU the online teacher's forward runs on a stream and thread of its own while the student
+    runs its forward: the loss and the student's gradients must be those of the teacher run in line
+    (to fp32 rounding: attention's backward sums with atomics, so two runs differ in the last bits)."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from distill.train.batching import Collator
+    from distill.train.kd_losses import KDSettings
+    from distill.train.teachers import OnlineTeacher
+    from distill.train.trainers import KDTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (300, 170)]
+    batch = Collator(0)([{"input_ids": r, "labels": [-100] * 20 + r[20:], "example_index": i} for i, r in enumerate(rows)])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).cuda().eval().requires_grad_(False)
+    results = []
+    for overlapped in (True, False):
+        student = AutoModelForCausalLM.from_pretrained(tiny_qwen2).cuda()
+        online = OnlineTeacher(teacher, student.get_output_embeddings().weight.shape[0])
+        if not overlapped:
+            online.submit = lambda inputs, mask: None
+        trainer = KDTrainer(model=student, args=TrainingArguments(str(tmp_path), report_to=[]), teacher=online,
+                            kd=KDSettings(loss="jsd", alpha=0.5))
+        loss = trainer.compute_loss(student, {k: v.cuda() for k, v in batch.items()})
+        loss.backward()
+        results.append((loss.detach(), student.model.layers[0].mlp.up_proj.weight.grad))
+        assert (online._worker is not None) == overlapped
+    torch.testing.assert_close(results[0], results[1])

@@ -99,12 +99,18 @@ class OnlineTeacher:
     Under FSDP2 or ZeRO-3 it is sharded like the student (``distributed.shard_frozen`` or
     ``shard_frozen_zero3``, never seen by the Trainer) unless ``--teacher-device`` places it whole on
     a device of its own (FSDP2 only); ``placement`` says which, for the run record.
+
+    On a GPU, whole and on the batch's device, its forward pass runs on a CUDA stream and a host
+    thread of its own (``submit``): the student's forward pass is launch-bound at small batches (the
+    GPU waits for the host between its short kernels), and the teacher's long ones fill those waits.
     """
 
-    def __init__(self, model, student_rows: int, placement: str | None = None):
+    def __init__(self, model, student_rows: int, placement: str | None = None, sharded: bool = False):
         self.model = model
         self.vocab_size = min(student_rows, output_rows(model))
         self.placement = placement or str(model.get_output_embeddings().weight.device)
+        self.sharded = sharded
+        self._stream = self._worker = None
 
     @classmethod
     def load(cls, name: str, tokenizer, student_name: str, device: str, student_rows: int,
@@ -128,18 +134,55 @@ class OnlineTeacher:
             return cls(model, student_rows)
         world = torch.distributed.get_world_size()
         model = shard_frozen(model) if shard == "FSDP2" else shard_frozen_zero3(model, bf16=on_gpu)
-        return cls(model, student_rows, placement=f"sharded with the student over {world} processes ({shard})")
+        return cls(model, student_rows, placement=f"sharded with the student over {world} processes ({shard})",
+                   sharded=True)
 
-    def scores(self, inputs: dict, mask, example_index, index=None):
+    def _hidden(self, inputs: dict):
+        import torch
+
+        device = self.model.get_input_embeddings().weight.device
+        with torch.no_grad():  # sharded: the whole model's forward gathers its root's weights in it
+            return final_hidden_states(self.model, self.model.get_decoder(),
+                                       {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+
+    def submit(self, inputs: dict, mask):
+        """Start the forward pass of a batch on the teacher's own stream and thread; a future of its
+        hidden states and the event that marks them done. None where it runs in line (not on a GPU,
+        sharded: the gathers are collectives in the processes' common order, or on another device)."""
+        import torch
+
+        device = self.model.get_input_embeddings().weight.device
+        if self.sharded or device.type != "cuda" or inputs["input_ids"].device != device:
+            return None
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._stream = torch.cuda.Stream(device)
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="teacher")
+        inputs_ready = torch.cuda.current_stream(device).record_event()  # their copies to the GPU
+
+        def forward():
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(inputs_ready)
+                return self._hidden(inputs), self._stream.record_event()
+
+        return self._worker.submit(forward)
+
+    def scores(self, inputs: dict, mask, example_index, index=None, scored=None):
         import torch
 
         from distill.train.kd_losses import DenseTeacher
 
-        device = self.model.get_input_embeddings().weight.device
-        with torch.no_grad():  # sharded: the whole model's forward gathers its root's weights in it
-            hidden = final_hidden_states(self.model, self.model.get_decoder(),
-                                         {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        if scored is not None:
+            hidden, done = scored.result()
+            stream = torch.cuda.current_stream(hidden.device)
+            stream.wait_event(done)
+            hidden.record_stream(stream)  # made on the teacher's stream, read and freed on this one
+        else:
+            hidden = self._hidden(inputs)
+        with torch.no_grad():
             weight = whole(self.model.get_output_embeddings().weight)  # gathered whole, once per micro-batch
+        device = hidden.device
         rows = hidden.flatten(0, 1)[index.to(device)] if index is not None else hidden[:, :-1][mask.to(device)]
         return DenseTeacher(rows, weight, vocab_size=self.vocab_size)
 
