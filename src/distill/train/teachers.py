@@ -44,6 +44,9 @@ def final_hidden_states(model, decoder, inputs: dict):
 
 
 class Teacher(Protocol):
+    """May also have ``submit(inputs, mask)``: start on a batch before the student's forward pass and
+    return a future (or None: nothing started) that ``scores(..., scored=future)`` then waits on."""
+
     def scores(self, inputs: dict, mask, example_index, index=None):
         """The teacher at the batch's target positions (rows in batch order). With ``index`` a teacher
         picks and counts the rows without a host sync (a boolean mask's count is data on the device)."""

@@ -188,7 +188,7 @@ class KDTrainer(SFTTrainer):
         features = {k: v for k, v in inputs.items() if k not in ("labels", "target_index")}
         labels = inputs["labels"]
         used = {}
-        # a served teacher starts scoring now, while the student runs its forward pass
+        # a served teacher (or an online one on a GPU) starts scoring now, while the student runs its forward pass
         pending = self.teacher.submit(features, target_mask(labels)) if hasattr(self.teacher, "submit") else None
 
         def teacher_scores(mask, index):
