@@ -2,7 +2,7 @@
 
 Every ``import`` counts, also those inside functions (a loop through a deferred import is still
 a loop a reader has to untangle). The layers of ``train/``: the logits store, the loss maths, the
-AdamW kernel and the attention kernel at the bottom, then the optimizer and rendering; batching,
+AdamW kernel, the attention kernel and the shared-input linear layers at the bottom, then the optimizer and rendering; batching,
 the API mapping and rollouts; the teachers (local, cached, served) and the on-policy schedule; the
 trainers; the student set-up; and the two commands on top.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 TRAIN_LAYERS = {
-    "store": 0, "kd_losses": 0, "distributed": 0, "fused_adamw": 0, "attention": 0,
+    "store": 0, "kd_losses": 0, "distributed": 0, "fused_adamw": 0, "attention": 0, "shared_input": 0,
     "optim": 1, "rendering": 1,
     "batching": 2, "api_mapping": 2, "rollouts": 2,
     "teachers": 3, "on_policy": 3, "served": 3,

@@ -31,11 +31,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
-from distill.train.distributed import as_output_layer
+from distill.train.distributed import as_output_layer, sharded_run
 from distill.train.kd_losses import KDSettings, chunked_kd_loss
 from distill.train.on_policy import OnPolicy
 from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
 from distill.train.rendering import target_index, target_mask
+from distill.train.shared_input import share_inputs
 from distill.train.teachers import final_hidden_states
 
 #: Tokens per loss chunk for SFT: 4096 x 151,936 bf16 logits are 1.2 GB, and fewer chunks mean
@@ -49,6 +50,8 @@ class SFTTrainer(Trainer):
     def __init__(self, *args, loss_settings: KDSettings | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_settings = loss_settings or KDSettings(alpha=0.0, chunk_size=SFT_CHUNK_SIZE)
+        if sharded_run() is None:  # FSDP2/ZeRO-3 gather each module's weights for that module's own call
+            share_inputs(self.model)  # q/k/v and gate/up sum their input gradients in the GEMMs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

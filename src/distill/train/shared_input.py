@@ -1,0 +1,91 @@
+"""Linear layers that read one input (attention's q/k/v, the MLP's gate/up) with their input
+gradients summed inside the backward GEMMs.
+
+Autograd sums the gradients of a tensor that several modules read with one add kernel per extra
+reader: three per decoder layer (two for q/k/v, one for gate/up), each a pass over a tokens x hidden
+tensor. Here the first layer's input gradient is written by its GEMM and the others' are accumulated
+into it by ``addmm`` (beta = 1: the GEMM's epilogue reads the partial sum), so those adds go.
+
+The modules stay as they are (same parameters, same state dict); :func:`share_inputs` replaces the
+``forward`` of each group's modules: the first computes every output of the group, the others hand
+back theirs when called on the same input (else they run as plain linear layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: the groups of a decoder layer read in this order by transformers' Llama/Qwen2-style layers (and
+#: Liger's SwiGLU MLP): attention's projections, then the MLP's gate and up projections
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+class _LinearsOfOneInput(torch.autograd.Function):
+    """``x -> (x W_i^T + b_i for each i)``; backward: ``dx = sum_i dy_i W_i`` accumulated by addmm."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        weights, biases = params[0::2], params[1::2]
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = [b is not None for b in biases]
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        grads = [g.reshape(-1, g.shape[-1]) for g in grads]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = grads[0] @ weights[0]
+            for g, w in zip(grads[1:], weights[1:]):
+                dx.addmm_(g, w)
+            dx = dx.view(x.shape)
+        out = []
+        for i, (g, has_bias) in enumerate(zip(grads, ctx.has_bias)):
+            out.append(g.t() @ x2 if ctx.needs_input_grad[1 + 2 * i] else None)
+            out.append(g.sum(0) if has_bias and ctx.needs_input_grad[2 + 2 * i] else None)
+        return (dx, *out)
+
+
+def _share(modules: list[torch.nn.Linear]) -> None:
+    pending: list = []  # [input, outputs of the modules after the first] from the last first-module call
+
+    def first(x):
+        pending.clear()
+        if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
+            return F.linear(x, modules[0].weight, modules[0].bias)  # autocast casts the weights: its path
+        params = [p for m in modules for p in (m.weight, m.bias)]
+        outputs = _LinearsOfOneInput.apply(x, *params)
+        pending[:] = [x, list(outputs[1:])]
+        return outputs[0]
+
+    def later(module, position):
+        def forward(x):
+            if pending and pending[0] is x and pending[1][position] is not None:
+                out, pending[1][position] = pending[1][position], None
+                if not any(o is not None for o in pending[1]):
+                    pending.clear()  # nothing left to hand out: hold no activation past the group
+                return out
+            return F.linear(x, module.weight, module.bias)
+        return forward
+
+    modules[0].forward = first
+    for position, module in enumerate(modules[1:]):
+        module.forward = later(module, position)
+
+
+def share_inputs(model) -> int:
+    """Install the shared-input backward on every decoder layer of ``model`` whose groups are plain
+    ``nn.Linear`` modules (not LoRA, not quantized) of one dtype; returns how many groups."""
+    shared = 0
+    for layer in model.modules():
+        for parent_name, names in GROUPS:
+            parent = getattr(layer, parent_name, None)
+            modules = [getattr(parent, n, None) for n in names] if parent is not None else []
+            if (modules and all(type(m) is torch.nn.Linear for m in modules)
+                    and len({m.weight.dtype for m in modules}) == 1):
+                _share(modules)
+                shared += 1
+    return shared
