@@ -54,8 +54,9 @@ def _share(modules: list[torch.nn.Linear]) -> None:
 
     def first(x):
         pending.clear()
-        if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype:
-            return F.linear(x, modules[0].weight, modules[0].bias)  # autocast casts the weights: its path
+        dtype, kind = modules[0].weight.dtype, x.device.type
+        if x.dtype != dtype or (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) != dtype):
+            return F.linear(x, modules[0].weight, modules[0].bias)  # a cast comes first: autocast's path
         params = [p for m in modules for p in (m.weight, m.bias)]
         outputs = _LinearsOfOneInput.apply(x, *params)
         pending[:] = [x, list(outputs[1:])]
