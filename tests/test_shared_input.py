@@ -68,3 +68,22 @@ def test_under_autocast_to_another_dtype_the_layers_take_autocasts_path(tiny_qwe
     assert got_loss == want_loss
     for name, grad in want.items():
         assert torch.equal(got[name], grad), name
+
+
+def test_a_deep_copy_of_the_model_computes_with_its_own_weights(tiny_qwen2):
+    """A copy (e.g. a frozen reference model) must not run its layers on the original's weights."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float32)
+    share_inputs(model)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = twin(input_ids=ids).logits
+        for p in model.parameters():
+            p.add_(1.0)
+        torch.testing.assert_close(twin(input_ids=ids).logits, want)
+    _, grads = _loss_and_grads(twin, ids)
+    assert all(g is not None for g in grads.values())

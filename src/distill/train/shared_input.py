@@ -13,6 +13,8 @@ back theirs when called on the same input (else they run as plain linear layers)
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -49,32 +51,36 @@ class _LinearsOfOneInput(torch.autograd.Function):
         return (dx, *out)
 
 
+def _first_forward(self, x):
+    """The group's first module: computes every output of the group (bound to the module, so a
+    deep copy of the model computes with the copy's weights)."""
+    group, pending = self._shared_group, self._shared_pending
+    pending.clear()
+    dtype, kind = self.weight.dtype, x.device.type
+    if x.dtype != dtype or (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) != dtype):
+        return F.linear(x, self.weight, self.bias)  # a cast comes first: autocast's path
+    outputs = _LinearsOfOneInput.apply(x, *[p for m in group for p in (m.weight, m.bias)])
+    pending[:] = [x, list(outputs[1:])]
+    return outputs[0]
+
+
+def _later_forward(self, x):
+    """A later module of the group: hands back its output when called on the first's input."""
+    pending, position = self._shared_group[0]._shared_pending, self._shared_position
+    if pending and pending[0] is x and pending[1][position] is not None:
+        out, pending[1][position] = pending[1][position], None
+        if not any(o is not None for o in pending[1]):
+            pending.clear()  # nothing left to hand out: hold no activation past the group
+        return out
+    return F.linear(x, self.weight, self.bias)
+
+
 def _share(modules: list[torch.nn.Linear]) -> None:
-    pending: list = []  # [input, outputs of the modules after the first] from the last first-module call
-
-    def first(x):
-        pending.clear()
-        dtype, kind = modules[0].weight.dtype, x.device.type
-        if x.dtype != dtype or (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) != dtype):
-            return F.linear(x, modules[0].weight, modules[0].bias)  # a cast comes first: autocast's path
-        params = [p for m in modules for p in (m.weight, m.bias)]
-        outputs = _LinearsOfOneInput.apply(x, *params)
-        pending[:] = [x, list(outputs[1:])]
-        return outputs[0]
-
-    def later(module, position):
-        def forward(x):
-            if pending and pending[0] is x and pending[1][position] is not None:
-                out, pending[1][position] = pending[1][position], None
-                if not any(o is not None for o in pending[1]):
-                    pending.clear()  # nothing left to hand out: hold no activation past the group
-                return out
-            return F.linear(x, module.weight, module.bias)
-        return forward
-
-    modules[0].forward = first
-    for position, module in enumerate(modules[1:]):
-        module.forward = later(module, position)
+    first = modules[0]
+    first._shared_pending = []  # [input, outputs of the later modules] from the first's last call
+    for position, module in enumerate(modules):
+        module._shared_group, module._shared_position = modules, position - 1
+        module.forward = types.MethodType(_first_forward if module is first else _later_forward, module)
 
 
 def share_inputs(model) -> int:
