@@ -66,7 +66,7 @@ def _first_forward(self, x):
 
 def _later_forward(self, x):
     """A later module of the group: hands back its output when called on the first's input."""
-    pending, position = self._shared_group[0]._shared_pending, self._shared_position
+    pending, position = self._shared_pending, self._shared_position
     if pending and pending[0] is x and pending[1][position] is not None:
         out, pending[1][position] = pending[1][position], None
         if not any(o is not None for o in pending[1]):
@@ -76,11 +76,13 @@ def _later_forward(self, x):
 
 
 def _share(modules: list[torch.nn.Linear]) -> None:
-    first = modules[0]
-    first._shared_pending = []  # [input, outputs of the later modules] from the first's last call
-    for position, module in enumerate(modules):
-        module._shared_group, module._shared_position = modules, position - 1
-        module.forward = types.MethodType(_first_forward if module is first else _later_forward, module)
+    first, later = modules[0], modules[1:]
+    pending: list = []  # [input, outputs of the later modules] from the first's last call, on every module
+    first._shared_group, first._shared_pending = modules, pending
+    first.forward = types.MethodType(_first_forward, first)
+    for position, module in enumerate(later):
+        module._shared_pending, module._shared_position = pending, position
+        module.forward = types.MethodType(_later_forward, module)
 
 
 def share_inputs(model) -> int:
