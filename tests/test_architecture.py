@@ -2,9 +2,9 @@
 
 Every ``import`` counts, also those inside functions (a loop through a deferred import is still
 a loop a reader has to untangle). The layers of ``train/``: the logits store, the loss maths, the
-AdamW kernel, the attention kernel and the shared-input linear layers at the bottom, then the optimizer and rendering; batching,
-the API mapping and rollouts; the teachers (local, cached, served) and the on-policy schedule; the
-trainers; the student set-up; and the two commands on top.
+AdamW kernel, the attention kernel and the shared-input linear layers at the bottom, then the
+optimizer and rendering; batching, the API mapping and rollouts; the teachers (local, cached,
+served) and the on-policy schedule; the trainers; the student set-up; and the two commands on top.
 """
 
 from __future__ import annotations
