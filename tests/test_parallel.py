@@ -145,3 +145,16 @@ def test_data_parallel_generate_every_sample_once_after_a_rank_is_killed(tmp_pat
     assert record["summary"]["done"] + record["summary"]["skipped"] == 16 and record["summary"]["skipped"] >= 2
     if restart_processes == 2:
         assert [r["done"] > 0 for r in record["distributed"]["ranks"]] == [True, True]
+
+
+# --- leaving a launch -----------------------------------------------------------------------
+
+
+def test_a_rank_leaves_with_its_code_its_output_flushed_and_exit_handlers_run(tmp_path):
+    script = ("import atexit, sys; from pathlib import Path; from distill.parallel import leave; "
+              f"atexit.register(Path({str(tmp_path / 'handler')!r}).touch); "
+              "print('traces written', end=''); print('a warning', end='', file=sys.stderr); leave(3)")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a pipe is, unflushed
+    done = subprocess.run([sys.executable, "-c", script], env=buffered, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "traces written", "a warning")
+    assert (tmp_path / "handler").exists()

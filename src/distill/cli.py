@@ -13,7 +13,7 @@ import sys
 import time
 import typing
 
-from distill import __version__
+from distill import __version__, parallel
 from distill.config import build, config_section, field_types, load_yaml
 from distill.errors import DistillError
 
@@ -140,16 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "run":
-            return run_pipeline(args.recipe, args.only)
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
-        return run_command(args.command, options, config_file=args.config)
+            code = run_pipeline(args.recipe, args.only)
+        else:
+            options = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+            code = run_command(args.command, options, config_file=args.config)
     except DistillError as e:
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted; finished work is saved, rerun the same command to resume",
               file=sys.stderr)
-        return 130
+        code = 130
+    if parallel.launched():
+        parallel.leave(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ A plain process (no launcher, or ``--num_processes 1``) is rank 0 of 1: no parts
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from distill.errors import DistillError
 from distill.locks import exclusive
@@ -71,15 +74,34 @@ class Launch:
         return {"world_size": self.world_size, "split": split if self.parallel else "one process"}
 
 
+def launched() -> bool:
+    """Whether this process is one of several ranks (``WORLD_SIZE`` set by ``accelerate launch`` / torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def launch() -> Launch:
     """The launch this process belongs to (``WORLD_SIZE`` set by ``accelerate launch`` / torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return Launch()
     import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo where there is no GPU
     return Launch(state.process_index, state.num_processes, str(state.device) if torch.cuda.is_available() else None)
+
+
+def leave(code: int) -> NoReturn:
+    """Ends a rank of a launch once its work is done and its outputs are closed: the exit handlers
+    run, then the process exits without finalizing the interpreter. A collective's worker thread
+    (gloo's) may release a finished collective's tensors just after the caller's wait()
+    returned, and those hold Python objects; should that fall after finalization began, taking the
+    GIL there ends the thread inside a C++ destructor and the rank aborts (SIGABRT, "terminate called
+    without an active exception") with its work done. Destroying the process group does not prevent
+    it: modules that took the group as a default argument keep it, and its threads, alive."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
