@@ -1,5 +1,6 @@
-# The two commands of the README: `make quickstart` (the offline pipeline) and `make test`.
-.PHONY: quickstart test setup
+# The two commands of the README: `make quickstart` (the offline pipeline) and `make test`;
+# `make lock` refreshes constraints.txt (the versions both install) when the suite passes on the newest.
+.PHONY: quickstart test lock
 
 quickstart:
 	bash scripts/setup.sh
@@ -8,3 +9,6 @@ quickstart:
 test:
 	bash scripts/setup.sh --test
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lock:
+	bash scripts/refresh_lock.sh $(PYTEST_ARGS)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from types import SimpleNamespace
+from pathlib import Path
 
 from distill.parallel import leave
 
@@ -47,14 +47,27 @@ def shard_student(model, mode: str):
         for layer in model.get_decoder().layers:
             fully_shard(layer)
         return fully_shard(model, reshard_after_forward=True)
+    from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    import yaml
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            reshard_after_forward=True, cpu_ram_efficient_loading=False)
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
-                                  is_main_process=True, torch_device_mesh=None)
-    return fsdp2_prepare_model(accelerator, model)
+    # the plugin configs/accelerate/fsdp.yaml describes, but for its rank-0-only loading (every process
+    # here builds the student itself) and bf16 (on the CPU the run is fp32)
+    fsdp = yaml.safe_load(Path(__file__).parents[1].joinpath("configs/accelerate/fsdp.yaml").read_text())["fsdp_config"]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower(),
+        reshard_after_forward=fsdp["fsdp_reshard_after_forward"], cpu_ram_efficient_loading=False)
+    # The launch's own Accelerator (gloo, CPU). accelerate attaches an FSDP plugin to its state only on
+    # GPUs (on a CPU an FSDP config trains with DDP), so the plugin is put where it would have put it
+    # while the model is sharded; everything else fsdp2_prepare_model reads (device, mixed precision,
+    # rank, mesh) is the real one. Then the state is as the launch made it, for the Trainer built next.
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.fsdp_plugin = plugin
+    try:
+        return fsdp2_prepare_model(accelerator, model)
+    finally:
+        del accelerator.state.fsdp_plugin
 
 
 def zero3_engine(model):
