@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distill.train import kd_losses  # noqa: E402
-from distill.train.kd_losses import DenseTeacher, KDSettings, chunked_kd_loss, divergence  # noqa: E402
+from distill import kd_losses  # noqa: E402
+from distill.kd_losses import DenseTeacher, KDSettings, chunked_kd_loss, divergence  # noqa: E402
 
 
 def ours(hs, ws, ht, wt, targets, chunk_size):

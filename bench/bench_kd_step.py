@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from distill.train.batching import Collator  # noqa: E402
-from distill.train.kd_losses import KDSettings  # noqa: E402
-from distill.train.store import CacheWriter, LogitsCache  # noqa: E402
-from distill.train.teachers import CachedTeacher, OnlineTeacher  # noqa: E402
+from distill.batching import Collator  # noqa: E402
+from distill.kd_losses import KDSettings  # noqa: E402
+from distill.store import CacheWriter, LogitsCache  # noqa: E402
+from distill.teachers.sources import CachedTeacher, OnlineTeacher  # noqa: E402
 from distill.train.trainers import KDTrainer, SFTTrainer  # noqa: E402
 
 QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kd_step import QWEN_1_5B, QWEN_7B, TINY_S, TINY_T, model  # noqa: E402
-from distill.train.batching import Collator  # noqa: E402
-from distill.train.kd_losses import KDSettings  # noqa: E402
-from distill.train.on_policy import OnPolicy  # noqa: E402
-from distill.train.rollouts import HFRollouts, RolloutSettings  # noqa: E402
-from distill.train.teachers import OnlineTeacher  # noqa: E402
+from distill.batching import Collator  # noqa: E402
+from distill.kd_losses import KDSettings  # noqa: E402
+from distill.train.onpolicy.schedule import OnPolicy  # noqa: E402
+from distill.train.onpolicy.rollouts import HFRollouts, RolloutSettings  # noqa: E402
+from distill.teachers.sources import OnlineTeacher  # noqa: E402
 from distill.train.trainers import KDTrainer  # noqa: E402
 
 EOS, PAD = 1, 0

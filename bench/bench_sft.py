@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     config = model_config(args.tiny)
     trl_attn = args.trl_attn or attn
     if "varlen" in (attn, trl_attn):
-        from distill.train import attention
+        from distill.train.kernels import attention
 
         attention.register()  # the TRL rows can use it too: transformers' registry is per process
     config._attn_implementation = attn
@@ -253,7 +253,7 @@ def _fresh_model(config):
 def _distill(config, examples, args, max_len, steps, attn, packing: bool, weights_dtype: str = "fp32"):
     """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer
     (``weights_dtype`` bf16: ``--weights-dtype bf16``, bf16 weights with fp32 masters in the optimizer)."""
-    from distill.train.batching import Collator, ExampleDataset, pack_examples
+    from distill.batching import Collator, ExampleDataset, pack_examples
     from distill.train.command import TrainConfig
     from distill.train.student import training_arguments
     from distill.train.trainers import SFTTrainer

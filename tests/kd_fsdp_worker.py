@@ -113,10 +113,10 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoin
     import torch.distributed as dist
 
     from distill.train.command import TrainConfig, kd_settings
-    from distill.train.distributed import output_rows
-    from distill.train.rendering import n_targets
+    from distill.distributed import output_rows
+    from distill.rendering import n_targets
     from distill.train.student import prepare
-    from distill.train.teachers import CachedTeacher, OnlineTeacher
+    from distill.teachers.sources import CachedTeacher, OnlineTeacher
     from distill.train.trainers import KDTrainer
 
     torch.manual_seed(0)

@@ -1,10 +1,19 @@
-"""The package's import graph: no loops anywhere, and ``train/`` in one-way layers.
+"""The package's import graph: no loops anywhere, and the whole package in one-way layers.
 
-Every ``import`` counts, also those inside functions (a loop through a deferred import is still
-a loop a reader has to untangle). The layers of ``train/``: the logits store, the loss maths, the
-AdamW kernel, the attention kernel and the shared-input linear layers at the bottom, then the
-optimizer and rendering; batching, the API mapping and rollouts; the teachers (local, cached,
-served) and the on-policy schedule; the trainers; the student set-up; and the two commands on top.
+Every ``import`` counts, also those inside functions (a loop through a deferred import is still a
+loop a reader has to untangle). The layers, bottom up (README, "Where the code is"):
+
+- storage: errors, records, run records, locks, the logits store, the config machinery, the
+  results schema, how processes share a run: the shared types and constants every stage reads;
+- rendering: prompts, chat rendering, models and tokenizers, grading, the KD maths, batching;
+- teachers: generation (API, local) and KD scoring (online, cached, served, API log-probs);
+- stages: one module or package per command (generate, import, verify, logits, train, eval,
+  compare, export, check); a stage imports the layers below and its own package, never another
+  stage;
+- cli on top, which reaches the stages by name.
+
+Inside ``train/``: the kernels and the on-policy package at the bottom, then the trainers, the
+student set-up, and the command on top.
 """
 
 from __future__ import annotations
@@ -14,15 +23,17 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-TRAIN_LAYERS = {
-    "store": 0, "kd_losses": 0, "distributed": 0, "fused_adamw": 0, "attention": 0, "shared_input": 0,
-    "optim": 1, "rendering": 1,
-    "batching": 2, "api_mapping": 2, "rollouts": 2,
-    "teachers": 3, "on_policy": 3, "served": 3,
-    "trainers": 4,
-    "student": 5,
-    "command": 6, "logits": 6,
+#: the layer of every top-level module or package of ``distill``
+LAYERS = {
+    "storage": {"errors", "paths", "records", "runinfo", "locks", "config", "store", "costs", "parallel",
+                "distributed", "results"},
+    "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching"},
+    "teachers": {"teachers"},
+    "stages": {"generate", "importer", "verify", "export", "logits", "report", "train", "eval", "check"},
+    "cli": {"cli"},
 }
+ORDER = list(LAYERS)
+TRAIN_LAYERS = {"kernels": 0, "onpolicy": 0, "trainers": 1, "student": 2, "command": 3}
 
 
 def module_name(path: Path) -> str:
@@ -78,6 +89,30 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def top(module: str) -> str:
+    """``distill.train.kernels.optim`` -> ``train``."""
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def layer(module: str) -> int:
+    name = top(module)
+    return next(i for i, members in enumerate(LAYERS.values()) if name in members)
+
+
+def wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that go up a layer, or sideways from one stage to another."""
+    stages = ORDER.index("stages")
+    out = []
+    for module, targets in graph.items():
+        if module == "distill":
+            continue
+        for target in targets:
+            same_package = top(target) == top(module)
+            if layer(target) > layer(module) or (layer(target) == layer(module) == stages and not same_package):
+                out.append(f"{module} -> {target}")
+    return sorted(out)
+
+
 def test_no_import_cycles_in_the_package():
     assert cycles(import_graph()) == []
 
@@ -86,11 +121,26 @@ def test_the_cycle_finder_finds_a_loop():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_every_module_has_a_layer():
+    unplaced = sorted({top(m) for m in import_graph() if m != "distill"} - set().union(*LAYERS.values()))
+    assert unplaced == [], "a new module or package needs its layer in LAYERS"
+
+
+def test_imports_go_down_the_layers_and_no_stage_imports_another():
+    assert wrong_way(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_and_a_sideways_import():
+    graph = {"distill.records": {"distill.models"}, "distill.eval.fidelity": {"distill.train.command"},
+             "distill.train.command": {"distill.teachers.sources", "distill.train.student"}}
+    assert wrong_way(graph) == ["distill.eval.fidelity -> distill.train.command",
+                                "distill.records -> distill.models"]
+
+
 def test_train_modules_import_only_lower_layers():
     graph = import_graph()
-    train = {m.rsplit(".", 1)[1]: m for m in graph if m.startswith("distill.train.")}
-    assert set(train) == set(TRAIN_LAYERS), "a new train/ module needs its layer in TRAIN_LAYERS"
-    upward = [f"{a} -> {b}" for a, full in train.items() for target in graph[full]
-              if (b := target.rsplit(".", 1)[1]) in TRAIN_LAYERS and target.startswith("distill.train.")
-              and TRAIN_LAYERS[b] >= TRAIN_LAYERS[a]]
+    part = {m: m.split(".")[2] for m in graph if m.startswith("distill.train.")}
+    assert set(part.values()) == set(TRAIN_LAYERS), "a new train/ module needs its layer in TRAIN_LAYERS"
+    upward = [f"{a} -> {b}" for a in part for b in graph[a]
+              if b in part and part[b] != part[a] and TRAIN_LAYERS[part[b]] >= TRAIN_LAYERS[part[a]]]
     assert upward == []

@@ -1,4 +1,4 @@
-"""``attn_implementation="varlen"`` (train/attention.py): packed rows attend within each sequence.
+"""``attn_implementation="varlen"`` (train/kernels/attention.py): packed rows attend within each sequence.
 
 The kernel (torch.nn.attention.varlen, flash-attention inside) runs on CUDA only. On the CPU the
 tests put a reference in its place, plain sdpa over each sequence, so that what is distill's - the
@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.errors import DistillError
-from distill.train import attention
+from distill.train.kernels import attention
 from distill.train.command import run_training
 
 from test_train_sft import quick, traces  # noqa: F401  (traces: a fixture)
@@ -82,7 +82,7 @@ def test_fp32_weights_under_autocast_reach_the_kernel_in_bf16(tiny_qwen2, kernel
 def test_collators_bounds_are_used_without_a_host_sync(tiny_qwen2, kernel, monkeypatch):
     """A packed batch from distill's collator carries the sequences' bounds (found on the CPU): the
     kernel takes them and nothing reads the GPU's position_ids (a host sync per forward)."""
-    from distill.train.batching import Collator
+    from distill.batching import Collator
 
     model, ref = load(tiny_qwen2, "varlen", kernel), load(tiny_qwen2, "sdpa", kernel)
     seqs = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36]]

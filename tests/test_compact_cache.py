@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from distill.cli import main
 from distill.errors import DistillError
-from distill.train.store import LogitsCache, pack_rows, packing, row_bytes, unpack_rows, unsplit
+from distill.store import LogitsCache, pack_rows, packing, row_bytes, unpack_rows, unsplit
 from conftest import assert_within_bound
 from test_kd import QUIET, held_out_kl, write_traces
 
@@ -103,7 +103,7 @@ def write_format_1(directory, header: dict, entries: list[dict]) -> None:
 def test_kd_from_the_compact_cache_matches_the_exact_one(tmp_path, shared_data, smollm2_dir, tiny_qwen2,
                                                          monkeypatch, capsys):
     """SmolLM2-135M-Instruct's top-64 cached both ways; the students trained from each end equally close."""
-    from distill.train.store import CacheWriter
+    from distill.store import CacheWriter
 
     traces = write_traces(tmp_path / "traces.jsonl", shared_data, 0, 24)
     held_out = write_traces(tmp_path / "held_out.jsonl", shared_data, 500, 6)

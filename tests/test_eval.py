@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distill.cli import main
-from distill.eval.results import load_results
+from distill.results import load_results
 from distill.records import read_jsonl
 
 from test_train_sft_data import make_trace, write_traces

@@ -14,8 +14,8 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.eval.fidelity import measure
 from distill.models import load_model, load_tokenizer
-from distill.train.command import RUN_RECORD
-from distill.train.rendering import RenderOptions, load_examples, n_targets
+from distill.runinfo import RUN_RECORD
+from distill.rendering import RenderOptions, load_examples, n_targets
 
 from test_train_sft_data import make_trace, write_traces
 

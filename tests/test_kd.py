@@ -40,8 +40,8 @@ def held_out_kl(student_dir, teacher_dir, traces_path):
     import torch
 
     from distill.models import load_model, load_tokenizer
-    from distill.train.rendering import RenderOptions, load_examples
-    from distill.train.kd_losses import DenseTeacher, KDSettings, chunked_kd_loss
+    from distill.rendering import RenderOptions, load_examples
+    from distill.kd_losses import DenseTeacher, KDSettings, chunked_kd_loss
 
     tok = load_tokenizer(str(student_dir))
     examples, _, _ = load_examples(str(traces_path), tok, RenderOptions(max_length=96, overlong="truncate"))
@@ -160,9 +160,9 @@ def test_teacher_on_its_own_stream_and_thread_gives_the_in_line_loss_and_gradien
     import torch
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from distill.train.batching import Collator
-    from distill.train.kd_losses import KDSettings
-    from distill.train.teachers import OnlineTeacher
+    from distill.batching import Collator
+    from distill.kd_losses import KDSettings
+    from distill.teachers.sources import OnlineTeacher
     from distill.train.trainers import KDTrainer
 
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from distill.train.kd_losses import LOSSES, DenseTeacher, KDSettings, SparseTeacher, chunked_kd_loss
+from distill.kd_losses import LOSSES, DenseTeacher, KDSettings, SparseTeacher, chunked_kd_loss
 
 V = 50
 
@@ -197,7 +197,7 @@ def test_compiled_chunk_maths_equals_eager(loss, monkeypatch):
     ~40 s on the 2-core machine with a cold inductor cache, ~6 s warm), with and without grad; the
     other losses through aot_eager_decomp_partition, which traces the same graphs with inductor's
     decompositions and forward/backward split but runs them eagerly (a few seconds each)."""
-    from distill.train import kd_losses
+    from distill import kd_losses
 
     inductor = loss == "jsd"
     backend = "inductor" if inductor else "aot_eager_decomp_partition"

@@ -50,7 +50,7 @@ def api_traces(llama_server, prompts, work) -> Path:  # noqa: F811
 
 def smollm2_rows(trace: dict, tokenizer) -> list[int]:
     """The student's assistant tokens of a trace, as training labels them."""
-    from distill.train.rendering import render_messages, tokenize_example
+    from distill.rendering import render_messages, tokenize_example
 
     labels = tokenize_example(render_messages(trace, "think"), tokenizer)["labels"]
     return [label for label in labels if label != -100]
@@ -72,8 +72,8 @@ def test_api_logprobs_become_the_cache_and_train_kd(api_traces, work, smollm2_di
     import torch
 
     from distill.models import load_tokenizer
-    from distill.train.rendering import end_of_turn_id
-    from distill.train.store import LogitsCache
+    from distill.rendering import end_of_turn_id
+    from distill.store import LogitsCache
 
     cache = work / "logits"
     logits = ["logits", "--traces", str(api_traces), "--student", str(smollm2_dir), "--out", str(cache),
@@ -201,7 +201,7 @@ def test_a_student_of_another_tokenizer_is_refused(api_traces, work, other_token
 @pytest.fixture(scope="module")
 def smol_vocab(smollm2_dir):
     from distill.models import load_tokenizer
-    from distill.train.api_mapping import StudentVocab
+    from distill.teachers.api_mapping import StudentVocab
 
     tok = load_tokenizer(str(smollm2_dir))
     return tok, StudentVocab(tok, "smollm2")
@@ -220,7 +220,7 @@ def api_tops(tok, vocab, ids: list[int], printed: str = "ignore") -> list[dict]:
 @pytest.mark.parametrize("printed", ["ignore", "replace"])  # llama.cpp prints fragments as '', vLLM as '\ufffd'
 def test_seams_and_fragments_map_onto_the_rendered_turn(smol_vocab, printed):
     """Reasoning inline with other whitespace, an emoji split over byte tokens, a non-canonical split."""
-    from distill.train.api_mapping import trace_rows
+    from distill.teachers.api_mapping import trace_rows
 
     tok, vocab = smol_vocab
     generated = "<think>\n\nOkay 🎉 so 2 plus 3.\n\n</think>\n\n The answer is 5. \n"
@@ -249,7 +249,7 @@ def test_seams_and_fragments_map_onto_the_rendered_turn(smol_vocab, printed):
 
 
 def test_text_the_logprobs_are_not_for_is_refused(smol_vocab):
-    from distill.train.api_mapping import Refusal, trace_rows
+    from distill.teachers.api_mapping import Refusal, trace_rows
 
     tok, vocab = smol_vocab
     ids = tok.encode("The answer is 5.", add_special_tokens=False)

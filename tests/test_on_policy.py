@@ -19,9 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from distill.cli import main
-from distill.train.kd_losses import KDSettings
-from distill.train.rollouts import HFRollouts, Rollout, RolloutSettings, prompt_ids
-from distill.train.teachers import OnlineTeacher
+from distill.kd_losses import KDSettings
+from distill.train.onpolicy.rollouts import HFRollouts, Rollout, RolloutSettings, prompt_ids
+from distill.teachers.sources import OnlineTeacher
 from distill.train.trainers import KDTrainer
 
 from conftest import build_tiny
@@ -59,7 +59,7 @@ def on_policy_args(student, traces, teacher, out, *extra) -> list[str]:
 
 
 def prompts_of(traces, tokenizer) -> list[list[int]]:
-    from distill.train.rendering import RenderOptions, load_examples
+    from distill.rendering import RenderOptions, load_examples
 
     examples, _, _ = load_examples(traces, tokenizer, RenderOptions())
     return [prompt_ids(e) for e in examples]
@@ -169,7 +169,7 @@ def test_static_cache_samples_from_a_bf16_copy_refreshed_before_each_rollout(tin
 def test_rollouts_stop_at_the_end_of_turn_token(teacher, traces):
     """The fitted teacher, greedy on a training prompt, writes (about) its trace and ends the turn:
     the template's end-of-turn token is a stop token, and it is the last target."""
-    from distill.train.rendering import RenderOptions, end_of_turn_id, load_examples
+    from distill.rendering import RenderOptions, end_of_turn_id, load_examples
 
     tok = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher)
@@ -222,7 +222,7 @@ def test_on_policy_zero_is_todays_kd_to_the_bit(tmp_path, traces, teacher, stude
 
 
 def test_a_mixed_schedule_is_seeded_and_resumes_the_same(tmp_path):
-    from distill.train.on_policy import OnPolicy
+    from distill.train.onpolicy.schedule import OnPolicy
 
     schedule = OnPolicy(0.5, engine=None, prompts={}, tokenizer=type("T", (), {"pad_token_id": 0})())
     draws = [schedule.applies(42, step, 0) for step in range(200)]
@@ -304,7 +304,7 @@ def test_a_served_teacher_scores_a_fixed_rollout_as_computed_by_hand(tmp_path, t
     whose loss sg(log q - log p) * log q has the reverse KL's expected gradient."""
     import math
 
-    from distill.train.served import ServedTeacher
+    from distill.teachers.served import ServedTeacher
     from test_served import serve
     from scoring_server import teacher_logprob, teacher_top
 

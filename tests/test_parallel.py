@@ -51,7 +51,7 @@ def launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
 
 
 def cache_entries(directory: Path) -> dict:
-    from distill.train.store import LogitsCache
+    from distill.store import LogitsCache
 
     cache = LogitsCache(directory)
     return {tid: (cache.token_sha(tid), *cache.get(tid)) for tid in cache.trace_ids()}
@@ -90,7 +90,7 @@ def test_data_parallel_logits_equal_one_process_and_resume_with_other_counts(tmp
 
 def test_logits_of_a_killed_launch_are_merged_by_a_one_process_rerun(tmp_path, shared_data, tiny_llama):
     """A rank's part index left behind (the launch died before merging) is kept, not redone."""
-    from distill.train.store import CacheWriter
+    from distill.store import CacheWriter
 
     traces = write_traces(tmp_path / "traces.jsonl", shared_data, 0, 5)
     out = tmp_path / "cache"

@@ -22,8 +22,8 @@ import torch
 
 from distill.cli import main
 from distill.models import load_tokenizer
-from distill.train.rendering import RenderOptions, load_examples, target_mask
-from distill.train.store import LogitsCache
+from distill.rendering import RenderOptions, load_examples, target_mask
+from distill.store import LogitsCache
 
 from conftest import assert_within_bound
 from test_generate import start_cli
@@ -169,7 +169,7 @@ def test_a_trace_the_server_refuses_is_named(tmp_path, traces, tok, smollm2_dir,
 
 
 def padded_and_packed(examples: list[dict]) -> list[tuple[dict, torch.Tensor]]:
-    from distill.train.batching import Collator
+    from distill.batching import Collator
 
     batches = []
     for packing in (False, True):
@@ -182,7 +182,7 @@ def padded_and_packed(examples: list[dict]) -> list[tuple[dict, torch.Tensor]]:
 
 @pytest.mark.parametrize("tokenize", [True, False])
 def test_served_teacher_scores_padded_and_packed_batches(traces, tok, tokenize):
-    from distill.train.served import ServedTeacher
+    from distill.teachers.served import ServedTeacher
 
     examples, _, _ = load_examples(traces, tok, RenderOptions())
     examples = examples[:3]
@@ -206,7 +206,7 @@ def test_served_teacher_scores_padded_and_packed_batches(traces, tok, tokenize):
 def test_sampled_token_logprobs_alone_when_the_server_gives_no_top_k(traces, tok):
     """top_k=0 (a server that gives only the actual token's log-prob): the estimator's input, and no top-k."""
     from distill.errors import DistillError
-    from distill.train.served import ServedTeacher
+    from distill.teachers.served import ServedTeacher
 
     examples, _, _ = load_examples(traces, tok, RenderOptions())
     (inputs, mask), _ = padded_and_packed(examples[:2])
@@ -228,7 +228,7 @@ def test_sampled_token_logprobs_alone_when_the_server_gives_no_top_k(traces, tok
 
 def test_replicas_share_the_scoring_and_a_failing_one_loses_nothing(tmp_path, traces, tok, smollm2_dir):
     """``--base-url A,B``: both replicas score, the cache is exact; one that starts failing is worked around."""
-    from distill.train.served import ServedTeacher
+    from distill.teachers.served import ServedTeacher
 
     replicas = [serve(tok, latency=0.02) for _ in range(3)]
     out = tmp_path / "logits"

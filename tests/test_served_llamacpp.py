@@ -16,8 +16,8 @@ import torch
 
 from distill.cli import main
 from distill.models import load_model, load_tokenizer
-from distill.train.rendering import RenderOptions, load_examples, target_mask
-from distill.train.store import LogitsCache
+from distill.rendering import RenderOptions, load_examples, target_mask
+from distill.store import LogitsCache
 
 from test_generate_llamacpp import llama_server, llama_url  # noqa: F401  (the server fixtures)
 from test_kd import QUIET, held_out_kl
@@ -74,7 +74,7 @@ def test_served_cache_agrees_with_transformers_and_kd_moves_the_student(llama_ur
 def test_a_sequence_without_bos_is_read_despite_the_shifted_token_logprobs(llama_url, smollm2_dir,  # noqa: F811
                                                                            teacher_model):
     """llama-cpp-python lists such a sequence one position off (quirk 2): each row must still be its own position."""
-    from distill.train.served import ServedTeacher
+    from distill.teachers.served import ServedTeacher
 
     tok = load_tokenizer(str(smollm2_dir))
     ids = tok("What is 2 + 3? It is 5, and 4 + 4 is 8.", add_special_tokens=False)["input_ids"]

@@ -1,4 +1,4 @@
-"""q/k/v and gate/up summing their input gradients in the GEMMs (train/shared_input.py): the
+"""q/k/v and gate/up summing their input gradients in the GEMMs (train/kernels/shared_input.py): the
 student's loss and every gradient stay those of the model as transformers builds it."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.train.shared_input import share_inputs
+from distill.train.kernels.shared_input import share_inputs
 
 
 def _loss_and_grads(model, ids, checkpointing: bool = False):

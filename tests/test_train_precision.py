@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.train.command import RUN_RECORD, run_training
-from distill.train.optim import MasterWeightAdamW
+from distill.train.kernels.optim import MasterWeightAdamW
 
 from test_train_sft import StopAt, losses, quick, traces  # noqa: F401  (traces: a fixture)
 

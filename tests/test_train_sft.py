@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCa
 
 from distill.cli import main
 from distill.errors import DistillError
-from distill.train.batching import Collator
+from distill.batching import Collator
 from distill.train.command import RUN_RECORD, TrainConfig, run_training
 from distill.train.trainers import SFTTrainer
 

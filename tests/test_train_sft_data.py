@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from distill.errors import DistillError
-from distill.train.batching import Collator, pack_examples
+from distill.batching import Collator, pack_examples
 from distill.train.command import TrainConfig
-from distill.train.rendering import (IGNORE_INDEX, RenderOptions, end_of_turn_id, load_examples,
+from distill.rendering import (IGNORE_INDEX, RenderOptions, end_of_turn_id, load_examples,
                                 render_messages, tokenize_example)
 
 # The Llama 3 chat template's shape (header tokens, <|eot_id|> with nothing after it), to check

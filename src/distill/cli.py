@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "turn a public reasoning dataset (OpenR1, OpenThoughts, ShareGPT, messages, prompt/completion) into traces"),
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
-    "logits": ("distill.train.logits", "LogitsConfig", "cache_logits",
+    "logits": ("distill.logits", "LogitsConfig", "cache_logits",
                "cache top-k log-probs for offline KD: a local --teacher, a served one (--base-url), or the traces' API top_logprobs"),
     "train": ("distill.train.command", "TrainConfig", "train",
               "fine-tune a student on traces: SFT or logit distillation (KD)"),

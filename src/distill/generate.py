@@ -24,14 +24,11 @@ from distill.costs import estimated_cost
 from distill.errors import DistillError
 from distill.locks import exclusive
 from distill.models import load_preset
-from distill.prompts import INSTRUCTION, Prompt, load_prompts
+from distill.prompts import DEFAULT_TEMPLATE, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
 from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
 from distill.teachers.endpoints import RequestFailed, endpoint_urls
-
-DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")  # braces doubled for str.format
-
 
 @dataclass
 class GenerateConfig:

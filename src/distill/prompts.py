@@ -21,6 +21,8 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # and the eval tasks (evals/distill_tasks.py) both use it: students are scored on the prompt
 # they were trained on.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+#: The user message: the problem, then the instruction (braces doubled for str.format).
+DEFAULT_TEMPLATE = "{prompt}\n" + INSTRUCTION.replace("{", "{{").replace("}", "}}")
 
 
 @dataclass(frozen=True)

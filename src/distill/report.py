@@ -125,7 +125,7 @@ def _require(obj: Any, keys: str, path: Path) -> Any:
 
 def load_result(path: str | Path) -> dict:
     """Read one results file written by ``distill eval`` and check the fields the table needs."""
-    from distill.eval.results import load_results
+    from distill.results import load_results
 
     path = Path(path)
     result = load_results(path)

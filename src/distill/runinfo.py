@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 
+#: A training run's record, in its output directory (eval and compare read it there).
+RUN_RECORD = "distill_run.json"
+
 _PACKAGES = ("distill", "torch", "transformers", "accelerate", "peft", "datasets", "openai",
              "lm_eval", "math_verify", "vllm", "trl", "liger_kernel")
 _SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")

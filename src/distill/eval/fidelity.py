@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.train.command import RUN_RECORD
-from distill.train.rendering import RenderOptions
+from distill.runinfo import RUN_RECORD
+from distill.rendering import RenderOptions
 
 
 @dataclass
@@ -114,8 +114,8 @@ def _load_model(model: str, device: str):
 def _teacher(teacher: str | None, teacher_logits: str | None, tokenizer, examples: list[dict], data: FidelityData,
              model_name: str, device: str, student_rows: int):
     """(training's teacher object or None, what it is for the results)."""
-    from distill.train.store import read_index
-    from distill.train.teachers import CachedTeacher, OnlineTeacher
+    from distill.store import read_index
+    from distill.teachers.sources import CachedTeacher, OnlineTeacher
 
     if teacher and teacher_logits:
         raise DistillError("fidelity takes one teacher: --teacher (a local model) or --teacher-logits (a cache)")
@@ -140,9 +140,9 @@ def score(model, examples: list[dict], pad_token_id: int, teacher=None, batch_si
     import torch
     from tqdm.auto import tqdm
 
-    from distill.train.batching import Collator
-    from distill.train.kd_losses import fidelity_sums
-    from distill.train.rendering import n_targets, target_mask
+    from distill.batching import Collator
+    from distill.kd_losses import fidelity_sums
+    from distill.rendering import n_targets, target_mask
 
     collate = Collator(pad_token_id)
     weight = model.get_output_embeddings().weight
@@ -177,8 +177,8 @@ def measure(model: str | None, fidelity_traces: str | None = None, teacher: str 
     from distill.eval.backends import model_parts
     from distill.models import default_device, load_tokenizer
     from distill.runinfo import sha256_file
-    from distill.train.rendering import load_examples
-    from distill.train.store import tokenizer_sha
+    from distill.rendering import load_examples
+    from distill.store import tokenizer_sha
 
     if not model:
         raise DistillError("fidelity needs --model, a local model (directory, id or LoRA adapter) whose "

@@ -3,7 +3,7 @@
 lm-eval does the prompting (chat template, no system prompt), batching/concurrency, the ``repeats``
 and the calls to ``process_results`` (evals/distill_tasks.py, which grades with distill's grader);
 this module picks the backend, lays the run's settings over the shipped tasks, and turns lm-eval's
-logged samples into ``generations.jsonl`` + ``results.json`` (schema in ``distill.eval.results``).
+logged samples into ``generations.jsonl`` + ``results.json`` (schema in ``distill.results``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Literal
 from distill.config import to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
-from distill.eval.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
+from distill.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.locks import exclusive
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import run_record, versions
-from distill.train.rendering import ThinkStyle
+from distill.rendering import ThinkStyle
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Teacher adapters: an OpenAI-compatible API or a local transformers model, same records."""
+"""Teachers: generation (an OpenAI-compatible API or a local model, same records) and KD scoring
+(a local model online, a logits cache, a served model, API log-probs mapped to a student)."""

@@ -28,10 +28,8 @@ from typing import Literal
 
 from distill.errors import DistillError
 from distill.records import write_json
-from distill.train.rendering import Overlong, ThinkStyle
-
-RUN_RECORD = "distill_run.json"
-
+from distill.runinfo import RUN_RECORD
+from distill.rendering import Overlong, ThinkStyle
 
 @dataclass
 class TrainConfig:
@@ -137,7 +135,7 @@ def _last(curve: list[dict], key: str) -> float | None:
 
 def _set_stop_tokens(model, tokenizer) -> None:
     """Make generation stop on the token the student was trained to end its turn with."""
-    from distill.train.rendering import end_of_turn_id
+    from distill.rendering import end_of_turn_id
 
     eot = end_of_turn_id(tokenizer)
     for config in (model.config, model.generation_config):
@@ -179,7 +177,7 @@ def run_training(cfg, trainer_cls=None, setup=None, extra_record: dict | None = 
 
     from distill.config import to_dict
     from distill.runinfo import run_record
-    from distill.train.distributed import describe
+    from distill.distributed import describe
     from distill.train.student import prepare
     from distill.train.trainers import SaveAndStopOnSignal, SFTTrainer
 
@@ -285,7 +283,7 @@ def check_data_flags(cfg: TrainConfig) -> None:
 
 
 def kd_settings(cfg):
-    from distill.train.kd_losses import KDSettings
+    from distill.kd_losses import KDSettings
 
     loss = cfg.loss or ("rkl" if cfg.on_policy else "fkl")
     try:
@@ -297,9 +295,9 @@ def kd_settings(cfg):
 
 def run_kd(cfg: TrainConfig) -> int:
     """``--method kd``: the SFT run with a teacher (local model, served model or logits cache) and the KD loss."""
-    from distill.train.distributed import output_rows, sharded_run
+    from distill.distributed import output_rows, sharded_run
     from distill.train.student import prepare
-    from distill.train.teachers import CachedTeacher, OnlineTeacher, local_teacher_path
+    from distill.teachers.sources import CachedTeacher, OnlineTeacher, local_teacher_path
     from distill.train.trainers import KDTrainer
 
     if sum(map(bool, (cfg.teacher, cfg.teacher_logits, cfg.teacher_url))) != 1:
@@ -326,7 +324,7 @@ def run_kd(cfg: TrainConfig) -> int:
         extra["kd"].update(mode="online", teacher=cfg.teacher)
         placement = teacher.placement
     elif cfg.teacher_url:
-        from distill.train.served import ServedTeacher
+        from distill.teachers.served import ServedTeacher
 
         if cfg.teacher_top_k == 0 and not cfg.on_policy:
             raise DistillError("--teacher-top-k 0 (sampled tokens only) is an on-policy estimator: add --on-policy")
@@ -361,9 +359,9 @@ def on_policy_schedule(cfg: TrainConfig, setup):
     """The student's rollouts for the training prompts, sampled with transformers' ``generate``."""
     import torch
 
-    from distill.train.distributed import sharded_run
-    from distill.train.on_policy import OnPolicy
-    from distill.train.rollouts import HFRollouts, RolloutSettings, prompt_ids
+    from distill.distributed import sharded_run
+    from distill.train.onpolicy.schedule import OnPolicy
+    from distill.train.onpolicy.rollouts import HFRollouts, RolloutSettings, prompt_ids
 
     if cfg.rollout_max_tokens < 1 or cfg.rollouts_per_prompt < 1 or cfg.rollout_temperature < 0:
         raise DistillError("--rollout-max-tokens and --rollouts-per-prompt must be >= 1, --rollout-temperature >= 0")

@@ -55,7 +55,7 @@ def default_attention(packing: bool) -> str | None:
     own choice (sdpa)."""
     import torch
 
-    from distill.train import attention
+    from distill.train.kernels import attention
 
     if not packing or not torch.cuda.is_available():
         return None
@@ -71,7 +71,7 @@ def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.train import attention
+    from distill.train.kernels import attention
 
     kwargs: dict[str, Any] = {}
     attn = cfg.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.packing)
@@ -184,8 +184,8 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
 def prepare(cfg) -> TrainSetup:
     """Resolve the student, tokenize the traces, load the model, and build ``TrainingArguments``."""
     from distill.models import load_tokenizer, model_preset
-    from distill.train.batching import Collator, ExampleDataset, pack_examples
-    from distill.train.rendering import RenderOptions, describe_stats, load_examples
+    from distill.batching import Collator, ExampleDataset, pack_examples
+    from distill.rendering import RenderOptions, describe_stats, load_examples
 
     preset = model_preset("students", cfg.student)
     tokenizer = load_tokenizer(preset["model"])
@@ -217,9 +217,8 @@ def prepare(cfg) -> TrainSetup:
 def prompt_examples(cfg, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """``--prompts``: each prompt rendered with the generation prompt, nothing to train on yet
     (on-policy batches replace it by the student's rollouts)."""
-    from distill.generate import DEFAULT_TEMPLATE
-    from distill.prompts import load_prompts
-    from distill.train.rendering import IGNORE_INDEX, render_prompt
+    from distill.prompts import DEFAULT_TEMPLATE, load_prompts
+    from distill.rendering import IGNORE_INDEX, render_prompt
 
     prompts = load_prompts(cfg.prompts, prompt_field=cfg.prompt_field, template=cfg.template or DEFAULT_TEMPLATE,
                            system=cfg.system)

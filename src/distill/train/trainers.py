@@ -31,13 +31,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
-from distill.train.distributed import as_output_layer, sharded_run
-from distill.train.kd_losses import KDSettings, chunked_kd_loss
-from distill.train.on_policy import OnPolicy
-from distill.train.optim import MasterWeightAdamW, trains_bf16_weights
-from distill.train.rendering import target_index, target_mask
-from distill.train.shared_input import share_inputs
-from distill.train.teachers import final_hidden_states
+from distill.distributed import as_output_layer, sharded_run
+from distill.kd_losses import KDSettings, chunked_kd_loss
+from distill.train.onpolicy.schedule import OnPolicy
+from distill.train.kernels.optim import MasterWeightAdamW, trains_bf16_weights
+from distill.rendering import target_index, target_mask
+from distill.train.kernels.shared_input import share_inputs
+from distill.teachers.sources import final_hidden_states
 
 #: Tokens per loss chunk for SFT: 4096 x 151,936 bf16 logits are 1.2 GB, and fewer chunks mean
 #: fewer passes accumulating the output embedding's fp32 gradient.

@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from distill.batching import sequence_bounds
 from distill.errors import DistillError
 
 NAME = "varlen"
@@ -38,20 +39,6 @@ def available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def sequence_bounds(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:
-    """Cumulative sequence starts (int32, sequences + 1, on ``device``) and the longest sequence of a
-    (batch, length) forward: a sequence starts at every position 0 and at every row's start. On a GPU
-    this syncs with the host (the count of sequences and the longest are data); the packing collator
-    calls it on the CPU and hands the result to the model as transformers' flash-attention kwargs."""
-    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    if position_ids is not None:
-        starts |= position_ids.expand(batch, length).to(starts.device) == 0
-    starts[:, 0] = True
-    total = torch.tensor([batch * length], device=starts.device)
-    cu = torch.cat([starts.flatten().nonzero().flatten(), total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def sequences(position_ids: torch.Tensor | None, batch: int, length: int, device=None) -> tuple[torch.Tensor, int]:

@@ -13,8 +13,8 @@ import hashlib
 import random
 from pathlib import Path
 
-from distill.train.batching import Collator
-from distill.train.rollouts import RolloutEngine
+from distill.batching import Collator
+from distill.train.onpolicy.rollouts import RolloutEngine
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 LOGGED_PER_STEP = 4

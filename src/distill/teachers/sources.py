@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from distill.errors import DistillError
-from distill.train.distributed import output_rows, shard_frozen, shard_frozen_zero3, whole
-from distill.train.rendering import target_mask
+from distill.distributed import output_rows, shard_frozen, shard_frozen_zero3, whole
+from distill.rendering import target_mask
 
 
 def final_hidden_states(model, decoder, inputs: dict):
@@ -77,7 +77,7 @@ def local_teacher_path(name: str) -> str:
 
 def check_same_tokenizer(student_tok, student_name: str, teacher_tok, teacher_name: str) -> None:
     """KD compares distributions token by token: the two vocabularies must be the same."""
-    from distill.train.store import tokenizer_sha
+    from distill.store import tokenizer_sha
 
     if tokenizer_sha(student_tok) != tokenizer_sha(teacher_tok):
         raise DistillError(
@@ -174,7 +174,7 @@ class OnlineTeacher:
     def scores(self, inputs: dict, mask, example_index, index=None, scored=None):
         import torch
 
-        from distill.train.kd_losses import DenseTeacher
+        from distill.kd_losses import DenseTeacher
 
         if scored is not None:
             hidden, done = scored.result()
@@ -200,7 +200,7 @@ class CachedTeacher:
     def open(cls, directory: str, tokenizer, examples: list[dict], *, student: str, traces: str,
              kd_temperature: float, student_rows: int) -> "CachedTeacher":
         """Open a cache and check it fits this student and these exact tokens."""
-        from distill.train.store import LogitsCache, token_sha, tokenizer_sha
+        from distill.store import LogitsCache, token_sha, tokenizer_sha
 
         cache = LogitsCache(directory)
         header = cache.header
@@ -228,7 +228,7 @@ class CachedTeacher:
         return cls(cache, {ex["example_index"]: ex["id"] for ex in examples})
 
     def scores(self, inputs: dict, mask, example_index, index=None):
-        from distill.train.kd_losses import SparseTeacher
+        from distill.kd_losses import SparseTeacher
 
         if example_index is None:
             raise DistillError("offline KD needs 'example_index' in each batch (the collator keeps it)")

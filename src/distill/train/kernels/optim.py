@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from distill.train import fused_adamw
+from distill.train.kernels import fused_adamw
 
 
 class MasterWeightAdamW(torch.optim.AdamW):

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from distill.errors import DistillError
-from distill.train.rendering import IGNORE_INDEX, target_index
+from distill.rendering import IGNORE_INDEX, target_index
 
 
 class ExampleDataset:
@@ -65,7 +65,7 @@ class Collator:
     each sequence (flash-attention varlen on GPU; a block-diagonal mask built from the position
     ids with sdpa/eager). The sequences' bounds come along as transformers' flash-attention kwargs
     (``cu_seq_lens_q/k`` int32, ``max_length_q/k`` ints), found here on the CPU so that the GPU
-    step does not stop to count them (``attention.sequence_bounds``). The model must run with
+    step does not stop to count them (:func:`sequence_bounds`). The model must run with
     ``use_cache=False`` (training sets it; a teacher forward must pass it too): with a KV cache
     transformers skips the packed-sequence detection and the sequences would attend to each other.
     The first label of every sequence is -100 so no sequence learns to predict the next one's first
@@ -87,8 +87,6 @@ class Collator:
         batch = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
         batch["target_index"] = target_index(batch["labels"])
         if self.packing:
-            from distill.train.attention import sequence_bounds
-
             cu, longest = sequence_bounds(batch["position_ids"], *batch["position_ids"].shape)
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if index is not None:
@@ -129,3 +127,19 @@ def _example_indices(features: list[dict]) -> list[int] | None:
         value = f["example_index"]
         out.extend(value if isinstance(value, (list, tuple)) else [value])
     return out
+
+
+def sequence_bounds(position_ids, batch: int, length: int, device=None) -> tuple:
+    """Cumulative sequence starts (int32, sequences + 1, on ``device``) and the longest sequence of a
+    (batch, length) forward: a sequence starts at every position 0 and at every row's start. On a GPU
+    this syncs with the host (the count of sequences and the longest are data); the packing collator
+    calls it on the CPU and hands the result to the model as transformers' flash-attention kwargs."""
+    import torch
+
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    if position_ids is not None:
+        starts |= position_ids.expand(batch, length).to(starts.device) == 0
+    starts[:, 0] = True
+    total = torch.tensor([batch * length], device=starts.device)
+    cu = torch.cat([starts.flatten().nonzero().flatten(), total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())

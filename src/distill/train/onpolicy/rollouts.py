@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from distill.train.distributed import sharded_over_processes
-from distill.train.rendering import IGNORE_INDEX, end_of_turn_id, target_mask
+from distill.distributed import sharded_over_processes
+from distill.rendering import IGNORE_INDEX, end_of_turn_id, target_mask
 
 
 @dataclass(frozen=True)

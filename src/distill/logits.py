@@ -25,8 +25,8 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.records import write_json
-from distill.train.rendering import Overlong, RenderOptions, ThinkStyle, n_targets, target_mask
-from distill.train.store import CacheWriter
+from distill.rendering import Overlong, RenderOptions, ThinkStyle, n_targets, target_mask
+from distill.store import CacheWriter
 
 
 @dataclass
@@ -55,7 +55,7 @@ def cache_logits(cfg: LogitsConfig) -> int:
     """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
     from distill import parallel
     from distill.locks import exclusive
-    from distill.train.store import PART_INDEX
+    from distill.store import PART_INDEX
 
     if cfg.top_k < 1:
         raise DistillError(f"--top-k must be >= 1, got {cfg.top_k}")
@@ -75,8 +75,8 @@ def cache_local_logits(cfg: LogitsConfig, launch) -> int:
     from tqdm import tqdm
 
     from distill.models import load_model, load_tokenizer, model_preset
-    from distill.train.store import merge_parts, token_sha
-    from distill.train.teachers import check_same_tokenizer, local_teacher_path, teacher_top_k, vocab_rows
+    from distill.store import merge_parts, token_sha
+    from distill.teachers.sources import check_same_tokenizer, local_teacher_path, teacher_top_k, vocab_rows
 
     started = time.time()
     teacher_path = local_teacher_path(cfg.teacher)
@@ -128,11 +128,11 @@ def cache_api_logits(cfg: LogitsConfig) -> int:
     import torch
     from tqdm import tqdm
 
-    from distill.train.api_mapping import (Refusal, StudentVocab, check_logprobs, teacher_described,
+    from distill.teachers.api_mapping import (Refusal, StudentVocab, check_logprobs, teacher_described,
                                            teacher_name, trace_rows)
-    from distill.train.rendering import render_messages, target_tokens, tokenize_example
-    from distill.train.store import token_sha
-    from distill.train.teachers import vocab_rows
+    from distill.rendering import render_messages, target_tokens, tokenize_example
+    from distill.store import token_sha
+    from distill.teachers.sources import vocab_rows
 
     if not cfg.student:
         raise DistillError("distill logits without --teacher maps the traces' API top_logprobs onto a student's "
@@ -193,9 +193,9 @@ def cache_served_logits(cfg: LogitsConfig) -> int:
 
     from tqdm import tqdm
 
-    from distill.train.served import ServedClient
-    from distill.train.store import token_sha
-    from distill.train.teachers import vocab_rows
+    from distill.teachers.served import ServedClient
+    from distill.store import token_sha
+    from distill.teachers.sources import vocab_rows
 
     if cfg.teacher:
         raise DistillError("give one teacher: --teacher (a local model) or --base-url (a served one), not both")
@@ -263,7 +263,7 @@ def _resume(cfg: LogitsConfig, header: dict, examples: list[dict], verb: str, wh
 
 def _header(cfg: LogitsConfig, options: RenderOptions, tokenizer, **settings) -> dict:
     """What a cache was made with; a rerun with other settings is refused (``store.CacheWriter``)."""
-    from distill.train.store import tokenizer_sha
+    from distill.store import tokenizer_sha
 
     return {**settings, "tokenizer_sha": tokenizer_sha(tokenizer), "max_length": options.max_length,
             "overlong": options.overlong, "think_style": options.think_style}
@@ -271,7 +271,7 @@ def _header(cfg: LogitsConfig, options: RenderOptions, tokenizer, **settings) ->
 
 def _all_examples(cfg: LogitsConfig, tokenizer, options: RenderOptions, keep_trace: bool = False) -> list[dict]:
     """Every example training can see (its train and held-out parts), tokenized as training does."""
-    from distill.train.rendering import load_examples
+    from distill.rendering import load_examples
 
     train, held_out, _ = load_examples(cfg.traces, tokenizer, options, keep_trace=keep_trace)
     return train + held_out
@@ -281,7 +281,7 @@ def _finish(cfg: LogitsConfig, header: dict, started: float, **extra) -> int:
     """The closing line and ``run.json`` beside the cache."""
     from distill.config import to_dict
     from distill.runinfo import run_record
-    from distill.train.store import cache_stats
+    from distill.store import cache_stats
 
     out = Path(cfg.out)
     stats = cache_stats(out)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from distill.errors import DistillError
 from distill.teachers.endpoints import (EndpointPool, RequestFailed, Retry, endpoint_urls, retry_after_seconds,
                                        retryable_status)
-from distill.train.api_mapping import FLOOR, token_bytes
+from distill.teachers.api_mapping import FLOOR, token_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,7 @@ class ScoredRows:
 
     def sparse(self):
         """As KD's sparse teacher (top-k + tail bucket), the form the logits cache stores."""
-        from distill.train.kd_losses import SparseTeacher
+        from distill.kd_losses import SparseTeacher
 
         return SparseTeacher(self.ids, self.logprobs, self.log_tail)
 
@@ -580,7 +580,7 @@ class ServedTeacher:
         plus tail), or with ``top_k=0`` one known only by the target tokens' log-probs. ``index`` is
         not needed: the server's rows come in ``mask``'s order."""
         if self.client.top_k < 1:
-            from distill.train.kd_losses import SampledTokenTeacher
+            from distill.kd_losses import SampledTokenTeacher
 
             return SampledTokenTeacher(self.sampled_logprobs(inputs, mask, scored))
         rows = (scored or self.submit(inputs, mask)).result()
