@@ -112,6 +112,7 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoin
     import torch
     import torch.distributed as dist
 
+    from distill.config import make
     from distill.train.command import TrainConfig, kd_settings
     from distill.distributed import output_rows
     from distill.rendering import n_targets
@@ -121,9 +122,8 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoin
 
     torch.manual_seed(0)
     cache = teacher if os.path.isfile(os.path.join(teacher, "index.json")) else None
-    cfg = TrainConfig(method="kd", student=student, traces=traces, out=out, max_length=160, overlong="truncate",
-                      eval_fraction=0.0, bf16=False, report_to="none", alpha=0.5, kd_chunk_size=16, seed=0,
-                      teacher=None if cache else teacher, teacher_logits=cache)
+    cfg = make(TrainConfig, method="kd", student=student, traces=traces, out=out, max_length=160, overlong="truncate",
+               eval_fraction=0.0, bf16=False, report_to="none", kd_weight=0.5, chunk_size=16, seed=0, teacher=teacher)
     setup = prepare(cfg)
     setup.args.device  # as run_kd places the teacher: under torchrun this starts accelerate's gloo process group
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

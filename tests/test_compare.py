@@ -167,7 +167,7 @@ GENERATED = {"traces": "runs/q/traces.jsonl", "teacher": "deepseek-reasoner", "s
 
 def fidelity(nll, kl, top1, examples="e" * 64):
     return {"traces": {"path": "runs/q/traces.kept.jsonl", "sha256": "d" * 64},
-            "held_out_from": "runs/q/student-sft/distill_run.json", "prompts": 5, "examples": 5,
+            "held_out_from": "runs/q/student-sft/run.json", "prompts": 5, "examples": 5,
             "examples_sha256": examples, "target_tokens": 812,
             "render": {"think_style": "none", "max_length": 512, "overlong": "drop"}, "tokenizer_sha": "f" * 16,
             "teacher": {"name": "smollm2-135m-instruct", "kind": "online"},

@@ -67,8 +67,8 @@ def test_server_backend_reports_exact_pass_and_cons(server_run, shared_data):
     assert task["k"] == 4 and task["n_problems"] == 4
     assert task["data"]["sha256"] and task["data"]["path"].endswith("aime24.jsonl")
     assert res["backend"] == "server" and res["model"]["name_or_path"] == "scripted"
-    assert res["generation"] == {"temperature": 0.6, "top_p": 0.95, "max_gen_tokens": 32768, "seed": SEED,
-                                 "chat_template": True, "system_prompt": None}
+    assert res["generation"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "max_gen_tokens": 32768,
+                                 "seed": SEED, "chat_template": True, "system_prompt": None}
     assert {"lm_eval", "math_verify", "transformers", "distill"} <= set(res["versions"])
 
 
@@ -148,7 +148,7 @@ def test_lora_adapter_records_its_base_and_its_fidelity(tiny_llama, shared_data,
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(adapter)
-    (adapter / "distill_run.json").write_text(json.dumps({"summary": {
+    (adapter / "run.json").write_text(json.dumps({"summary": {
         "method": "sft", "base_model": str(tiny_llama), "teacher": "deepseek-reasoner", "train_examples": 3}}))
     traces = write_traces(tmp_path / "traces.jsonl", [make_trace(i) for i in range(3)])
     # a fresh adapter (LoRA's B starts at zero) is still its base: the base as teacher is matched exactly
@@ -199,5 +199,6 @@ def test_unreachable_server(capsys, shared_data, tmp_path):
 
 def test_model_without_chat_template(capsys, tiny_llama, shared_data, tmp_path, without_chat_template):
     model = without_chat_template(tiny_llama)
-    assert run_eval("--tasks", "distill_aime24", "--model", model, "--data-dir", shared_data, "--out", tmp_path) == 2
+    assert run_eval("--tasks", "distill_aime24", "--model", model, "--data-dir", shared_data,
+                    "--out", tmp_path / "eval") == 2
     assert "no chat template" in error_line(capsys)

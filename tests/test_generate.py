@@ -15,6 +15,7 @@ import pytest
 
 from distill.cli import main
 from distill.errors import DistillError
+from distill.options import PromptFormat, PromptSet
 from distill.prompts import load_prompts, prompt_hash
 from distill.records import read_jsonl
 from distill.teachers.endpoints import backoff_seconds, retry_after_seconds
@@ -95,20 +96,22 @@ def test_prompt_sources_agree(tmp_path, prompts_file):
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "p.parquet"))
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "p_dir"))
-    kw = dict(prompt_field="question", answer_field="gold", template="Q: {prompt} ({gold}?)", system="Be brief.")
-    loaded = [load_prompts(str(prompts_file), **kw)] + [
-        load_prompts(str(tmp_path / name), split="test", **kw) for name in ("p.json", "p.parquet", "p_dir")]
+    fields = dict(prompt_field="question", answer_field="gold")
+    style = PromptFormat(template="Q: {prompt} ({gold}?)", system="Be brief.")
+    loaded = [load_prompts(PromptSet(str(prompts_file), **fields), style)] + [
+        load_prompts(PromptSet(str(tmp_path / name), split="test", **fields), style)
+        for name in ("p.json", "p.parquet", "p_dir")]
     for other in loaded[1:]:
         assert other == loaded[0]
     first = loaded[0][0]
     assert first.id == prompt_hash("What is 0 times 7?") and first.reference == "0"
     assert first.messages == [{"role": "system", "content": "Be brief."},
                               {"role": "user", "content": "Q: What is 0 times 7? (0?)"}]
-    assert len(load_prompts(str(prompts_file), prompt_field="question", limit=3)) == 3
+    assert len(load_prompts(PromptSet(str(prompts_file), prompt_field="question", limit=3), PromptFormat())) == 3
 
 
 @pytest.mark.parametrize("content,kwargs,message", [
-    (None, {}, "missing.jsonl: prompt file not found"),
+    (None, {}, "missing.jsonl: file not found"),
     ('{"question": "a"}\n{"question": \n', {}, "p.jsonl:2: bad JSON"),
     ('{"question": "a"}\n{"q": "b"}\n', {}, "p.jsonl:2: field 'question' missing"),
     ('{"question": "a", "gold": 1}\n', {"answer_field": "answer"}, "p.jsonl:1: field 'answer' missing"),
@@ -119,7 +122,7 @@ def test_prompt_errors_name_the_place(tmp_path, content, kwargs, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(DistillError, match=message.replace("(", r"\(")):
-        load_prompts(str(path), prompt_field="question", **kwargs)
+        load_prompts(PromptSet(str(path), prompt_field="question", **kwargs), PromptFormat())
 
 
 # --- the API teacher against the fault server -------------------------------------------------
@@ -215,7 +218,7 @@ def test_bad_input_gives_one_line(tmp_path, prompts_file, capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     with socket_port() as closed_port:
         cases = {
-            "nope.jsonl: prompt file not found": ["--prompts", str(tmp_path / "nope.jsonl")],
+            "nope.jsonl: file not found": ["--prompts", str(tmp_path / "nope.jsonl")],
             "bad.jsonl:2: bad JSON": ["--prompts", str(bad)],
             "field 'problem' missing": ["--prompt-field", "problem"],
             "environment variable NO_SUCH_KEY_VAR is not set": ["--api-key-env", "NO_SUCH_KEY_VAR"],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.options import Sampling
 from distill.cli import main
 from distill.records import read_jsonl
 from distill.teachers.local import LocalTeacher
@@ -37,13 +38,14 @@ def test_tiny_qwen2_teacher_writes_complete_records(tiny_qwen2, tmp_path):
         assert 0 < r["usage"]["completion_tokens"] <= 6 and r["usage"]["prompt_tokens"] > 10
         assert len(r["top_logprobs"]) == r["usage"]["completion_tokens"]
         assert all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in r["top_logprobs"])
-    # a rerun with more samples adds only the new ones
-    assert main(local_args(tiny_qwen2, prompts, out, "--n", "3", "--max-tokens", "6")) == 0
+    # a rerun with more samples (and the same sampling) adds only the new ones
+    assert main(local_args(tiny_qwen2, prompts, out, "--n", "3", "--max-tokens", "6", "--top-logprobs", "2")) == 0
     assert_complete(out, prompts, n=3)
 
 
 def test_batches_group_prompts_of_similar_length(tiny_llama):
-    teacher = LocalTeacher.load(str(tiny_llama), temperature=0.6, top_p=0.95, max_tokens=4, batch_size=3)
+    teacher = LocalTeacher.load(str(tiny_llama), sampling=Sampling(temperature=0.6, top_p=0.95, max_tokens=4),
+                                batch_size=3)
     items = [(text, s) for text in ("short?", "a much " * 20 + "longer question?", "mid " * 8 + "?")
              for s in range(3)]
     batches = list(teacher.batches(items, lambda it: [{"role": "user", "content": it[0]}]))
@@ -53,7 +55,8 @@ def test_batches_group_prompts_of_similar_length(tiny_llama):
 
 def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_gguf):
     """Left padding in a batch must not change what the model writes."""
-    teacher = LocalTeacher.load(str(smollm2_gguf), temperature=0.0, top_p=1.0, max_tokens=8, batch_size=2)
+    teacher = LocalTeacher.load(str(smollm2_gguf), sampling=Sampling(temperature=0.0, top_p=1.0, max_tokens=8),
+                                batch_size=2)
     chats = [[{"role": "user", "content": "What is 2 + 2?"}],
              [{"role": "system", "content": "You are a careful math tutor."},
               {"role": "user", "content": "Explain in one sentence why the sum of two odd numbers is even."}]]

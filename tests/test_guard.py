@@ -194,18 +194,3 @@ def test_max_cost_needs_prices_and_a_budget_above_one_request(tmp_path, prompts_
     assert main([*base, "--max-output-tokens", "10", "--max-tokens", "100"]) == 2
     assert "no request could go out" in capsys.readouterr().err
 
-
-@pytest.mark.parametrize("command, old, new, value", [
-    ("eval", "--max-gen-tokens", "max_tokens", 8),        # generate's name for the token budget
-    ("logits", "--temperature", "kd_temperature", 2.0),   # train's name for the teacher's temperature
-])
-def test_a_former_flag_name_still_works_and_says_what_replaced_it(capsys, command, old, new, value):
-    from distill.cli import _config_class, build_parser
-    from distill.config import build
-
-    required = {"eval": [], "logits": ["--traces", "t.jsonl", "--out", "o"]}[command]
-    args = build_parser().parse_args([command, old, str(value), *required])
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
-    cfg = build(_config_class(command), ("flags", options))
-    assert getattr(cfg, new) == value
-    assert f"is now '{new}'" in capsys.readouterr().err

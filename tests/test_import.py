@@ -106,7 +106,7 @@ def test_each_format_imports_to_exactly_the_expected_records_and_trains(tmp_path
                  "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--eval-fraction", "0",
                  "--save-steps", "1000", "--logging-steps", "1", "--no-gradient-checkpointing",
                  "--report-to", "none"]) == 0
-    summary = json.loads((out / "distill_run.json").read_text())["summary"]
+    summary = json.loads((out / "run.json").read_text())["summary"]
     assert len(everything) == 6 and summary["train_examples"] == 5  # train skips OpenR1's incorrect generation
 
 
@@ -132,10 +132,13 @@ def test_report_counts_rows_skips_and_markers_and_a_rerun_is_idempotent(tmp_path
         (0, "", "Hi!", 0), (0, "hmm", "yes", 3), (1, "hmm", "", 4)]
     run = json.loads((tmp_path / "traces.jsonl.run.json").read_text())
     assert run["summary"]["skipped"] == {"no assistant turn": 1, "multi-turn": 1, "empty completion": 1}
-    assert run["data"]["input"]["sha256"] == got[0]["source"]["sha256"]
+    assert run["data"]["dataset"]["sha256"] == got[0]["source"]["sha256"]
     before = out.read_bytes()
     assert run_import(path, out) == got and out.read_bytes() == before
-    assert len(run_import(path, out, "--limit", "1")) == 1
+    with pytest.raises(AssertionError):  # other settings over an earlier import: refused ...
+        run_import(path, out, "--limit", "1")
+    assert out.read_bytes() == before
+    assert len(run_import(path, out, "--limit", "1", "--overwrite")) == 1  # ... unless asked to replace it
 
 
 def test_saved_dataset_directories_and_parquet_are_read(tmp_path):

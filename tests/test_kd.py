@@ -73,7 +73,7 @@ def test_kd_gets_closer_to_the_teacher_than_sft_in_the_same_steps(tmp_path, trac
     sft = held_out_kl(tmp_path / "sft", smollm2_dir, held_out)
     kd = held_out_kl(tmp_path / "kd", smollm2_dir, held_out)
     assert kd < 0.95 * sft and kd < 0.95 * before, (before, sft, kd)
-    record = json.loads((tmp_path / "kd" / "distill_run.json").read_text())
+    record = json.loads((tmp_path / "kd" / "run.json").read_text())
     assert record["kd"]["mode"] == "online" and record["kd"]["loss"] == "fkl"
     assert record["distributed"] == {"kind": "one process", "world_size": 1, "sharded": "nothing", "teacher": "cpu"}
     assert record["loss_curve"]
@@ -106,7 +106,7 @@ def test_logits_cache_then_offline_kd_via_cli_and_resume(tmp_path, shared_data, 
     assert main(["train", "--method", "kd", "--student", str(tiny_qwen2), "--teacher-logits", str(cache),
                  "--traces", str(part), "--out", str(out), "--max-steps", "3", "--batch-size", "2",
                  "--eval-fraction", "0.2", "--eval-steps", "2", "--packing", *QUIET]) == 0
-    record = json.loads((out / "distill_run.json").read_text())
+    record = json.loads((out / "run.json").read_text())
     assert record["kd"]["mode"] == "offline" and record["summary"]["global_step"] == 3
     assert record["distributed"]["teacher"] == f"none in the run: its logits cache {cache}"
     assert any("eval_loss" in point for point in record["loss_curve"])

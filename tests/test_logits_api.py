@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.options import Endpoint, Sampling
 from distill.cli import main
 from distill.records import read_jsonl, write_jsonl
 
@@ -124,7 +125,7 @@ def test_api_logprobs_become_the_cache_and_train_kd(api_traces, work, smollm2_di
     assert main(["train", "--method", "kd", "--student", str(tiny_llama), "--teacher-logits", str(cache),
                  "--traces", str(api_traces), "--out", str(out), "--max-steps", "3", "--batch-size", "2",
                  "--eval-fraction", "0", "--alpha", "1.0", *QUIET]) == 0
-    record = json.loads((out / "distill_run.json").read_text())
+    record = json.loads((out / "run.json").read_text())
     assert record["kd"]["mode"] == "offline" and record["kd"]["teacher"] == "vllm-local"
     assert record["summary"]["global_step"] == 3
 
@@ -159,7 +160,7 @@ def test_k_below_one_and_missing_student_are_refused(api_traces, work, smollm2_d
     assert f"{empty}:1: trace '{records[0]['id']}'" in err and "K = 0" in err and "--top-logprobs" in err
     assert main(["logits", "--traces", str(api_traces), "--student", str(smollm2_dir), "--top-k", "0",
                  "--out", str(work / "l2")]) == 2
-    assert "--top-k must be >= 1" in capsys.readouterr().err
+    assert "--top-logprobs: a cache keeps at least 1 per token" in capsys.readouterr().err
     assert main(["logits", "--traces", str(api_traces), "--out", str(work / "l3")]) == 2
     assert "needs --student" in capsys.readouterr().err
 
@@ -263,8 +264,8 @@ def test_text_the_logprobs_are_not_for_is_refused(smol_vocab):
 def test_api_bytes_are_kept_where_the_string_is_lossy():
     from distill.teachers.api import ApiTeacher
 
-    api = ApiTeacher(base_url="http://x/v1", model="m", api_key="k", api_key_env=None, temperature=1.0,
-                     top_p=1.0, max_tokens=4, top_logprobs=2)
+    api = ApiTeacher(base_url="http://x/v1", model="m", api_key="k", api_key_env=None,
+                     sampling=Sampling(temperature=1.0, top_p=1.0, max_tokens=4), endpoint=Endpoint(), top_logprobs=2)
     choice = {"logprobs": {"content": [
         {"token": "\ufffd", "logprob": -0.1, "bytes": [240, 159],
          "top_logprobs": [{"token": "\ufffd", "logprob": -0.1, "bytes": [240, 159]},

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
+from distill.options import Endpoint
 from distill.cli import main
 from distill.kd_losses import KDSettings
 from distill.train.onpolicy.rollouts import HFRollouts, Rollout, RolloutSettings, prompt_ids
@@ -93,7 +94,7 @@ def test_on_policy_training_moves_the_students_samples_towards_the_teacher(tmp_p
     after = teacher_nll_of_samples(out, teacher, traces)
     assert after < 0.6 * before, (before, after)
 
-    record = json.loads((out / "distill_run.json").read_text())
+    record = json.loads((out / "run.json").read_text())
     assert record["kd"]["loss"] == "rkl" and record["kd"]["on_policy"]["fraction"] == 1.0
     assert record["loss_curve"] and record["summary"]["global_step"] == 60
     rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
@@ -104,7 +105,7 @@ def test_on_policy_training_moves_the_students_samples_towards_the_teacher(tmp_p
 def test_each_logging_step_reports_what_the_student_writes(tmp_path, traces, teacher, student):
     out = tmp_path / "op"
     assert main(on_policy_args(student, traces, teacher, out, "--max-steps", "2", "--logging-steps", "1")) == 0
-    logs = json.loads((out / "distill_run.json").read_text())["loss_curve"]
+    logs = json.loads((out / "run.json").read_text())["loss_curve"]
     keys = {"loss", "kd_loss", "rollout_kd", "rollout_teacher_nll", "rollout_length", "rollout_ended",
             "rollout_tokens_per_s", "time_rollout_s", "time_teacher_s", "time_update_s"}
     assert [e["step"] for e in logs] == [1, 2] and all(keys <= set(e) for e in logs), logs
@@ -211,7 +212,7 @@ def test_loss_on_a_fixed_rollout_is_the_reverse_kl_by_hand(tmp_path, tiny_llama,
 
 def test_on_policy_zero_is_todays_kd_to_the_bit(tmp_path, traces, teacher, student):
     def losses(out):
-        return [p["loss"] for p in json.loads((out / "distill_run.json").read_text())["loss_curve"]]
+        return [p["loss"] for p in json.loads((out / "run.json").read_text())["loss_curve"]]
 
     common = ["train", "--method", "kd", "--student", str(student), "--traces", traces, "--teacher", str(teacher),
               "--max-steps", "3", "--batch-size", "2", "--eval-fraction", "0", "--logging-steps", "1",
@@ -233,9 +234,12 @@ def test_a_mixed_schedule_is_seeded_and_resumes_the_same(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--on-policy", "1.5"], "between 0 and 1"),
     (["--on-policy", "1", "--teacher-logits", "cache"], "covers only the traces' tokens"),
-    (["--on-policy", "0.5", "--prompts", "p.jsonl"], "--on-policy 1"),
+    (["--on-policy", "0.5", "--prompts", "p.jsonl"], "--on-policy-fraction 1"),
 ])
-def test_refusals(tmp_path, traces, student, capsys, extra, message):
+def test_refusals(tmp_path, traces, student, capsys, extra, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.json").write_text("{}")  # a logits cache, by its index
     args = ["train", "--method", "kd", "--student", str(student), "--out", str(tmp_path / "o"), *extra]
     if "--prompts" not in extra:
         args += ["--traces", traces]
@@ -280,10 +284,10 @@ def test_sigkill_mid_run_then_resume_finishes_the_same_steps(tmp_path, traces, t
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / "checkpoint-4").is_dir() and not (out / "distill_run.json").exists()
+    assert (out / "checkpoint-4").is_dir() and not (out / "run.json").exists()
     # killed as soon as checkpoint-4 appeared, maybe half-written: resume takes the newest complete one
     assert main([*args, "--resume"]) == 0
-    record = json.loads((out / "distill_run.json").read_text())
+    record = json.loads((out / "run.json").read_text())
     assert record["summary"]["global_step"] == 8
     AutoModelForCausalLM.from_pretrained(out)
 
@@ -340,7 +344,8 @@ def test_a_served_teacher_scores_a_fixed_rollout_as_computed_by_hand(tmp_path, t
             else:
                 args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
                 teacher = ServedTeacher(base_url=server.base_url, model="teacher-7b", top_k=top_k, tokenizer=tok,
-                                        student="tiny", vocab_size=student.get_output_embeddings().weight.shape[0])
+                                        student="tiny", vocab_size=student.get_output_embeddings().weight.shape[0],
+                                        endpoint=Endpoint(concurrency=8))
                 try:
                     trainer = KDTrainer(model=student, args=args, kd=KDSettings(loss="rkl"), teacher=teacher)
                     loss = trainer.compute_loss(student, dict(batch))

@@ -55,7 +55,7 @@ CI_LIMITS = {
     "generate": {"limit": 4, "max_tokens": 48, "batch_size": 4},
     "verify": {"drop_truncated": False},  # at 48 tokens nearly every trace is cut off
     "train": {"max_steps": 2, "batch_size": 2, "max_length": 256},
-    "eval": {"limit": 3, "k": 1, "max_tokens": 32, "batch_size": 3},
+    "eval": {"limit": 3, "n": 1, "max_tokens": 32, "batch_size": 3},
 }
 
 
@@ -90,8 +90,8 @@ def test_quickstart_pipeline_end_to_end(repo, smollm2_gguf, tmp_path, monkeypatc
     assert [row["method"] for row in rows] == ["—", "base", "sft", "kd"]
     assert rows[0]["KL to teacher"] == "0.000" and rows[0]["top-1 agree"] == "100.0"  # the teacher is itself
     assert all(float(row["KL to teacher"]) > 0 for row in rows[1:])
-    assert (runs / "compare.csv").is_file() and (runs / "compare.png").is_file()
-    held_out = json.loads((runs / "student-sft" / "distill_run.json").read_text())["held_out"]["prompt_ids"]
-    assert held_out == json.loads((runs / "student-kd" / "distill_run.json").read_text())["held_out"]["prompt_ids"]
+    assert (runs / "compare" / "compare.csv").is_file() and (runs / "compare" / "compare.png").is_file()
+    held_out = json.loads((runs / "student-sft" / "run.json").read_text())["held_out"]["prompt_ids"]
+    assert held_out == json.loads((runs / "student-kd" / "run.json").read_text())["held_out"]["prompt_ids"]
     fidelity = json.loads((runs / "eval" / "student-kd" / "results.json").read_text())["fidelity"]
-    assert fidelity["held_out_from"].endswith("student-kd/distill_run.json") and fidelity["prompts"] == len(held_out)
+    assert fidelity["held_out_from"].endswith("student-kd/run.json") and fidelity["prompts"] == len(held_out)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distill.options import Endpoint
 from distill.cli import main
 from distill.models import load_tokenizer
 from distill.rendering import RenderOptions, load_examples, target_mask
@@ -90,7 +91,7 @@ def test_served_cache_survives_faults_and_trains(tmp_path, traces, tok, smollm2_
     assert main(["train", "--method", "kd", "--student", str(tiny_llama), "--teacher-logits", str(out),
                  "--traces", traces, "--out", str(train), "--max-steps", "2", "--batch-size", "2",
                  "--report-to", "none", "--save-steps", "1000"]) == 0
-    assert json.loads((train / "distill_run.json").read_text())["kd"]["mode"] == "offline"
+    assert json.loads((train / "run.json").read_text())["kd"]["mode"] == "offline"
 
 
 def test_sigkill_mid_run_then_resume_leaves_every_row_once(tmp_path, traces, tok, smollm2_dir):
@@ -146,14 +147,14 @@ def test_unusable_servers_are_refused_in_one_line(tmp_path, traces, tok, smollm2
     assert not out.exists()  # refused before anything was written
 
 
-def test_a_served_teacher_needs_model_and_student_and_no_local_teacher(tmp_path, traces, smollm2_dir, capsys):
+def test_a_served_teacher_needs_its_name_and_a_student(tmp_path, traces, smollm2_dir, capsys):
     url = closed_port_url()  # refused before any request
-    base = ["logits", "--base-url", url, "--traces", traces, "--out", str(tmp_path / "l")]
+    base = ["logits", "--teacher-url", url, "--traces", traces, "--out", str(tmp_path / "l")]
     assert main([*base, "--student", str(smollm2_dir)]) == 2
-    assert main([*base, "--model", "m"]) == 2
-    assert capsys.readouterr().err.count("needs --model (the name the server serves) and --student") == 2
-    assert main([*base, "--model", "m", "--student", str(smollm2_dir), "--teacher", str(smollm2_dir)]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "--teacher-url needs the served model's name: --teacher NAME" in capsys.readouterr().err
+    assert main([*base, "--teacher", "m"]) == 2
+    assert "a served teacher needs --student" in capsys.readouterr().err
+    assert not (tmp_path / "l").exists()
 
 
 def test_a_trace_the_server_refuses_is_named(tmp_path, traces, tok, smollm2_dir, capsys):
@@ -190,7 +191,7 @@ def test_served_teacher_scores_padded_and_packed_batches(traces, tok, tokenize):
             for t, on in enumerate(target_mask(ex["labels"])) if on]
     server = serve(tok, tokenize=tokenize)
     teacher = ServedTeacher(base_url=server.base_url, model="teacher-7b", top_k=4, tokenizer=tok, student="smollm2",
-                            vocab_size=len(tok))
+                            vocab_size=len(tok), endpoint=Endpoint(concurrency=8))
     try:
         for inputs, mask in padded_and_packed(examples):
             sparse = teacher.scores(inputs, mask, None)
@@ -212,7 +213,7 @@ def test_sampled_token_logprobs_alone_when_the_server_gives_no_top_k(traces, tok
     (inputs, mask), _ = padded_and_packed(examples[:2])
     server = serve(tok, max_logprobs=0)
     teacher = ServedTeacher(base_url=server.base_url, model="teacher-7b", top_k=0, tokenizer=tok, student="smollm2",
-                            vocab_size=len(tok))
+                            vocab_size=len(tok), endpoint=Endpoint(concurrency=8))
     try:
         sampled = teacher.sampled_logprobs(inputs, mask)
         ids = inputs["input_ids"]
@@ -244,7 +245,7 @@ def test_replicas_share_the_scoring_and_a_failing_one_loses_nothing(tmp_path, tr
         want = [teacher_top(ex["input_ids"][t], 4, len(tok))[0] for ex in examples[:3]
                 for t, on in enumerate(target_mask(ex["labels"])) if on]
         teacher = ServedTeacher(base_url=urls, model="teacher-7b", top_k=4, tokenizer=tok, student="smollm2",
-                                vocab_size=len(tok), retry_backoff=0.05)
+                                vocab_size=len(tok), endpoint=Endpoint(concurrency=8, retry_backoff=0.05))
         dying = replicas[2]
         dying.always_fail = "("  # from now on every token-id prompt gets a 500
         scored_before = len(dying.scored)

@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 
+from distill.options import Endpoint
 from distill.cli import main
 from distill.models import load_model, load_tokenizer
 from distill.rendering import RenderOptions, load_examples, target_mask
@@ -83,7 +84,7 @@ def test_a_sequence_without_bos_is_read_despite_the_shifted_token_logprobs(llama
     mask = torch.zeros(1, len(ids) - 1, dtype=torch.bool)
     mask[0, 1:] = True  # the server gives nothing for the first position
     teacher = ServedTeacher(base_url=llama_url, model="smollm2", top_k=3, tokenizer=tok, student="smollm2",
-                            vocab_size=len(tok))
+                            vocab_size=len(tok), endpoint=Endpoint(concurrency=8))
     try:
         sparse = teacher.scores(inputs, mask, None)
     finally:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill.config import replace
 from distill.train.command import RUN_RECORD, run_training
 from distill.train.kernels.optim import MasterWeightAdamW
 
@@ -73,7 +73,7 @@ def test_master_weight_adamw_clips_and_steps_as_torch_adamw_on_fp32_copies_and_r
 
 def test_bf16_weights_follow_the_fp32_loss_curve_and_save_bf16(tmp_path, tiny_qwen2, traces):  # noqa: F811
     fp32 = quick(tiny_qwen2, traces, tmp_path / "fp32", max_steps=6, bf16=True, lr=1e-2)
-    bf16 = dataclasses.replace(fp32, out=str(tmp_path / "bf16"), weights_dtype="bf16")
+    bf16 = replace(fp32, out=str(tmp_path / "bf16"), weights_dtype="bf16")
     run_training(fp32)
     run_training(bf16)
     ref, got = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
@@ -88,11 +88,11 @@ def test_bf16_weights_follow_the_fp32_loss_curve_and_save_bf16(tmp_path, tiny_qw
 def test_bf16_weights_resume_from_their_master_weights(tmp_path, tiny_qwen2, traces):  # noqa: F811
     reference = quick(tiny_qwen2, traces, tmp_path / "ref", max_steps=4, save_steps=2, bf16=True,
                       weights_dtype="bf16", lr=3e-3, lr_scheduler="constant")
-    interrupted = dataclasses.replace(reference, out=str(tmp_path / "run"))
+    interrupted = replace(reference, out=str(tmp_path / "run"))
     run_training(reference)
     run_training(interrupted, callbacks=[StopAt(2)])
-    run_training(dataclasses.replace(interrupted, resume=True))
+    run_training(replace(interrupted, resume=True))
     done, ref = losses(tmp_path / "run"), losses(tmp_path / "ref")
     for step in (3, 4):
         assert done[step] == pytest.approx(ref[step], rel=1e-5)
-    assert json.loads((tmp_path / "run" / RUN_RECORD).read_text())["config"]["weights_dtype"] == "bf16"
+    assert json.loads((tmp_path / "run" / RUN_RECORD).read_text())["config"]["precision"]["weights_dtype"] == "bf16"

@@ -10,6 +10,7 @@ import torch
 
 from distill.errors import DistillError
 from distill.batching import Collator, pack_examples
+from distill.config import make
 from distill.train.command import TrainConfig
 from distill.rendering import (IGNORE_INDEX, RenderOptions, end_of_turn_id, load_examples,
                                 render_messages, tokenize_example)
@@ -198,4 +199,4 @@ def test_student_without_chat_template_is_refused_with_a_fix(tmp_path, tiny_qwen
     student = without_chat_template(tiny_qwen2)
     traces = write_traces(tmp_path / "t.jsonl", [make_trace(0)])
     with pytest.raises(DistillError, match="no chat template; use an -Instruct model"):
-        prepare(TrainConfig(student=str(student), traces=traces, out=str(tmp_path / "o")))
+        prepare(make(TrainConfig, student=str(student), traces=traces, out=str(tmp_path / "o")))

@@ -6,15 +6,14 @@ keep heavy imports (torch, transformers, lm_eval) inside functions so ``--help``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import signal
 import sys
 import time
 import typing
 
-from distill import __version__, parallel
-from distill.config import build, config_section, field_types, load_yaml
+from distill import __version__, console, parallel
+from distill.config import build, config_section, leaves, load_yaml
 from distill.errors import DistillError
 
 # name -> (module, config class, function, one-line help)
@@ -26,9 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "verify": ("distill.verify", "VerifyConfig", "verify_file",
                "grade traces against reference answers and keep the correct ones"),
     "logits": ("distill.logits", "LogitsConfig", "cache_logits",
-               "cache top-k log-probs for offline KD: a local --teacher, a served one (--base-url), or the traces' API top_logprobs"),
+               "cache top-k log-probs for offline KD: a local --teacher, a served one (--teacher-url), or the traces' API top_logprobs"),
     "train": ("distill.train.command", "TrainConfig", "train",
-              "fine-tune a student on traces: SFT or logit distillation (KD)"),
+              "fine-tune a student: SFT on traces, logit distillation (KD), or on-policy distillation"),
     "eval": ("distill.eval.runner", "EvalConfig", "run_eval",
              "score a model on AIME/MATH-500/AMC/GSM8K with lm-eval: pass@1 over k, cons@k"),
     "compare": ("distill.report", "CompareConfig", "compare",
@@ -43,19 +42,23 @@ def _config_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def _add_field_flags(parser: argparse.ArgumentParser, cls) -> None:
-    types_ = field_types(cls)
-    for f in dataclasses.fields(cls):
-        tp = types_[f.name]
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
+def _add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """A flag per option of the command's config, in one --help section per group."""
+    sections: dict[type, argparse._ArgumentGroup] = {}
+    for leaf in leaves(cls):
+        target = parser
+        if leaf.section is not None:
+            if leaf.section not in sections:
+                title, _, about = (leaf.section.__doc__ or leaf.section.__name__).partition(":")
+                sections[leaf.section] = parser.add_argument_group(title, about.strip() or None)
+            target = sections[leaf.section]
+        meta, tp, default = leaf.meta, leaf.type, leaf.default
+        help_ = meta["help"]
+        if meta["check"] is not None:
+            help_ += f"; {meta['check']}"
         if default not in (None, "", [], {}) and tp is not bool:
             help_ += f" (default: {default})"
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="*", default=None, help=help_)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict = {"dest": f.name, "default": None, "help": help_}
+        kwargs: dict = {"dest": leaf.key, "default": None, "help": help_}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             if default is not None:
@@ -63,10 +66,15 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls) -> None:
         elif typing.get_origin(tp) is typing.Literal:
             kwargs["choices"] = typing.get_args(tp)
         else:
-            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
-        parser.add_argument(flag, **kwargs)
-        for old in f.metadata.get("aliases", ()):  # former names: config.build says what replaced them
-            parser.add_argument("--" + old.replace("_", "-"), **{**kwargs, "dest": old, "help": argparse.SUPPRESS})
+            kwargs["metavar"] = meta["metavar"] or leaf.key.upper()
+        if meta["positional"]:  # also as a flag, for scripts that name it
+            target.add_argument(leaf.key, nargs="*", default=argparse.SUPPRESS, metavar=kwargs["metavar"], help=help_)
+            kwargs["nargs"] = "+"
+        target.add_argument(leaf.flag, **kwargs)
+        for old in meta["aliases"]:  # former names: config.build says what replaced them
+            target.add_argument("--" + old.replace("_", "-"), **{**kwargs, "dest": old, "help": argparse.SUPPRESS})
+    for old in getattr(cls, "RESHAPED", {}):
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,13 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "verify them, train students (SFT or KD), evaluate, compare.",
     )
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' own progress bars and info lines, and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, _, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         p.add_argument("--config", metavar="FILE.yaml",
                        help=f"recipe whose '{name}:' section sets any of the options below; flags override it")
-        _add_field_flags(p, _config_class(name))
-    p = sub.add_parser("run", help="run every step of a recipe's 'pipeline:' in order",
+        _add_options(p, _config_class(name))
+    p = sub.add_parser("run", help="run every step of a recipe's 'pipeline:' in order", parents=[common],
                        description="Run the steps of a recipe's 'pipeline:' list in order, "
                                    "e.g. distill run configs/quickstart.yaml")
     p.add_argument("recipe", metavar="FILE.yaml")
@@ -90,16 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(name: str, options: dict, source: str = "flags", config_file: str | None = None) -> int:
-    """Build the command's config from an optional recipe section plus options, then run it."""
-    module, cls_name, func, _ = COMMANDS[name]
-    mod = importlib.import_module(module)
+def make_config(name: str, options: dict, source: str = "flags", config_file: str | None = None):
+    """The command's config from an optional recipe section plus options (checked, nothing loaded)."""
+    module, cls_name, _, _ = COMMANDS[name]
     layers = []
     if config_file:
         layers.append((f"{config_file} [{name}]", config_section(config_file, name)))
     layers.append((source, options))
-    cfg = build(getattr(mod, cls_name), *layers)
-    return getattr(mod, func)(cfg) or 0
+    return build(getattr(importlib.import_module(module), cls_name), *layers)
+
+
+def execute(name: str, cfg) -> int:
+    module, _, func, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), func)(cfg) or 0
 
 
 def run_pipeline(recipe: str, only: str | None = None) -> int:
@@ -107,6 +121,7 @@ def run_pipeline(recipe: str, only: str | None = None) -> int:
     steps = data.get("pipeline")
     if not isinstance(steps, list) or not steps:
         raise DistillError(f"{recipe}: no 'pipeline:' list of steps")
+    planned = []
     for i, step in enumerate(steps, 1):
         if not isinstance(step, dict) or len(step) != 1:
             raise DistillError(f"{recipe}: pipeline step {i} must be one 'command: {{options}}' mapping")
@@ -114,13 +129,21 @@ def run_pipeline(recipe: str, only: str | None = None) -> int:
         if name not in COMMANDS:
             raise DistillError(f"{recipe}: pipeline step {i}: unknown command '{name}' "
                                f"(known: {', '.join(COMMANDS)})")
+        if options is not None and not isinstance(options, dict):
+            raise DistillError(f"{recipe}: pipeline step {i} ({name}): its options must be a mapping")
         options = dict(options or {})
         label = options.pop("step", name)
+        # every step's options are checked before the first step runs
+        planned.append((i, name, label, make_config(name, options, source=f"{recipe} [pipeline step {i}: {label}]")))
+    if only and not any(only in (label, name) for _, name, label, _ in planned):
+        raise DistillError(f"{recipe}: --only {only}: no such step (steps: "
+                           f"{', '.join(label for _, _, label, _ in planned)})")
+    for i, name, label, cfg in planned:
         if only and only not in (label, name):
             continue
         print(f"\n== step {i}/{len(steps)}: {label} ({name})", flush=True)
         started = time.monotonic()
-        rc = run_command(name, options, source=f"{recipe} [pipeline step {i}: {label}]")
+        rc = execute(name, cfg)
         print(f"== step {i}/{len(steps)}: {label} {'failed' if rc else 'done'} in {time.monotonic() - started:.0f} s",
               flush=True)
         if rc:
@@ -138,22 +161,50 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: (received.append(signum), _interrupt()))
+    console.quiet(args.verbose)
     try:
         if args.command == "run":
             code = run_pipeline(args.recipe, args.only)
         else:
-            options = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
-            code = run_command(args.command, options, config_file=args.config)
+            options = {k: v for k, v in vars(args).items()
+                       if k not in ("command", "config", "verbose") and v is not None}
+            code = execute(args.command, make_config(args.command, options, config_file=args.config))
     except DistillError as e:
-        print(f"distill {args.command}: error: {e}", file=sys.stderr)
-        code = 2
+        code = _fail(args, str(e))
     except KeyboardInterrupt:
-        print(f"distill {args.command}: interrupted; finished work is saved, rerun the same command to resume",
+        name = signal.Signals(received[0]).name if received else "interrupted"
+        print(f"distill {args.command}: {name}; finished work is saved, rerun the same command to resume",
               file=sys.stderr)
-        code = 130
+        code = 128 + (received[0] if received else signal.SIGINT)
+    except UnicodeDecodeError as e:
+        code = _fail(args, f"{getattr(e, 'filename', None) or 'an input'}: not UTF-8 text ({e.reason} at byte "
+                           f"{e.start})", e)
+    except OSError as e:
+        code = _fail(args, f"{e.filename}: {e.strerror}" if e.filename else str(e), e)
+    except Exception as e:  # a bug: one line, and the traceback with -v
+        code = _fail(args, f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback; please "
+                           f"report it)", e)
     if parallel.launched():
         parallel.leave(code)
     return code
+
+
+def _interrupt():
+    """SIGTERM (a scheduler's stop, ``kill``) ends a command as Ctrl-C does: its finally blocks close
+    the outputs and write the run record's status. train saves a checkpoint first (its own handler)."""
+    raise KeyboardInterrupt
+
+
+def _fail(args, message: str, error: BaseException | None = None) -> int:
+    """One line on stderr (the traceback too with -v); exit status 2."""
+    if error is not None and args.verbose:
+        import traceback
+
+        traceback.print_exception(error)
+    print(f"distill {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Read from the run records each stage writes beside its output, so that ``distill compare`` can
 put a price next to every score:
 
-- a model directory's ``distill_run.json`` names the traces it learned from (``data.traces``);
+- a model directory's ``run.json`` names the traces it learned from (``data.traces``);
 - ``TRACES.run.json`` is the record of the command that wrote them: ``verify`` (whose
-  ``config.input`` is the file it graded) or ``generate`` (the teacher, with its preset's
+  ``config.traces.path`` is the file it graded) or ``generate`` (the teacher, with its preset's
   ``price``). The chain is followed back to ``generate``.
 
 Tokens are summed over every generated trace's ``usage``, the rejected ones included (their
@@ -48,7 +48,9 @@ def generation_cost(traces: str | Path) -> dict | None:
     record = _record(path)
     while record is not None and record.get("command") == "verify" and path not in seen:
         seen.add(path)
-        path = Path(str((record.get("config") or {}).get("input")))
+        config = record.get("config") or {}
+        path = Path(str((config.get("traces") or {}).get("path") if isinstance(config.get("traces"), dict)
+                        else config.get("input")))  # the input verify graded (a former record: 'input')
         record = _record(path)
     if record is None or record.get("command") != "generate" or not path.is_file():
         return None

@@ -10,48 +10,62 @@ the traces came from (teachers, imported datasets with their hashes) and, when t
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from distill.config import group, option
 from distill.errors import DistillError
+from distill.options import Output
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
 
 
 @dataclass
 class ExportConfig:
-    traces: list[str] | None = field(default=None, metadata={"help": "traces JSONL file(s) to export", "positional": True, "required": True})
-    out: str | None = field(default=None, metadata={"help": "dataset directory to write", "required": True})
-    name: str | None = field(default=None, metadata={"help": "dataset title on the card (default: the directory name)"})
+    traces: list[str] | None = option(None, help="traces JSONL file(s) to export", positional=True, required=True,
+                                      metavar="TRACES")
+    output: Output = group(Output, required=("out",))
+    name: str | None = option(None, help="dataset title on the card (default: the directory name)")
 
 
 def export(cfg: ExportConfig) -> int:
-    """``distill export``: write the parquet file and the card; the directory is replaced whole."""
+    """``distill export``: write the parquet file, the card and the run record into a new directory,
+    then put it in place of ``--out`` (which may hold only an earlier export, unless --overwrite)."""
     import datasets
     import pyarrow
 
+    from distill.config import to_dict
     from distill.locks import exclusive
-    from distill.records import REQUIRED, read_jsonl
+    from distill.outputs import claim, remove
+    from distill.records import read_traces, write_json
+    from distill.runinfo import RUN_RECORD, run_record
 
-    records = [r for path in cfg.traces for r in read_jsonl(path, required=REQUIRED)]
+    out = Path(cfg.output.out)
+    records = [r for path in cfg.traces for r in read_traces(path)]
     if not records:
         raise DistillError(f"{', '.join(cfg.traces)}: no traces to export")
     try:
         ds = datasets.Dataset.from_list(records)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as e:
         raise DistillError(f"{', '.join(cfg.traces)}: traces do not fit one table ({e})") from None
-    out = Path(cfg.out)
+    settings = {"traces": [str(Path(t).resolve()) for t in cfg.traces], "name": cfg.name}
     tmp = out.with_name(out.name + ".tmp")
     with exclusive(out):
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / DATA_FILE).parent.mkdir(parents=True)
-        ds.to_parquet(str(tmp / DATA_FILE))
-        (tmp / "README.md").write_text(card(records, cfg))
-        if out.exists():
-            shutil.rmtree(out)
+        claim(out, "export", kind="dir", settings=settings, inputs=cfg.traces, overwrite=cfg.output.overwrite,
+              owned=("data", "README.md", RUN_RECORD))
+        remove(tmp)  # a killed export's
+        try:
+            (tmp / DATA_FILE).parent.mkdir(parents=True)
+            ds.to_parquet(str(tmp / DATA_FILE))
+            (tmp / "README.md").write_text(card(records, cfg))
+            write_json(tmp / RUN_RECORD, run_record("export", to_dict(cfg), {f"traces:{i}": t for i, t in
+                                                                              enumerate(cfg.traces)},
+                                                    status="complete", settings=settings))
+        except BaseException:
+            remove(tmp)
+            raise
+        remove(out)
         tmp.rename(out)
     print(f"distill export: {len(records)} traces -> {out} (datasets.load_dataset('{out}'))")
     return 0
@@ -59,7 +73,7 @@ def export(cfg: ExportConfig) -> int:
 
 def card(records: list[dict], cfg: ExportConfig) -> str:
     """The dataset card: hub metadata, then provenance, teachers and the verify report."""
-    title = cfg.name or Path(cfg.out).name
+    title = cfg.name or Path(cfg.output.out).name
     teachers = Counter(json.dumps({k: v for k, v in (r.get("teacher") or {}).items() if k != "sampling"},
                                   sort_keys=True) for r in records)
     sources = Counter(json.dumps({k: v for k, v in (r.get("source") or {}).items() if k != "row"}, sort_keys=True)

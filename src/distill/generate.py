@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -19,46 +20,32 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from distill import parallel
-from distill.config import to_dict
+from distill.config import at_least, group, option, to_dict
 from distill.costs import estimated_cost
 from distill.errors import DistillError
 from distill.locks import exclusive
 from distill.models import load_preset
+from distill.options import Endpoint, Output, PromptFormat, PromptSet, Sampling, Teacher
 from distill.prompts import DEFAULT_TEMPLATE, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
-from distill.runinfo import run_record
+from distill.runinfo import record_path, run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
 from distill.teachers.endpoints import RequestFailed, endpoint_urls
 
 @dataclass
 class GenerateConfig:
-    prompts: str | None = field(default=None, metadata={"help": "JSONL/JSON/parquet file, local datasets dir, or hub dataset name", "required": True})
-    out: str | None = field(default=None, metadata={"help": "traces JSONL to append to (rerun resumes)", "required": True})
-    teacher: str | None = field(default=None, metadata={"help": "teacher preset name (teachers/*.yaml), preset file, or local model path", "required": True})
-    split: str = field(default="train", metadata={"help": "dataset split for hub/dataset-dir prompts"})
-    prompt_field: str = field(default="problem", metadata={"help": "field holding the prompt text"})
-    answer_field: str | None = field(default=None, metadata={"help": "field holding the reference answer (kept as 'reference')"})
-    id_field: str | None = field(default=None, metadata={"help": "field holding a stable prompt id (default: hash of the prompt)"})
-    template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "user message template with {prompt}"})
-    system: str | None = field(default=None, metadata={"help": "optional system message"})
-    n: int = field(default=1, metadata={"help": "samples per prompt"})
-    temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling top-p"})
-    max_tokens: int = field(default=32768, metadata={"help": "max generated tokens per sample"})
-    seed: int | None = field(default=None, metadata={"help": "base seed (per-sample seeds derive from it)"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    base_url: list[str] | None = field(default=None, metadata={"help": "override the teacher preset's API base URL; several (comma-separated) serving the same model share the requests"})
-    model: str | None = field(default=None, metadata={"help": "override the teacher preset's model name/path"})
-    api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key"})
-    concurrency: int = field(default=16, metadata={"help": "API requests in flight"})
-    max_retries: int = field(default=8, metadata={"help": "retries per request on 429/5xx/timeouts"})
-    request_timeout: float = field(default=600.0, metadata={"help": "seconds per API request"})
-    retry_backoff: float = field(default=1.0, metadata={"help": "first retry wait in seconds; doubles per retry, with jitter (Retry-After wins)"})
-    top_logprobs: int | None = field(default=None, metadata={"help": "store per-token top-K log-probs (K <= 20) when the endpoint gives them"})
-    batch_size: int = field(default=16, metadata={"help": "local teacher: sequences per generate() batch"})
-    verify: bool = field(default=False, metadata={"help": "grade traces inline (sets 'correct')"})
-    max_cost: float | None = field(default=None, metadata={"help": "API teachers with prices: send no request that could take the estimated spend past this amount (preset currency); the run then exits 3 and a rerun with a higher limit resumes"})
-    max_output_tokens: int | None = field(default=None, metadata={"help": "API teachers: likewise for generated tokens"})
+    prompts: PromptSet = group(PromptSet, required=("path",))
+    format: PromptFormat = group(PromptFormat)
+    teacher: Teacher = group(Teacher, only=("name", "url", "model", "top_logprobs"), required=("name",))
+    endpoint: Endpoint = group(Endpoint)
+    sampling: Sampling = group(Sampling)
+    output: Output = group(Output, required=("out",))
+    batch_size: int = option(16, help="local teacher: sequences per generate() batch", check=at_least(1))
+    verify: bool = option(False, help="grade traces inline (sets 'correct')")
+    max_cost: float | None = option(None, help="API teachers with prices: send no request that could take the "
+                                               "estimated spend past this amount (preset currency); the run then "
+                                               "exits 3 and a rerun with a higher limit resumes", check=at_least(0))
+    max_output_tokens: int | None = option(None, help="API teachers: likewise for generated tokens", check=at_least(1))
 
 
 @dataclass
@@ -144,46 +131,75 @@ def generate(cfg: GenerateConfig) -> int:
     if (cfg.max_cost is not None or cfg.max_output_tokens is not None) and teacher["kind"] != "api":
         raise DistillError("--max-cost and --max-output-tokens limit what an API teacher is paid for; "
                            "a local teacher costs none")
-    prompts = load_prompts(cfg.prompts, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
-                           id_field=cfg.id_field, template=cfg.template, system=cfg.system,
-                           split=cfg.split, limit=cfg.limit)
-    out = Path(cfg.out)
+    prompts = load_prompts(cfg.prompts, cfg.format)
+    out = Path(cfg.output.out)
     launch = parallel.launch()
     if launch.parallel and teacher["kind"] != "local":
         raise DistillError("a data-parallel launch (accelerate launch) runs a local teacher on every process; "
                            "an API teacher needs one process: raise --concurrency instead")
-    with parallel.exclusive_launch(launch, out, _part(out, launch.rank)):
-        return _generate(cfg, teacher, prompts, out, launch)
+    settings = _settings(cfg, teacher)
+    claim = lambda: _claim(cfg, out, settings)  # noqa: E731  (under the output's lock)
+    with parallel.exclusive_launch(launch, out, _part(out, launch.rank), claim=claim):
+        return _generate(cfg, teacher, prompts, out, launch, settings)
+
+
+def _settings(cfg: GenerateConfig, teacher: dict) -> dict:
+    """What makes two runs one run: the same teacher writing from the same prompt format with the
+    same sampling. A rerun with these resumes; one with others is refused (``outputs.claim``)."""
+    s = cfg.sampling
+    return {"teacher": teacher["model"], "template": cfg.format.template, "system": cfg.format.system,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "max_tokens": s.max_tokens,
+            "seed": s.seed, "top_logprobs": teacher["top_logprobs"]}
+
+
+def _claim(cfg: GenerateConfig, out: Path, settings: dict) -> str:
+    """May this run write ``out``: resume the traces there (same settings), start it, or refuse."""
+    from distill.outputs import claim
+    from distill.runinfo import read_record
+
+    answer = claim(out, "generate", kind="file", settings=settings, inputs=[cfg.prompts.path],
+                   overwrite=cfg.output.overwrite, rerun="continue")
+    if answer == "continue":
+        before = ((read_record(out, "file") or {}).get("config") or {}).get("sampling", {}).get("n")
+        if before not in (None, cfg.sampling.n):
+            print(f"generate: {out} was written with --n {before}; now --n {cfg.sampling.n}: "
+                  f"{'adding samples to' if cfg.sampling.n > before else 'keeping the samples already in'} "
+                  f"each prompt", file=sys.stderr, flush=True)
+    return answer
 
 
 #: How a data-parallel launch spreads the work over its ranks (in the run record).
 SPLIT = "round-robin over the prompts with samples still missing, in prompt order: rank r of N takes the r-th, (r+N)-th, ..."
 
 
-def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path, launch: parallel.Launch) -> int:
+def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Path, launch: parallel.Launch,
+              settings: dict) -> int:
     if launch.main:
         _merge_parts(out)  # what the ranks of a killed data-parallel launch wrote
     launch.barrier()
     present = _present(out)
-    missing = {p.id: [s for s in range(cfg.n) if (p.id, s) not in present] for p in prompts}
-    jobs = [Job(p, s, None if cfg.seed is None else cfg.seed + s)
+    n = cfg.sampling.n
+    missing = {p.id: [s for s in range(n) if (p.id, s) not in present] for p in prompts}
+    jobs = [Job(p, s, cfg.sampling.seed + s)
             for p in launch.share([p for p in prompts if missing[p.id]]) for s in missing[p.id]]
     written = _part(out, launch.rank) if launch.parallel else out
     errors_path = Path(f"{written}.errors.jsonl")
-    skipped = len(prompts) * cfg.n - sum(map(len, missing.values()))
+    skipped = len(prompts) * n - sum(map(len, missing.values()))
     stats = Stats(skipped=skipped if launch.main else 0)  # counted once in a launch's summed stats
     console = _console()
     share = f", {len(jobs)} of them on rank {launch.rank} of {launch.world_size}" if launch.parallel else ""
-    console.print(f"generate: {len(prompts)} prompts x {cfg.n} samples; {skipped} already in {out}, "
-                  f"{len(prompts) * cfg.n - skipped} to do{share} with {teacher['kind']} teacher {teacher['model']}")
+    console.print(f"generate: {len(prompts)} prompts x {n} samples; {skipped} already in {out}, "
+                  f"{len(prompts) * n - skipped} to do{share} with {teacher['kind']} teacher {teacher['model']}")
     errors_path.unlink(missing_ok=True)  # its requests are pending again and get retried now
-    limit = SpendingLimit(teacher.get("price"), cfg.max_cost, cfg.max_output_tokens, cfg.max_tokens)
+    limit = SpendingLimit(teacher.get("price"), cfg.max_cost, cfg.max_output_tokens, cfg.sampling.max_tokens)
     status = "interrupted"
     try:
         if jobs:
             with JsonlAppender(written) as traces, JsonlAppender(errors_path) as errors, \
                     _progress(console, len(jobs), shown=launch.main) as tick:
-                sink = _Sink(traces, errors, stats, tick, teacher)
+                sink = _Sink(traces, errors, stats, tick, teacher,
+                             on_start=lambda: launch.main and _report(cfg, teacher, stats, out, errors_path, "running",
+                                                                      None, launch.record(SPLIT), settings))
                 start = sink.started
                 try:
                     if teacher["kind"] == "api":
@@ -203,7 +219,7 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
         raise
     finally:
         if not launch.parallel and (status != "error" or stats.done or stats.failed):  # a failed start leaves nothing
-            _report(cfg, teacher, stats, out, errors_path, status, console, launch.record(SPLIT))
+            _report(cfg, teacher, stats, out, errors_path, status, console, launch.record(SPLIT), settings)
     if launch.parallel:
         ranks = launch.gather(stats)  # also waits for every rank's part to be closed
         if not launch.main:
@@ -211,7 +227,7 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
         _merge_parts(out)
         stats = _combined(ranks)
         _report(cfg, teacher, stats, out, Path(f"{out}.errors.jsonl"), status, console,
-                {**launch.record(SPLIT), "ranks": [r.as_dict() for r in ranks]})
+                {**launch.record(SPLIT), "ranks": [r.as_dict() for r in ranks]}, settings)
     if cfg.verify and status == "complete":
         _verify(out, console)
     if status == "limit reached":
@@ -223,34 +239,33 @@ def _generate(cfg: GenerateConfig, teacher: dict, prompts: list[Prompt], out: Pa
 
 
 def _check(cfg: GenerateConfig) -> None:
-    if cfg.n < 1 or cfg.concurrency < 1 or cfg.max_tokens < 1:
-        raise DistillError("--n, --concurrency and --max-tokens must be at least 1")
-    if cfg.top_logprobs is not None and not 0 <= cfg.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise DistillError(f"--top-logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {cfg.top_logprobs}")
-    if cfg.max_output_tokens is not None and cfg.max_output_tokens < cfg.max_tokens:
+    top_logprobs = cfg.teacher.top_logprobs
+    if top_logprobs is not None and top_logprobs > MAX_TOP_LOGPROBS:
+        raise DistillError(f"--top-logprobs: an API gives at most {MAX_TOP_LOGPROBS} per token, got {top_logprobs}")
+    if cfg.max_output_tokens is not None and cfg.max_output_tokens < cfg.sampling.max_tokens:
         raise DistillError(f"--max-output-tokens {cfg.max_output_tokens} is below one request's --max-tokens "
-                           f"{cfg.max_tokens}: no request could go out")
+                           f"{cfg.sampling.max_tokens}: no request could go out")
 
 
 def _teacher_settings(cfg: GenerateConfig) -> dict:
     """The preset with flag overrides; decides api vs local and reads the key from its variable."""
-    preset = load_preset("teachers", cfg.teacher)
-    source = preset.get("preset_file", cfg.teacher)
-    model = cfg.model or preset.get("model")
+    preset = load_preset("teachers", cfg.teacher.name)
+    source = preset.get("preset_file", cfg.teacher.name)
+    model = cfg.teacher.model or preset.get("model")
     if not model:
         raise DistillError(f"{source}: field 'model' missing")
-    base_url = endpoint_urls(cfg.base_url or preset.get("base_url") or [], "--base-url" if cfg.base_url else source)
+    base_url = endpoint_urls(cfg.teacher.url or preset.get("base_url") or [], "--teacher-url" if cfg.teacher.url else source)
     kind = preset.get("kind") or ("api" if base_url else "local")
     if kind not in ("api", "local"):
         raise DistillError(f"{source}: field 'kind' must be api or local, got {kind!r}")
     if kind == "api" and not base_url:
         raise DistillError(f"{source}: field 'base_url' missing (or pass --base-url)")
-    top_logprobs = cfg.top_logprobs or None
+    top_logprobs = cfg.teacher.top_logprobs or None
     if top_logprobs and preset.get("logprobs") is False:
         _console().print(f"[yellow]warning:[/] teacher {preset.get('name', model)} gives no log-probs; "
                          f"top_logprobs will be null")
         top_logprobs = None
-    key_env = cfg.api_key_env or preset.get("api_key_env")
+    key_env = cfg.endpoint.api_key_env or preset.get("api_key_env")
     api_key = "EMPTY"  # local servers (vLLM, llama.cpp) accept any key
     if kind == "api" and key_env:
         api_key = os.environ.get(key_env, "")
@@ -293,15 +308,23 @@ def _present(out: Path) -> set[tuple[str, int]]:
 class _Sink:
     """Turns finished jobs into trace or error lines and keeps the counts."""
 
-    def __init__(self, traces: JsonlAppender, errors: JsonlAppender, stats: Stats, tick, teacher: dict):
+    def __init__(self, traces: JsonlAppender, errors: JsonlAppender, stats: Stats, tick, teacher: dict, on_start):
         self.traces, self.errors, self.stats, self.tick = traces, errors, stats, tick
         self.teacher = {k: teacher[k] for k in ("name", "kind", "model")}
         self.teacher["path"] = teacher.get("path")
         self.started = time.monotonic()
+        self.on_first_line = on_start
 
     def start_clock(self) -> None:
         """Called when the teacher is ready and the first request goes out."""
         self.started = time.monotonic()
+
+    def _first_line(self) -> None:
+        """Before the first line is written, the run record says what is being written (a killed run's
+        rerun reads the settings there); a run that writes nothing leaves nothing."""
+        if self.on_first_line is not None:
+            self.on_first_line()
+            self.on_first_line = None
 
     def trace(self, job: Job, completion: Completion, sampling: dict, endpoint: str | None = None) -> dict:
         p = job.prompt
@@ -315,6 +338,7 @@ class _Sink:
         }
 
     def ok(self, record: dict) -> None:
+        self._first_line()
         self.traces.write(record)
         self.stats.done += 1
         self.stats.tokens_in += record["usage"]["prompt_tokens"]
@@ -322,6 +346,7 @@ class _Sink:
         self.tick(self.stats)
 
     def fail(self, job: Job, failed: RequestFailed) -> None:
+        self._first_line()
         self.errors.write({"id": trace_id(job.prompt.id, job.sample), "prompt_id": job.prompt.id,
                            "sample": job.sample, "error": failed.reason, "attempts": failed.attempts,
                            "endpoint": failed.url, "created_at": _now()})
@@ -330,17 +355,15 @@ class _Sink:
 
 
 async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink, limit: SpendingLimit) -> None:
-    """``cfg.concurrency`` workers share the job queue; files are written by one thread, off the loop."""
+    """``--concurrency`` workers share the job queue; files are written by one thread, off the loop."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     from distill.teachers.api import ApiTeacher
 
     api = ApiTeacher(base_url=teacher["base_url"], model=teacher["model"], api_key=teacher["api_key"],
-                     api_key_env=teacher["api_key_env"], temperature=cfg.temperature, top_p=cfg.top_p,
-                     max_tokens=cfg.max_tokens, top_logprobs=teacher["top_logprobs"],
-                     concurrency=cfg.concurrency, max_retries=cfg.max_retries,
-                     timeout=cfg.request_timeout, retry_backoff=cfg.retry_backoff)
+                     api_key_env=teacher["api_key_env"], sampling=cfg.sampling, endpoint=cfg.endpoint,
+                     top_logprobs=teacher["top_logprobs"])
     queue = deque(jobs)
     loop = asyncio.get_running_loop()
 
@@ -361,7 +384,7 @@ async def _run_api(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _S
         async with api:
             await api.check()
             sink.start_clock()
-            tasks = [asyncio.create_task(worker(i, writer)) for i in range(min(cfg.concurrency, len(jobs)))]
+            tasks = [asyncio.create_task(worker(i, writer)) for i in range(min(cfg.endpoint.concurrency, len(jobs)))]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -377,22 +400,36 @@ def _run_local(cfg: GenerateConfig, teacher: dict, jobs: list[Job], sink: _Sink,
     """Batches of similar length; batch i of rank r is seeded ``seed + i * world_size + r``."""
     from distill.teachers.local import LocalTeacher
 
-    local = LocalTeacher.load(teacher["model"], device=launch.device, temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+    local = LocalTeacher.load(teacher["model"], device=launch.device, sampling=cfg.sampling, batch_size=cfg.batch_size,
                          top_logprobs=teacher["top_logprobs"])
     sink.teacher["path"] = local.path
     teacher.update(path=local.path, device=str(local.model.device), dtype=str(local.model.dtype))  # run record
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    sampling = local.sampling
     sink.start_clock()
     for i, batch in enumerate(local.batches(jobs, lambda job: job.prompt.messages)):
-        seed = None if cfg.seed is None else cfg.seed + i * launch.world_size + launch.rank
+        seed = cfg.sampling.seed + i * launch.world_size + launch.rank
         for job, completion in zip(batch, local.complete_batch([j.prompt.messages for j in batch], seed)):
             sink.ok(sink.trace(job, completion, sampling))
 
 
 def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, status: str, console,
-            distributed: dict) -> None:
-    """The summary line(s) and the run record beside the traces."""
+            distributed: dict, settings: dict) -> None:
+    """The summary line(s) (none without a console) and the run record beside the traces."""
+    if console is not None:
+        _summary(cfg, teacher, stats, errors_path, status, console)
+    public = {k: v for k, v in teacher.items() if k != "api_key"}
+    data = {"prompts": cfg.prompts.path} if Path(cfg.prompts.path).is_file() else {}
+    rate = (stats.done + stats.failed) / stats.seconds if stats.seconds else 0.0
+    cost = estimated_cost(teacher.get("price"), stats.tokens_in, stats.tokens_out)
+    record = run_record("generate", to_dict(cfg), data_files=data, status=status, settings=settings, teacher=public,
+                        distributed=distributed, summary={**stats.as_dict(), "requests_per_second": rate,
+                                 "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
+                        outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
+    write_json(record_path(out, "file"), record)
+
+
+def _summary(cfg, teacher: dict, stats: Stats, errors_path: Path, status: str, console) -> None:
+    """The closing line: counts, tokens, rate, cost; each endpoint's share; where the failures are."""
     rate = (stats.done + stats.failed) / stats.seconds if stats.seconds else 0.0
     line = (f"generate {status}: {stats.done} done, {stats.skipped} skipped, {stats.failed} failed | "
             f"tokens in {stats.tokens_in:,} out {stats.tokens_out:,} | {rate:.1f} req/s")
@@ -406,13 +443,6 @@ def _report(cfg, teacher: dict, stats: Stats, out: Path, errors_path: Path, stat
     if stats.failed:
         console.print(f"{stats.failed} requests failed after retries: see {errors_path}; "
                       f"rerun the same command to retry them")
-    public = {k: v for k, v in teacher.items() if k != "api_key"}
-    data = {"prompts": cfg.prompts} if Path(cfg.prompts).is_file() else {}
-    record = run_record("generate", to_dict(cfg), data_files=data, status=status, teacher=public,
-                        distributed=distributed, summary={**stats.as_dict(), "requests_per_second": rate,
-                                 "estimated_cost": cost and {"amount": cost[0], "currency": cost[1]}},
-                        outputs={"traces": str(out), "errors": str(errors_path) if stats.failed else None})
-    write_json(f"{out}.run.json", record)
 
 
 def _endpoint_line(e: dict) -> str:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from distill.config import group, option
 from distill.errors import DistillError
+from distill.options import Output, PromptSet
 
 Format = Literal["auto", "messages", "sharegpt", "openr1", "openthoughts", "prompt-completion"]
 
@@ -30,16 +32,16 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 
 @dataclass
 class ImportConfig:
-    input: str | None = field(default=None, metadata={"help": "JSONL/JSON/parquet file, save_to_disk directory or hub dataset id", "metavar": "PATH_OR_HUB_ID", "required": True})
-    out: str | None = field(default=None, metadata={"help": "traces JSONL to write (rewritten whole: a rerun gives the same file)", "required": True})
-    format: Format = field(default="auto", metadata={"help": "row shape; auto looks at the first rows"})
-    split: str = field(default="train", metadata={"help": "dataset split (save_to_disk directories and hub ids)"})
-    subset: str | None = field(default=None, metadata={"help": "hub dataset configuration (load_dataset's name, e.g. 'default')"})
-    limit: int | None = field(default=None, metadata={"help": "read at most N rows"})
-    messages_field: str | None = field(default=None, metadata={"help": "column of chat turns (messages: 'messages', sharegpt/openthoughts: 'conversations')"})
-    prompt_field: str | None = field(default=None, metadata={"help": "prompt column (openr1: 'problem', prompt-completion: 'prompt')"})
-    completion_field: str | None = field(default=None, metadata={"help": "completion column (openr1: 'generations', prompt-completion: 'completion')"})
-    reference_field: str | None = field(default=None, metadata={"help": "gold answer column (default: 'answer' or 'reference' where present)"})
+    dataset: str | None = option(None, help="JSONL/JSON/parquet file, save_to_disk directory or hub dataset id",
+                                 metavar="PATH_OR_HUB_ID", required=True, aliases=("input",))
+    output: Output = group(Output, required=("out",))
+    format: Format = option("auto", help="row shape; auto looks at the first rows")
+    rows: PromptSet = group(PromptSet, only=("split", "limit", "prompt_field", "answer_field"), prompt_field=None)
+    subset: str | None = option(None, help="hub dataset configuration (load_dataset's name, e.g. 'default')")
+    messages_field: str | None = option(None, help="column of chat turns (messages: 'messages', "
+                                                   "sharegpt/openthoughts: 'conversations')")
+    completion_field: str | None = option(None, help="completion column (openr1: 'generations', "
+                                                     "prompt-completion: 'completion')")
 
 
 @dataclass
@@ -152,8 +154,8 @@ _DEFAULT_FIELDS = {  # format -> (messages, prompt, completion)
 
 def fields_for(fmt: str, cfg: ImportConfig, columns: list[str]) -> Fields:
     messages, prompt, completion = _DEFAULT_FIELDS[fmt]
-    reference = cfg.reference_field or next((c for c in ("answer", "reference") if c in columns), None)
-    return Fields(cfg.messages_field or messages, cfg.prompt_field or prompt,
+    reference = cfg.rows.answer_field or next((c for c in ("answer", "reference") if c in columns), None)
+    return Fields(cfg.messages_field or messages, cfg.rows.prompt_field or prompt,
                   cfg.completion_field or completion, reference)
 
 
@@ -163,7 +165,7 @@ def detect(first: list[dict], cfg: ImportConfig, source: str) -> tuple[str, str]
     """(format, why) from the first rows' columns; an unknown shape is a one-line error."""
     columns = list(dict.fromkeys(k for row in first for k in row))
     has = set(columns).__contains__
-    problem, generations = cfg.prompt_field or "problem", cfg.completion_field or "generations"
+    problem, generations = cfg.rows.prompt_field or "problem", cfg.completion_field or "generations"
     if has(problem) and isinstance(first[0].get(generations), list):
         return "openr1", f"columns '{problem}' and '{generations}' (several generations per row)"
     turns = cfg.messages_field or ("conversations" if has("conversations") else "messages")
@@ -175,7 +177,7 @@ def detect(first: list[dict], cfg: ImportConfig, source: str) -> tuple[str, str]
             return "sharegpt", f"column '{turns}' of {{from, value}} turns"
         if any("role" in t and "content" in t for t in values):
             return "messages", f"column '{turns}' of {{role, content}} turns"
-    prompt, completion = cfg.prompt_field or "prompt", cfg.completion_field or "completion"
+    prompt, completion = cfg.rows.prompt_field or "prompt", cfg.completion_field or "completion"
     if has(prompt) and has(completion):
         return "prompt-completion", f"columns '{prompt}' and '{completion}'"
     known = ", ".join(f for f in READERS)
@@ -237,28 +239,37 @@ def _hub_revision(name: str) -> str | None:
 def import_traces(cfg: ImportConfig) -> int:
     """``distill import``: read every row, write trace records, print what was found."""
     from distill.locks import exclusive
+    from distill.outputs import claim
 
-    if cfg.limit is not None and cfg.limit < 1:
-        raise DistillError(f"--limit must be at least 1, got {cfg.limit}")
-    with exclusive(cfg.out):
+    with exclusive(cfg.output.out):
+        claim(cfg.output.out, "import", kind="file", settings=_settings(cfg), inputs=[cfg.dataset],
+              overwrite=cfg.output.overwrite)
         return _import(cfg)
+
+
+def _settings(cfg: ImportConfig) -> dict:
+    """What makes two imports one: the same rows read the same way (a rerun rewrites the same file)."""
+    dataset = str(Path(cfg.dataset).resolve()) if Path(cfg.dataset).exists() else cfg.dataset
+    return {"dataset": dataset, "format": cfg.format, "split": cfg.rows.split, "limit": cfg.rows.limit,
+            "subset": cfg.subset, "fields": [cfg.messages_field, cfg.rows.prompt_field, cfg.completion_field,
+                                             cfg.rows.answer_field]}
 
 
 def _import(cfg: ImportConfig) -> int:
     from distill.config import to_dict
     from distill.prompts import prompt_hash, rows
     from distill.records import trace_id, write_json, write_jsonl
-    from distill.runinfo import run_record
+    from distill.runinfo import record_path, run_record
 
-    stream = _objects(rows(cfg.input, cfg.split, cfg.subset))
+    stream = _objects(rows(cfg.dataset, cfg.rows.split, cfg.subset))
     first = list(itertools.islice(stream, 5))
     if not first:
-        raise DistillError(f"{cfg.input}: no rows")
-    fmt, why = (cfg.format, "--format") if cfg.format != "auto" else detect([r for _, r in first], cfg, cfg.input)
+        raise DistillError(f"{cfg.dataset}: no rows")
+    fmt, why = (cfg.format, "--format") if cfg.format != "auto" else detect([r for _, r in first], cfg, cfg.dataset)
     print(f"distill import: format {fmt} ({why})", flush=True)
     fields = fields_for(fmt, cfg, list(first[0][1]))
     reader = READERS[fmt]
-    shared, created_at = provenance(cfg.input, cfg.split)
+    shared, created_at = provenance(cfg.dataset, cfg.rows.split)
 
     records: list[dict] = []
     samples: Counter = Counter()
@@ -266,7 +277,7 @@ def _import(cfg: ImportConfig) -> int:
     markers: Counter = Counter()
     n_rows = 0
     for index, (loc, row) in enumerate(itertools.chain(first, stream)):
-        if cfg.limit is not None and index >= cfg.limit:
+        if cfg.rows.limit is not None and index >= cfg.rows.limit:
             break
         n_rows += 1
         try:
@@ -277,7 +288,7 @@ def _import(cfg: ImportConfig) -> int:
         reference = row.get(fields.reference) if fields.reference else None
         if reference is not None and not isinstance(reference, str):
             reference = str(reference)
-        teacher = row.get("model") if isinstance(row.get("model"), str) else cfg.input
+        teacher = row.get("model") if isinstance(row.get("model"), str) else cfg.dataset
         for c in completions:
             if not all(isinstance(m["content"], str) for m in c.messages):
                 raise DistillError(f"{loc}: the prompt must be text")
@@ -301,14 +312,15 @@ def _import(cfg: ImportConfig) -> int:
             }
             if c.correct is not None:
                 record["correct"] = bool(c.correct)
-            record["source"] = {"dataset": cfg.input, "format": fmt, **shared, "row": index}
+            record["source"] = {"dataset": cfg.dataset, "format": fmt, **shared, "row": index}
             records.append(record)
-    write_jsonl(cfg.out, records)
+    write_jsonl(cfg.output.out, records)
     summary = {"format": fmt, "why": why, "rows": n_rows, "records": len(records), "skipped": dict(skipped),
                "markers": dict(markers)}
-    data = {"input": cfg.input} if Path(cfg.input).is_file() else {}
-    write_json(f"{cfg.out}.run.json", run_record("import", to_dict(cfg), data_files=data, source=shared,
-                                                 summary=summary))
+    data = {"dataset": cfg.dataset} if Path(cfg.dataset).is_file() else {}
+    write_json(record_path(cfg.output.out, "file"), run_record("import", to_dict(cfg), data_files=data,
+                                                               status="complete", settings=_settings(cfg),
+                                                               source=shared, summary=summary))
     _report(cfg, summary)
     return 0
 
@@ -324,7 +336,7 @@ def _report(cfg: ImportConfig, summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"distill import: {cfg.input} -> {cfg.out}", show_header=False)
+    table = Table(title=f"distill import: {cfg.dataset} -> {cfg.output.out}", show_header=False)
     table.add_row("rows read", str(summary["rows"]))
     table.add_row("records written", f"[bold]{summary['records']}[/]")
     for reason, n in sorted(summary["skipped"].items()):

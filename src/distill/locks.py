@@ -25,7 +25,14 @@ def lock_path(output: str | Path) -> Path:
 def exclusive(output: str | Path):
     """Hold the output's lock for the block; DistillError at once if another process holds it."""
     path = lock_path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = [p for p in reversed(path.parents) if not p.exists()]  # a failed start leaves no empty folders
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise DistillError(f"{output}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DistillError(f"{output}: cannot create {path.parent} ({e.strerror})") from None
     fd = _acquire(path, output)
     try:
         os.ftruncate(fd, 0)
@@ -34,6 +41,11 @@ def exclusive(output: str | Path):
     finally:
         path.unlink(missing_ok=True)  # while still held (see _acquire)
         os.close(fd)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()  # only if the run left it empty
+            except OSError:
+                break
 
 
 def _acquire(path: Path, output) -> int:
@@ -41,7 +53,10 @@ def _acquire(path: Path, output) -> int:
     that opened the file just before may then lock a file no longer there, while a third creates
     and locks a new one: both would write. Only a lock on the file that is at ``path`` counts."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DistillError(f"{output}: cannot write beside it ({path}: {e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

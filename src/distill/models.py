@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distill.config import list_presets, load_yaml, resolve_preset
 from distill.errors import DistillError
+from distill.paths import asset_dir
 
 
 def ensure_hf_dir(gguf_path: str | Path) -> Path:
@@ -113,6 +114,10 @@ def load_preset(kind: str, name_or_path: str) -> dict:
     data = load_yaml(preset)
     data.setdefault("name", preset.stem)
     data["preset_file"] = str(preset)
+    if preset.resolve().parent == asset_dir(kind).resolve():  # a shipped preset: its ./paths are the repo's
+        for key in ("model", "init_from"):
+            if isinstance(data.get(key), str) and data[key].startswith("."):
+                data[key] = str(asset_dir(kind).parent / data[key])
     if data.get("init_from"):
         if not data.get("model"):
             raise DistillError(f"{preset}: 'init_from' needs 'model', the directory to build the model in")

@@ -105,19 +105,22 @@ def leave(code: int) -> NoReturn:
 
 
 @contextmanager
-def exclusive_launch(launch: Launch, output: str | Path, part: str | Path):
-    """Rank 0 holds ``output``'s lock for the launch; if another run holds it, every rank stops at
-    once (before any writes). Each rank of a data-parallel launch also holds its ``part``'s lock."""
+def exclusive_launch(launch: Launch, output: str | Path, part: str | Path, claim=None):
+    """Rank 0 holds ``output``'s lock for the launch and, holding it, asks ``claim()`` whether the
+    output may be written (``outputs.claim``); if another run holds the lock or the claim is refused,
+    every rank stops at once (before any writes). Each rank of a data-parallel launch also holds its
+    ``part``'s lock. Yields the claim's answer, on every rank."""
     with ExitStack() as held:
-        refused = None
+        refused = answer = None
         if launch.main:
             try:
                 held.enter_context(exclusive(output))
+                answer = claim() if claim else None
             except DistillError as e:
                 refused = str(e)
-        refused = launch.from_main(refused)
+        refused, answer = launch.from_main((refused, answer))
         if refused:
             raise DistillError(refused)
         if launch.parallel:
             held.enter_context(exclusive(part))
-        yield
+        yield answer

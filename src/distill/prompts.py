@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distill.errors import DistillError, where
+from distill.options import PromptFormat, PromptSet
 from distill.records import iter_jsonl
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -38,10 +39,11 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_prompts(source: str, *, prompt_field: str, answer_field: str | None = None,
-                 id_field: str | None = None, template: str = "{prompt}", system: str | None = None,
-                 split: str = "train", limit: int | None = None) -> list[Prompt]:
+def load_prompts(prompt_set: PromptSet, prompt_format: PromptFormat) -> list[Prompt]:
     """Read prompts and build their messages; errors name the file, line (or row) and field."""
+    source, split, limit = prompt_set.path, prompt_set.split, prompt_set.limit
+    prompt_field, answer_field, id_field = prompt_set.prompt_field, prompt_set.answer_field, prompt_set.id_field
+    template, system = prompt_format.template or DEFAULT_TEMPLATE, prompt_format.system
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
     for loc, row in rows(source, split):
@@ -106,9 +108,9 @@ def rows(source: str, split: str = "train", config: str | None = None) -> Iterat
         elif path.suffix == ".parquet":
             yield from _dataset_rows(_load_parquet(path), str(path))
         else:
-            raise DistillError(f"{path}: unsupported prompt file type (use .jsonl, .json or .parquet)")
+            raise DistillError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
     elif path.suffix in _FILE_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DistillError(f"{path}: prompt file not found")
+        raise DistillError(f"{path}: file not found")
     else:
         yield from _dataset_rows(_load_hub(source, split, config), f"{source}[{split}]")
 
@@ -119,14 +121,19 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
                 try:
-                    yield f"{path}:{lineno}", json.loads(raw)
+                    yield f"{path}:{lineno}", json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DistillError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
                 except json.JSONDecodeError as e:
                     raise DistillError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """A JSON list of objects (or an object whose one list value holds them); JSONL also accepted."""
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DistillError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

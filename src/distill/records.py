@@ -49,7 +49,7 @@ class Trace(TypedDict, total=False):
     prompt_id: str             # stable id of the prompt (a hash of its text unless the data has ids)
     sample: int                # 0..n-1 among the samples of one prompt
     prompt: str                # the prompt text before templating
-    messages: list[dict] | str  # the prompt turns ({role, content}: system?, user), no assistant turn
+    messages: list[dict]       # the prompt turns ({role, content}: system?, user), no assistant turn
     reasoning: str             # the chain of thought, without <think> markers ("" if none)
     answer: str                # the final answer after the reasoning
     reference: str | None      # the gold answer, where the prompt set has one
@@ -75,7 +75,14 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]
 
     A final line without a newline is a torn write and is skipped (it is cut by the next append).
     """
+    return (rec for _, rec in numbered_jsonl(path, required))
+
+
+def numbered_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[tuple[int, dict]]:
+    """:func:`iter_jsonl` with each record's line number."""
     path = Path(path)
+    if path.is_dir():
+        raise DistillError(f"{path}: is a directory, not a JSONL file")
     if not path.is_file():
         raise DistillError(f"{path}: file not found")
     required = tuple(required)
@@ -86,7 +93,9 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DistillError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             except json.JSONDecodeError as e:
                 raise DistillError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
             if not isinstance(rec, dict):
@@ -94,11 +103,47 @@ def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]
             for key in required:
                 if key not in rec:
                     raise DistillError(f"{path}:{lineno}: missing field '{key}'")
-            yield rec
+            yield lineno, rec
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
     return list(iter_jsonl(path, required))
+
+
+def trace_problem(trace: dict) -> str | None:
+    """What is wrong with a trace record, as "field 'x': ..." (None when it is a trace)."""
+    messages = trace.get("messages")
+    if not (isinstance(messages, list) and messages
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+        return "field 'messages' must be a list of {role, content} turns"
+    if not isinstance(trace.get("answer"), str):
+        return "field 'answer' must be text"
+    if not isinstance(trace.get("reasoning", ""), (str, type(None))):
+        return "field 'reasoning' must be text"
+    if not isinstance(trace.get("prompt_id"), (str, int)) or isinstance(trace.get("prompt_id"), bool):
+        return "field 'prompt_id' must be text"
+    return None
+
+
+def iter_traces(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, trace) of a traces file, each checked (:func:`trace_problem`) and its id unique;
+    the first bad one stops it with 'file:line: field ...'."""
+    seen: dict[str, int] = {}
+    for lineno, rec in numbered_jsonl(path, required=REQUIRED):
+        problem = trace_problem(rec)
+        if problem:
+            raise DistillError(f"{path}:{lineno}: {problem}")
+        key = str(rec.get("id") or trace_id(str(rec["prompt_id"]), rec.get("sample", 0)))
+        if key in seen:
+            raise DistillError(f"{path}:{lineno}: field 'id': duplicate trace id {key!r} (first at line {seen[key]})")
+        seen[key] = lineno
+        yield lineno, rec
+
+
+def read_traces(path: str | Path) -> list[dict]:
+    """Every trace of a file, checked (:func:`iter_traces`)."""
+    return [rec for _, rec in iter_traces(path)]
 
 
 def _cut_torn_tail(fd: int) -> None:

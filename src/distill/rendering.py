@@ -21,13 +21,12 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, get_args
+from typing import Any, Iterable, get_args
 
 from distill.errors import DistillError
+from distill.options import Overlong, Render, ThinkStyle
 
 IGNORE_INDEX = -100
-ThinkStyle = Literal["think", "none"]
-Overlong = Literal["drop", "truncate"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,10 @@ class RenderOptions:
     overlong: Overlong = "drop"
 
     @classmethod
-    def of(cls, cfg, preset: dict) -> "RenderOptions":
-        """From a command's config; the think style is the flag's, else the model preset's, else 'think'."""
-        return cls(think_style=cfg.think_style or preset.get("think_style") or "think",
-                   max_length=cfg.max_length, overlong=cfg.overlong)
+    def of(cls, render: Render, preset: dict) -> "RenderOptions":
+        """From a command's options; the think style is the option's, else the model preset's, else 'think'."""
+        return cls(think_style=render.think_style or preset.get("think_style") or "think",
+                   max_length=render.max_length, overlong=render.overlong)
 
 
 def target_mask(labels):
@@ -86,10 +85,7 @@ def render_messages(trace: dict, think_style: str = "think") -> list[dict]:
     """
     if think_style not in get_args(ThinkStyle):
         raise DistillError(f"think style '{think_style}' unknown (known: {', '.join(get_args(ThinkStyle))})")
-    prompt = trace["messages"]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    messages = [{"role": m["role"], "content": m["content"]} for m in prompt if m.get("role") != "assistant"]
+    messages = [{"role": m["role"], "content": m["content"]} for m in trace["messages"] if m.get("role") != "assistant"]
     reasoning = (trace.get("reasoning") or "").strip()
     answer = (trace.get("answer") or "").strip()
     if think_style == "think" and reasoning:
@@ -199,32 +195,34 @@ def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float 
     ones are dropped or truncated (``options.overlong``); every skip is counted in ``stats``, which
     also names the teacher of the first trace.
     """
-    from distill.records import REQUIRED, iter_jsonl, trace_id
+    from distill.console import progress
+    from distill.records import iter_traces, trace_id
 
     stats = {"traces": 0, "skipped_incorrect": 0, "overlong": 0, "overlong_policy": options.overlong,
              "skipped_no_target": 0, "max_length": options.max_length, "think_style": options.think_style,
              "teacher": None}
     examples = []
-    for index, trace in enumerate(_progress(iter_jsonl(path, required=REQUIRED), "tokenizing")):
-        stats["traces"] += 1
-        if stats["traces"] == 1:
-            stats["teacher"] = _teacher_name(trace.get("teacher"))
-        if trace.get("correct") is False:
-            stats["skipped_incorrect"] += 1
-            continue
-        _check_messages(trace, path, index)
-        ex = tokenize_example(render_messages(trace, options.think_style), tokenizer)
-        if len(ex["input_ids"]) > options.max_length:
-            stats["overlong"] += 1
-            if options.overlong == "drop":
+    with progress("tokenizing", total=_lines(path), unit="traces") as advance:
+        for index, (_, trace) in enumerate(iter_traces(path)):
+            advance()
+            stats["traces"] += 1
+            if stats["traces"] == 1:
+                stats["teacher"] = _teacher_name(trace.get("teacher"))
+            if trace.get("correct") is False:
+                stats["skipped_incorrect"] += 1
                 continue
-            ex = {k: v[: options.max_length] for k, v in ex.items()}
-        if not n_targets(ex):
-            stats["skipped_no_target"] += 1
-            continue
-        examples.append({"id": trace.get("id") or trace_id(trace["prompt_id"], trace.get("sample", 0)),
-                         "prompt_id": str(trace["prompt_id"]), "example_index": index, **ex,
-                         **({"trace": trace} if keep_trace else {})})
+            ex = tokenize_example(render_messages(trace, options.think_style), tokenizer)
+            if len(ex["input_ids"]) > options.max_length:
+                stats["overlong"] += 1
+                if options.overlong == "drop":
+                    continue
+                ex = {k: v[: options.max_length] for k, v in ex.items()}
+            if not n_targets(ex):
+                stats["skipped_no_target"] += 1
+                continue
+            examples.append({"id": trace.get("id") or trace_id(trace["prompt_id"], trace.get("sample", 0)),
+                             "prompt_id": str(trace["prompt_id"]), "example_index": index, **ex,
+                             **({"trace": trace} if keep_trace else {})})
     if not examples:
         raise DistillError(f"{path}: no training examples left ({_describe(stats)}); "
                            "check the file, or raise --max-length / use --overlong truncate")
@@ -243,16 +241,6 @@ def _teacher_name(teacher) -> str | None:
     return teacher.get("model") or teacher.get("name") if isinstance(teacher, dict) else teacher
 
 
-def _check_messages(trace: dict, path, index: int) -> None:
-    messages = trace["messages"]
-    ok = isinstance(messages, str) or (
-        isinstance(messages, list) and messages
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages))
-    if not ok:
-        raise DistillError(f"{path}:{index + 1}: field 'messages' must be a prompt string or a list of "
-                           "{role, content} messages")
-
-
 def _describe(stats: dict) -> str:
     return (f"{stats['traces']} traces, {stats['skipped_incorrect']} marked incorrect, "
             f"{stats['overlong']} over --max-length {stats['max_length']} ({stats['overlong_policy']}), "
@@ -265,9 +253,11 @@ def describe_stats(stats: dict) -> str:
             f"{stats['train_tokens']} train tokens (longest {stats['longest']}); from {_describe(stats)}")
 
 
-def _progress(items: Iterable, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with transformers; stay usable without it
-        return items
-    return tqdm(items, desc=desc, unit=" traces", mininterval=2.0)
+def _lines(path) -> int:
+    """Lines of a file (the progress bar's total): a cheap pass before the real one."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())

@@ -18,26 +18,32 @@ import csv
 import html
 import io
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distill.config import group, option
 from distill.costs import device_hours
 from distill.errors import DistillError
+from distill.options import Output
 
 DEFAULT_RESULTS_DIR = "runs/eval"
 # Generation settings that change scores; rows must agree on all of them (and on k and data per task).
-GENERATION_SETTINGS = ("temperature", "top_p", "max_gen_tokens", "chat_template", "system_prompt")
+GENERATION_SETTINGS = ("temperature", "top_p", "top_k", "max_gen_tokens", "chat_template", "system_prompt")
 MARKER = "⚠ NOT COMPARABLE"
 MISSING = "—"
 
 
 @dataclass
 class CompareConfig:
-    results: list[str] | None = field(default=None, metadata={"help": "results JSON files or directories to search (default: runs/eval)", "positional": True})
-    csv: str | None = field(default=None, metadata={"help": "also write the table as CSV"})
-    html: str | None = field(default=None, metadata={"help": "also write a self-contained HTML page with a bar chart (+ PNG beside it)"})
-    force: bool = field(default=False, metadata={"help": "show rows with differing generation settings or data, with a loud marker"})
+    results: list[str] | None = option(None, help="results JSON files or directories to search (default: runs/eval)",
+                                       positional=True, metavar="RESULTS")
+    output: Output = group(Output)
+    force: bool = option(False, help="show rows with differing generation settings or data, with a loud marker")
+    csv: str | None = option(None, help="former: also write the table as CSV to this file (use --out DIR)")
+    html: str | None = option(None, help="former: also write an HTML page (+ PNG) to this file (use --out DIR)")
 
 
 @dataclass
@@ -135,6 +141,9 @@ def load_result(path: str | Path) -> dict:
     if not isinstance(tasks, dict) or not tasks:
         raise DistillError(f"{path}: field 'tasks' is empty")
     for name in tasks:
+        for metric, value in (_require(result, f"tasks.{name}.metrics", path) or {}).items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise DistillError(f"{path}: field 'tasks.{name}.metrics.{metric}' must be a number, got {value!r}")
         _require(result, f"tasks.{name}.metrics.pass@1", path)
     return result
 
@@ -364,15 +373,49 @@ def _first_task_field(rows: list[Row], task: str, key: str) -> Any:
     return values[0] if len(set(map(str, values))) == 1 else "/".join(map(str, values))
 
 
-def to_markdown(rows: list[Row]) -> str:
-    header, body = table(rows)
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
-    out = [line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, body)]
-    return "\n".join(out) + "\n\n" + "\n".join(notes(rows)) + "\n"
+    return [line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, body)]
+
+
+def to_markdown(rows: list[Row]) -> str:
+    header, body = table(rows)
+    return "\n".join(_markdown_table(header, body)) + "\n\n" + "\n".join(notes(rows)) + "\n"
+
+
+#: Which columns a narrow terminal drops first: the last of these patterns first (cells kept whole).
+PRIORITY = ("model", "pass@1", "KL to teacher", "own NLL", "NLL/token", "method", "top-1 agree", "degenerate",
+            "teacher", "finished", "cons@", "train time", "-hours", "train examples", "train tokens",
+            "teacher tokens", "teacher cost")
+
+
+def _rank(header: str) -> int:
+    return next((i for i, p in enumerate(PRIORITY) if p in header), len(PRIORITY))
+
+
+def fitted_markdown(rows: list[Row], width: int) -> tuple[str, list[str]]:
+    """The table within ``width`` columns: the least important columns go first, never the model
+    names or the first task's pass@1; (text, the headers left out)."""
+    header, body = table(rows)
+    keep = list(range(len(header)))
+    by_need = sorted(keep[1:], key=lambda i: (_rank(header[i]), i), reverse=True)
+    protected = {0, next((i for i, h in enumerate(header) if "pass@1" in h), 0)}
+
+    def fits(cols):
+        return len(_markdown_table([header[i] for i in cols], [[r[i] for i in cols] for r in body])[0]) <= width
+
+    for i in by_need:
+        if fits(keep):
+            break
+        if i not in protected:
+            keep.remove(i)
+    lines = _markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in body])
+    hidden = [h for i, h in enumerate(header) if i not in keep]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes(rows)) + "\n", hidden
 
 
 CSV_EXTRA = ["fidelity_nll", "fidelity_kl", "fidelity_top1_agreement", "fidelity_examples", "fidelity_target_tokens",
@@ -531,18 +574,57 @@ tr.bad td {{ background: #fdd; font-weight: bold; }}
 # ---------------------------------------------------------------- command
 
 
+#: The compare files written into --out.
+COMPARE_FILES = ("compare.md", "compare.csv", "compare.html", "compare.png")
+
+
 def compare(cfg: CompareConfig) -> int:
+    """The table on the terminal (fitted to its width), and with ``--out DIR`` in full as Markdown,
+    CSV and HTML (+ the chart as PNG) there."""
+    import shutil
+
     paths = cfg.results or [DEFAULT_RESULTS_DIR]
     rows = add_base_rows(load_rows(paths))
     problems = mark_differences(rows)
     if problems and not cfg.force:
         raise DistillError("rows are not comparable: " + "; ".join(problems)
                            + ". Evaluate them with the same settings, or pass --force to show them marked")
-    print(to_markdown(rows), end="")
-    if cfg.csv:
-        write_csv(rows, cfg.csv)
-        print(f"compare: wrote {cfg.csv}")
-    if cfg.html:
-        png = write_html(rows, cfg.html)
-        print(f"compare: wrote {cfg.html} and {png}")
+    written = _write_files(rows, cfg)
+    # on a terminal (or where COLUMNS says how wide), the table fits; piped, it is whole
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() or "COLUMNS" in os.environ else 10**6
+    shown, hidden = fitted_markdown(rows, width)
+    print(shown, end="")
+    if hidden:
+        where = f"{written[0]}" if written else "the files --out DIR writes"
+        print(f"({len(hidden)} more columns in {where}: {', '.join(hidden)})")
+    for path in written:
+        print(f"compare: wrote {path}")
     return 0
+
+
+def _write_files(rows: list[Row], cfg: CompareConfig) -> list[Path]:
+    """The full table into ``--out`` (and the former ``--csv`` / ``--html`` files)."""
+    from distill.config import to_dict
+    from distill.outputs import claim
+    from distill.records import write_json
+    from distill.runinfo import RUN_RECORD, run_record
+
+    targets: list[Path] = []
+    if cfg.output.out:
+        out = Path(cfg.output.out)
+        claim(out, "compare", kind="dir", overwrite=cfg.output.overwrite, owned=(*COMPARE_FILES, "run.json"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(to_markdown(rows))
+        write_csv(rows, out / "compare.csv")
+        write_html(rows, out / "compare.html")
+        write_json(out / RUN_RECORD, run_record("compare", to_dict(cfg), status="complete",
+                                                summary={"rows": [str(row.path) for row in rows]}))
+        targets += [out / name for name in COMPARE_FILES]
+    for flag, path, write in (("--csv", cfg.csv, write_csv), ("--html", cfg.html, write_html)):
+        if path:
+            if Path(path).is_dir():
+                raise DistillError(f"{flag} {path} is a directory; give a file (or use --out DIR)")
+            print(f"distill: '{flag} FILE' is now '--out DIR' (the old option still works)", file=sys.stderr)
+            write(rows, path)
+            targets.append(Path(path))
+    return targets

@@ -60,10 +60,16 @@ def load_results(path: str | Path) -> dict:
     if not path.is_file():
         raise DistillError(f"{path}: results file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DistillError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise DistillError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
+    if version is None:
+        raise DistillError(f"{path}: not a distill eval results file (no 'schema_version'"
+                           + ("; this looks like lm-eval's own results" if isinstance(data, dict) and "results" in data
+                              else "") + "); pass the run folder 'distill eval' wrote, or its results.json")
     if version not in READABLE_VERSIONS:
         raise DistillError(f"{path}: field 'schema_version': expected one of "
                            f"{', '.join(map(str, READABLE_VERSIONS))}, got {version!r}")

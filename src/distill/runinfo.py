@@ -6,18 +6,20 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 
-#: A training run's record, in its output directory (eval and compare read it there).
-RUN_RECORD = "distill_run.json"
+#: A run's record: inside a directory output (``OUT/run.json``), beside a file output (``OUT.run.json``).
+RUN_RECORD = "run.json"
+#: What training runs called it before (still read).
+FORMER_RUN_RECORD = "distill_run.json"
 
 _PACKAGES = ("distill", "torch", "transformers", "accelerate", "peft", "datasets", "openai",
              "lm_eval", "math_verify", "vllm", "trl", "liger_kernel")
-_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -38,26 +40,34 @@ def versions() -> dict[str, str]:
     return out
 
 
+#: Keys whose values are secrets, matched whole (``max_tokens`` is a setting, ``token`` a secret).
+SECRET_KEYS = frozenset({"api_key", "apikey", "token", "access_token", "auth_token", "hf_token", "secret",
+                         "client_secret", "password", "authorization"})
+#: Values that are secrets wherever they appear: provider keys and bearer headers.
+SECRET_VALUE = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}"
+                          r"|xox[abpr]-[A-Za-z0-9-]{10,})|(?<=Bearer )\S{8,}")
+
+
 def redact(obj: Any) -> Any:
-    """Drop values of secret-looking keys (``api_key_env`` names a variable, so it stays)."""
+    """Secrets out of a record: the values of secret keys (by exact name; ``api_key_env`` names a
+    variable and stays) and secret-looking strings anywhere. Every other setting is kept."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _is_secret(k) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if str(k).lower() in SECRET_KEYS and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return SECRET_VALUE.sub("<redacted>", obj)
     return obj
-
-
-def _is_secret(key: str) -> bool:
-    k = str(key).lower()
-    return not k.endswith("_env") and any(w in k for w in _SECRET_WORDS)
 
 
 def run_record(command: str, config: dict, data_files: dict[str, str | Path] | None = None,
                **extra: Any) -> dict:
-    """Everything needed to reproduce a run; add results under ``extra``."""
+    """Everything needed to reproduce a run, in one shape for every command: the command, its argv
+    and full config, the sha256 of its data, the package versions and the host; a command adds its
+    ``status``, ``settings`` (what makes a rerun the same run: ``outputs.claim``), ``summary`` ..."""
     return {
         "command": command,
-        "argv": [a for a in sys.argv],
+        "argv": redact(list(sys.argv)),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": redact(config),
         "data": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in (data_files or {}).items()},
@@ -65,3 +75,26 @@ def run_record(command: str, config: dict, data_files: dict[str, str | Path] | N
         "host": {"platform": platform.platform(), "machine": platform.machine()},
         **extra,
     }
+
+
+def record_path(out: str | Path, kind: str) -> Path:
+    """Where the run record of the output ``out`` is: ``OUT/run.json`` for a directory (``kind``
+    "dir"), ``OUT.run.json`` beside a file."""
+    return Path(out) / RUN_RECORD if kind == "dir" else Path(f"{out}.{RUN_RECORD}")
+
+
+def read_record(out: str | Path, kind: str | None = None) -> dict | None:
+    """The run record of an output (a directory's former ``distill_run.json`` too), or None."""
+    import json
+
+    out = Path(out)
+    kind = kind or ("dir" if out.is_dir() else "file")
+    paths = [record_path(out, kind)] + ([out / FORMER_RUN_RECORD] if kind == "dir" else [])
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None

@@ -9,27 +9,30 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from distill.config import at_least, group, option
 from distill.errors import DistillError
 from distill.grading import Grader, apply_grades
+from distill.options import Grading, Output, Traces
 
 
 @dataclass
 class VerifyConfig:
-    input: str | None = field(default=None, metadata={"help": "traces JSONL to grade", "metavar": "FILE", "required": True})
-    out: str | None = field(default=None, metadata={"help": "kept traces JSONL", "required": True})
-    keep: Literal["correct", "all"] = field(default="correct", metadata={"help": "keep only correct samples, or all (still graded)"})
-    drop_truncated: bool = field(default=True, metadata={"help": "drop samples with finish_reason 'length'"})
-    max_per_prompt: int | None = field(default=None, metadata={"help": "keep at most N samples per prompt"})
-    prefer: Literal["shortest", "random"] = field(default="shortest", metadata={"help": "which samples --max-per-prompt keeps"})
-    dedupe: bool = field(default=False, metadata={"help": "drop samples whose reasoning and answer repeat another sample of the same prompt"})
-    decontaminate: list[str] | None = field(default=None, metadata={"help": "benchmark files (comma-separated): drop prompts sharing an 8-gram"})
-    timeout: float = field(default=5.0, metadata={"help": "seconds per answer comparison before it counts as wrong"})
-    seed: int = field(default=0, metadata={"help": "seed for --prefer random"})
-    workers: int | None = field(default=None, metadata={"help": "grading worker processes (default: CPU count, at most 8)"})
+    traces: Traces = group(Traces, required=("path",))
+    output: Output = group(Output, required=("out",))
+    keep: Literal["correct", "all"] = option("correct", help="keep only correct samples, or all (still graded)")
+    drop_truncated: bool = option(True, help="drop samples with finish_reason 'length'")
+    max_per_prompt: int | None = option(None, help="keep at most N samples per prompt", check=at_least(1))
+    prefer: Literal["shortest", "random"] = option("shortest", help="which samples --max-per-prompt keeps")
+    dedupe: bool = option(False, help="drop samples whose reasoning and answer repeat another sample of the same "
+                                      "prompt")
+    decontaminate: list[str] | None = option(None, help="benchmark files (comma-separated): drop prompts sharing an "
+                                                        "8-gram")
+    seed: int = option(0, help="seed for --prefer random", check=at_least(0))
+    grading: Grading = group(Grading)
 
 
 DROP_REASONS = ("contaminated", "truncated", "incorrect", "duplicate", "over max-per-prompt")
@@ -126,34 +129,34 @@ def pass_rate_histogram(rates: Iterable[float]) -> dict[str, int]:
     return hist
 
 
-def _check_references(records: list[dict], path: str) -> None:
-    lines = [i for i, raw in enumerate(Path(path).open("rb"), 1) if raw.strip() and raw.endswith(b"\n")]
-    for line, r in zip(lines, records):
-        if r.get("reference") is None:
-            raise DistillError(f"{path}:{line}: field 'reference' is missing or null, so the trace cannot be "
-                               "graded (use --keep all to keep ungraded traces)")
-
-
 def verify_file(cfg: VerifyConfig) -> int:
     """``distill verify``: grade every trace, filter, write the kept ones and a run record."""
     from distill.config import to_dict
     from distill.locks import exclusive
-    from distill.records import read_jsonl, write_json, write_jsonl
-    from distill.runinfo import run_record
+    from distill.outputs import claim
+    from distill.records import iter_traces, write_json, write_jsonl
+    from distill.runinfo import record_path, run_record
 
-    if cfg.max_per_prompt is not None and cfg.max_per_prompt < 1:
-        raise DistillError(f"--max-per-prompt must be at least 1, got {cfg.max_per_prompt}")
-    records = read_jsonl(cfg.input, required=("prompt_id",))
+    source, out = cfg.traces.path, cfg.output.out
+    numbered = list(iter_traces(source))
+    records = [r for _, r in numbered]
     if cfg.keep == "correct":
-        _check_references(records, cfg.input)
+        for line, r in numbered:
+            if r.get("reference") is None:
+                raise DistillError(f"{source}:{line}: field 'reference' is missing or null, so the trace cannot be "
+                                   "graded (use --keep all to keep ungraded traces)")
     contaminated = contaminated_prompts(records, cfg.decontaminate) if cfg.decontaminate else set()
+    settings = {"traces": str(Path(source).resolve()), **{k: getattr(cfg, k) for k in (
+        "keep", "drop_truncated", "max_per_prompt", "prefer", "dedupe", "decontaminate", "seed")}}
 
     started = time.monotonic()
-    with exclusive(cfg.out), Grader(timeout=cfg.timeout, workers=cfg.workers) as grader:
-        apply_grades(records, grader)
+    with exclusive(out):
+        claim(out, "verify", kind="file", settings=settings, inputs=[source], overwrite=cfg.output.overwrite)
+        with Grader(timeout=cfg.grading.timeout, workers=cfg.grading.workers) as grader:
+            apply_grades(records, grader)
         seconds = time.monotonic() - started
         kept, dropped = select(records, cfg, contaminated)
-        write_jsonl(cfg.out, kept)
+        write_jsonl(out, kept)
 
     rates = pass_rates(records)
     summary = {
@@ -167,8 +170,9 @@ def verify_file(cfg: VerifyConfig) -> int:
         "mean_pass_rate": sum(rates.values()) / len(rates) if rates else None,
         "grading_seconds": round(seconds, 2),
     }
-    data = {"input": cfg.input, **{f"decontaminate:{Path(f).name}": f for f in cfg.decontaminate or []}}
-    write_json(f"{cfg.out}.run.json", run_record("verify", to_dict(cfg), data_files=data, summary=summary))
+    data = {"traces": source, **{f"decontaminate:{Path(f).name}": f for f in cfg.decontaminate or []}}
+    write_json(record_path(out, "file"), run_record("verify", to_dict(cfg), data_files=data, status="complete",
+                                                   settings=settings, summary=summary))
     _print_report(summary, cfg)
     return 0
 
@@ -177,7 +181,7 @@ def _print_report(summary: dict, cfg: VerifyConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"distill verify: {cfg.input} -> {cfg.out}", show_header=False)
+    table = Table(title=f"distill verify: {cfg.traces.path} -> {cfg.output.out}", show_header=False)
     table.add_row("traces", str(summary["records"]))
     table.add_row("correct", f"{summary['correct']} of {summary['graded']} graded")
     table.add_row("kept", f"[bold]{summary['kept']}[/]")

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from distill.errors import DistillError
+from distill.options import Endpoint
 
 # Chat-template tokens around a message, at most; the server budget keeps this much spare.
 _TEMPLATE_SLACK = 64
@@ -173,16 +174,16 @@ def models_url(base_url: str) -> str:
     return api_root(base_url) + "/models"
 
 
-def build_server(base_url: str, model_name: str | None, api_key_env: str | None, concurrency: int, seed: int):
+def build_server(base_url: str, model_name: str | None, endpoint: Endpoint, seed: int):
     from lm_eval.models.openai_completions import LocalChatCompletion
 
-    api_key = os.environ.get(api_key_env) if api_key_env else None
-    if api_key_env and not api_key:
-        raise DistillError(f"--api-key-env {api_key_env}: that environment variable is not set")
+    api_key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+    if endpoint.api_key_env and not api_key:
+        raise DistillError(f"--api-key-env {endpoint.api_key_env}: that environment variable is not set")
     models = server_info(base_url, api_key)
     if model_name is None:
         if not models:
-            raise DistillError(f"{base_url}: the server lists no models; pass --model-name")
+            raise DistillError(f"{base_url}: the server lists no models; pass --model NAME")
         model_name = next(iter(models))
     elif models and model_name not in models:
         raise DistillError(f"{base_url}: no model '{model_name}' on the server (it has: {', '.join(models)})")
@@ -204,6 +205,8 @@ def build_server(base_url: str, model_name: str | None, api_key_env: str | None,
             self.sent[key] += 1
             payload = super()._create_payload(messages, generate=generate, gen_kwargs=gen_kwargs,
                                               seed=seed + repeat, eos=eos, **kw)
+            if not payload.get("top_k"):  # 0: all tokens, as the server does unasked (OpenAI has no top_k)
+                payload.pop("top_k", None)
             if context:
                 room = int(context) - len(key.encode()) - _TEMPLATE_SLACK
                 payload["max_tokens"] = max(1, min(payload["max_tokens"], room))
@@ -220,7 +223,8 @@ def build_server(base_url: str, model_name: str | None, api_key_env: str | None,
 
     lm = DistillServerChat(
         base_url=api_root(base_url) + "/chat/completions", model=model_name, seed=seed,
-        num_concurrent=concurrency, max_retries=3, timeout=3600, tokenizer_backend=None,
+        num_concurrent=endpoint.concurrency, max_retries=endpoint.max_retries, timeout=endpoint.request_timeout,
+        tokenizer_backend=None,
         tokenized_requests=False, header={"Authorization": f"Bearer {api_key or 'EMPTY'}"},
     )
     return Backend(lm, "server", None, model_name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.options import Sampling
 from distill.paths import asset_dir
 from distill.records import iter_jsonl
 from distill.runinfo import sha256_file
@@ -56,15 +57,16 @@ def check_local_file(path: Path) -> None:
             raise DistillError(f"{path}:{line}: missing field 'problem' (or 'question')")
 
 
-def task_spec(name: str, *, k: int | None, temperature: float, top_p: float, max_gen_tokens: int,
-              data_dir: str | None) -> TaskSpec:
+def task_spec(name: str, sampling: Sampling, data_dir: str | None) -> TaskSpec:
+    """The shipped task with this run's sampling (``sampling.n``: samples per problem, else the
+    task's own) and, with ``data_dir``, its local data file."""
     cfg = load_task_config(name)
-    if k is not None:
-        if k < 1:
-            raise DistillError(f"--k must be at least 1, got {k}")
-        cfg["repeats"] = k
-    cfg["generation_kwargs"] = {**cfg["generation_kwargs"], "temperature": temperature,
-                                "top_p": top_p, "max_gen_toks": max_gen_tokens}
+    if sampling.n is not None:
+        cfg["repeats"] = sampling.n
+    # top_k 0 is said outright: transformers' generation config samples from the top 50 otherwise
+    cfg["generation_kwargs"] = {**cfg["generation_kwargs"], "temperature": sampling.temperature,
+                                "top_p": sampling.top_p, "top_k": sampling.top_k,
+                                "max_gen_toks": sampling.max_tokens}
     if data_dir is None:
         source = cfg["dataset_path"] + (f" ({cfg['dataset_name']})" if cfg.get("dataset_name") else "")
         return TaskSpec(name, cfg, {"path": f"hf-hub:{source}", "sha256": None})

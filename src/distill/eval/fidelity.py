@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.runinfo import RUN_RECORD
+from distill.options import Teacher
+from distill.runinfo import FORMER_RUN_RECORD, RUN_RECORD
 from distill.rendering import RenderOptions
 
 
@@ -47,8 +48,9 @@ def _run_file(path: str | None) -> Path | None:
         return None
     p = Path(path)
     if p.is_dir():
-        return p / RUN_RECORD
-    return p if p.name == RUN_RECORD else None
+        return p / RUN_RECORD if (p / RUN_RECORD).is_file() or not (p / FORMER_RUN_RECORD).is_file() \
+            else p / FORMER_RUN_RECORD
+    return p if p.name in (RUN_RECORD, FORMER_RUN_RECORD) else None
 
 
 def _read_run(path: Path) -> dict:
@@ -111,19 +113,22 @@ def _load_model(model: str, device: str):
     return PeftModel.from_pretrained(load_model(base, device=device), path).merge_and_unload().eval()
 
 
-def _teacher(teacher: str | None, teacher_logits: str | None, tokenizer, examples: list[dict], data: FidelityData,
-             model_name: str, device: str, student_rows: int):
+def _teacher(teacher: Teacher | None, tokenizer, examples: list[dict], data: FidelityData, model_name: str,
+             device: str, student_rows: int):
     """(training's teacher object or None, what it is for the results)."""
     from distill.store import read_index
     from distill.teachers.sources import CachedTeacher, OnlineTeacher
+    from distill.teachers.spec import resolve
 
-    if teacher and teacher_logits:
-        raise DistillError("fidelity takes one teacher: --teacher (a local model) or --teacher-logits (a cache)")
-    if teacher:
-        return (OnlineTeacher.load(teacher, tokenizer, model_name, device, student_rows),
-                {"name": teacher, "kind": "online"})
-    if not teacher_logits:
+    spec = resolve(teacher) if teacher is not None else None
+    if spec is None:
         return None, None
+    if spec.kind == "local":
+        return (OnlineTeacher.load(spec.name, tokenizer, model_name, device, student_rows),
+                {"name": spec.name, "kind": "online"})
+    if spec.kind != "cache":
+        raise DistillError(f"--teacher {spec.name}: fidelity scores with a local teacher or a 'distill logits' cache")
+    teacher_logits = spec.model
     header = (read_index(Path(teacher_logits)) or {}).get("header") or {}
     if header and abs(float(header.get("temperature", 1.0)) - 1.0) > 1e-9:
         raise DistillError(f"{teacher_logits}: cached at temperature {header['temperature']}; fidelity compares "
@@ -169,8 +174,8 @@ def score(model, examples: list[dict], pad_token_id: int, teacher=None, batch_si
     return totals
 
 
-def measure(model: str | None, fidelity_traces: str | None = None, teacher: str | None = None,
-            teacher_logits: str | None = None, think_style: str | None = None, batch_size: int = 8) -> dict:
+def measure(model: str | None, fidelity_traces: str | None = None, teacher: Teacher | None = None,
+            think_style: str | None = None, batch_size: int = 8) -> dict:
     """``results.json``'s ``fidelity`` entry for ``model`` (a local model dir, id or LoRA adapter)."""
     import torch
 
@@ -199,7 +204,7 @@ def measure(model: str | None, fidelity_traces: str | None = None, teacher: str 
     device = default_device()
     student = _load_model(model, device)
     rows = student.get_output_embeddings().weight.shape[0]
-    scorer, teacher_info = _teacher(teacher, teacher_logits, tokenizer, examples, data, model, device, rows)
+    scorer, teacher_info = _teacher(teacher, tokenizer, examples, data, model, device, rows)
     sums = score(student, examples, tokenizer.pad_token_id, scorer, batch_size)
     del student, scorer
     if device == "cuda":

@@ -13,60 +13,73 @@ import logging
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from distill.config import to_dict
+from distill.config import at_least, group, option, to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
 from distill.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.locks import exclusive
+from distill.options import Endpoint, Grading, Model, Output, PromptSet, Render, Sampling, Teacher
 from distill.records import read_jsonl, write_json, write_jsonl
-from distill.runinfo import run_record, versions
-from distill.rendering import ThinkStyle
+from distill.runinfo import RUN_RECORD, read_record, run_record, versions
 
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["distill_math500"], metadata={"help": "comma-separated tasks (distill_aime24, distill_aime25, distill_amc23, distill_math500, distill_gsm8k)"})
-    model: str | None = field(default=None, metadata={"help": "HF model path/id (or LoRA adapter dir) for the in-process backend"})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible server base URL (server backend)"})
-    model_name: str | None = field(default=None, metadata={"help": "model name on the server"})
-    api_key_env: str | None = field(default=None, metadata={"help": "environment variable with the server's API key"})
-    backend: Literal["hf", "server", "vllm"] | None = field(default=None, metadata={"help": "in-process transformers, an OpenAI-compatible server, or vLLM in-process (default: server if --base-url, else hf)"})
-    out: str = field(default="runs/eval", metadata={"help": "output directory; one run folder per (model, run)"})
-    run_name: str | None = field(default=None, metadata={"help": "name of this run's folder (default: from the model)"})
-    k: int | None = field(default=None, metadata={"help": "samples per problem (default per task)"})
-    temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus top-p"})
-    max_tokens: int = field(default=32768, metadata={"help": "max generated tokens (clamped to the model's context)", "aliases": ["max_gen_tokens"]})
-    seed: int = field(default=1234, metadata={"help": "base seed; sample i of a problem uses seed+i"})
-    data_dir: str | None = field(default=None, metadata={"help": "directory with local benchmark JSONL files (e.g. ../shared/data)"})
-    limit: int | None = field(default=None, metadata={"help": "first N problems per task (smoke runs)"})
-    batch_size: int = field(default=8, metadata={"help": "generation batch size (hf) / concurrent requests (server)"})
-    rescore: str | None = field(default=None, metadata={"help": "re-score the saved generations of RUN_DIR without generating"})
-    timeout: float = field(default=5.0, metadata={"help": "seconds per answer comparison"})
-    label: str | None = field(default=None, metadata={"help": "row label in compare tables"})
+    tasks: list[str] = option(default_factory=lambda: ["distill_math500"],
+                              help="comma-separated tasks (distill_aime24, distill_aime25, distill_amc23, "
+                                   "distill_math500, distill_gsm8k)")
+    model: Model = group(Model)
+    endpoint: Endpoint = group(Endpoint)
+    backend: Literal["hf", "server", "vllm"] | None = option(
+        None, help="in-process transformers, an OpenAI-compatible server, or vLLM in-process (default: server with "
+                   "--model-url, else hf)")
+    sampling: Sampling = group(Sampling, n=None)
+    problems: PromptSet = group(PromptSet, only=("limit",))
+    data_dir: str | None = option(None, help="directory with local benchmark JSONL files (e.g. ../shared/data)")
+    batch_size: int = option(8, help="hf, vllm: sequences per generation batch (a server's: --concurrency)",
+                             check=at_least(1))
+    grading: Grading = group(Grading, only=("timeout",))
+    output: Output = group(Output, out="runs/eval")
+    run_name: str | None = option(None, help="name of this run's folder under --out (default: from the model)")
+    label: str | None = option(None, help="row label in compare tables")
+    rescore: str | None = option(None, help="re-score the saved generations of RUN_DIR without generating")
     # fidelity to the teacher, on held-out teacher traces
-    fidelity: bool = field(default=False, metadata={"help": "also score the model on teacher traces it never trained on: NLL per target token, and with --teacher/--teacher-logits KL(teacher || model) and top-1 agreement (on by itself with any of the fidelity flags)"})
-    fidelity_traces: str | None = field(default=None, metadata={"help": "fidelity: a training run's OUT dir (its held-out prompts) or a traces JSONL (all of it); default: the prompts the model's own training held out"})
-    teacher: str | None = field(default=None, metadata={"help": "fidelity: local teacher preset/path (same tokenizer) for KL and top-1 agreement"})
-    teacher_logits: str | None = field(default=None, metadata={"help": "fidelity: a 'distill logits' cache of the traces (temperature 1) instead of --teacher"})
-    think_style: ThinkStyle | None = field(default=None, metadata={"help": "fidelity: how traces render (default: as the model's training did, else 'think')"})
+    fidelity: bool = option(False, help="also score the model on teacher traces it never trained on: NLL per target "
+                                        "token, and with --teacher KL(teacher || model) and top-1 agreement (on by "
+                                        "itself with --fidelity-traces or --teacher)")
+    fidelity_traces: str | None = option(None, help="fidelity: a training run's OUT dir (its held-out prompts) or a "
+                                                    "traces JSONL (all of it); default: the prompts the model's own "
+                                                    "training held out")
+    teacher: Teacher = group(Teacher, only=("name",))
+    render: Render = group(Render, only=("think_style",))
 
 
 def run_eval(cfg: EvalConfig) -> int:
     if cfg.rescore:
-        return rescore(cfg.rescore, cfg.timeout)
+        return rescore(cfg.rescore, cfg.grading.timeout)
     from distill.eval import data
+    from distill.outputs import claim
 
     tasks = data.check_tasks(cfg.tasks)
-    specs = [data.task_spec(t, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_gen_tokens=cfg.max_tokens, data_dir=cfg.data_dir) for t in tasks]
-    run_dir = Path(cfg.out) / (cfg.run_name or _default_run_name(cfg))
+    specs = [data.task_spec(t, cfg.sampling, data_dir=cfg.data_dir) for t in tasks]
+    run_dir = Path(cfg.output.out) / (cfg.run_name or _default_run_name(cfg))
     with exclusive(run_dir):
+        claim(run_dir, "eval", kind="dir", settings=_settings(cfg), overwrite=cfg.output.overwrite,
+              owned=(RESULTS_FILE, GENERATIONS_FILE, RUN_RECORD), inputs=[cfg.model.name, cfg.fidelity_traces])
         return _run(cfg, specs, run_dir)
+
+
+def _settings(cfg: EvalConfig) -> dict:
+    """What makes two evaluations one: the same model, tasks, sampling, data and fidelity traces."""
+    from dataclasses import asdict
+
+    return {"model": cfg.model.name, "model_url": cfg.model.url, "tasks": cfg.tasks, **asdict(cfg.sampling),
+            "data_dir": cfg.data_dir, "limit": cfg.problems.limit, "fidelity_traces": cfg.fidelity_traces,
+            "teacher": cfg.teacher.name}
 
 
 def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
@@ -77,39 +90,40 @@ def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
     out = _evaluate(backend.lm, specs, cfg)
     rows = _generation_rows(out["samples"], backend, cfg)
     budgets = getattr(backend.lm, "budgets", {})
+    s = cfg.sampling
     result = {
         "schema_version": SCHEMA_VERSION,
         "run_name": run_dir.name,
         "label": cfg.label or run_dir.name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": model_info(cfg.model, backend.name),
+        "model": model_info(cfg.model.name, backend.name),
         "backend": backend.kind,
-        "generation": {"temperature": cfg.temperature, "top_p": cfg.top_p,
-                       "max_gen_tokens": cfg.max_tokens, "seed": cfg.seed,
-                       "chat_template": True, "system_prompt": None},
+        "generation": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                       "max_gen_tokens": s.max_tokens, "seed": s.seed, "chat_template": True, "system_prompt": None},
         "versions": versions(),
-        "tasks": {s.name: {"k": s.config["repeats"], "data": s.data,
-                           "max_gen_tokens": budgets.get(s.name, cfg.max_tokens)} for s in specs},
+        "tasks": {spec.name: {"k": spec.config["repeats"], "data": spec.data,
+                              "max_gen_tokens": budgets.get(spec.name, s.max_tokens)} for spec in specs},
         "wall_s": round(time.time() - started, 3),
     }
     if fidelity:
         result["fidelity"] = fidelity
     _write_run(run_dir, result, rows)
-    data_files = {s.name: s.data["path"] for s in specs if s.data["sha256"]}
+    data_files = {spec.name: spec.data["path"] for spec in specs if spec.data["sha256"]}
     if fidelity:
         data_files["fidelity_traces"] = fidelity["traces"]["path"]
-    write_json(run_dir / "run.json", run_record("eval", to_dict(cfg), data_files=data_files))
+    write_json(run_dir / RUN_RECORD, run_record("eval", to_dict(cfg), data_files=data_files, status="complete",
+                                                settings=_settings(cfg)))
     return 0
 
 
 def _fidelity(cfg: EvalConfig) -> dict | None:
     """``results.json``'s ``fidelity`` entry (``eval.fidelity``), when any fidelity flag asks for it."""
-    if not (cfg.fidelity or cfg.fidelity_traces or cfg.teacher or cfg.teacher_logits):
+    if not (cfg.fidelity or cfg.fidelity_traces or cfg.teacher.name):
         return None
     from distill.eval.fidelity import describe, measure
 
     started = time.time()
-    out = measure(cfg.model, cfg.fidelity_traces, cfg.teacher, cfg.teacher_logits, cfg.think_style, cfg.batch_size)
+    out = measure(cfg.model.name, cfg.fidelity_traces, cfg.teacher, cfg.render.think_style, cfg.batch_size)
     out["wall_s"] = round(time.time() - started, 3)
     print(describe(out), flush=True)
     return out
@@ -118,16 +132,17 @@ def _fidelity(cfg: EvalConfig) -> dict | None:
 def _build_backend(cfg: EvalConfig):
     from distill.eval import backends
 
-    kind = cfg.backend or ("server" if cfg.base_url else "hf")
+    model = cfg.model
+    kind = cfg.backend or ("server" if model.url else "hf")
     if kind == "server":
-        if not cfg.base_url:
-            raise DistillError("backend 'server' needs --base-url (e.g. http://localhost:8000/v1)")
-        return backends.build_server(cfg.base_url, cfg.model_name, cfg.api_key_env, cfg.batch_size, cfg.seed)
-    if not cfg.model:
-        raise DistillError(f"backend '{kind}' needs --model PATH_OR_ID (or --base-url for a server)")
+        if not model.url:
+            raise DistillError("backend 'server' needs --model-url (e.g. http://localhost:8000/v1)")
+        return backends.build_server(model.url, model.name, cfg.endpoint, cfg.sampling.seed)
+    if not model.name:
+        raise DistillError(f"backend '{kind}' needs --model PATH_OR_ID (or --model-url for a server)")
     if kind == "vllm":
-        return backends.build_vllm(cfg.model, cfg.batch_size, cfg.seed)
-    return backends.build_hf(cfg.model, cfg.batch_size)
+        return backends.build_vllm(model.name, cfg.batch_size, cfg.sampling.seed)
+    return backends.build_hf(model.name, cfg.batch_size)
 
 
 def _evaluate(lm, specs, cfg: EvalConfig) -> dict:
@@ -135,18 +150,19 @@ def _evaluate(lm, specs, cfg: EvalConfig) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from distill.console import stderr_without
     from distill.eval.data import evals_dir
     from distill.eval.scoring import use_grader
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     manager = TaskManager(include_path=str(evals_dir()), include_defaults=False)
-    with use_grader(cfg.timeout):
+    seed = cfg.sampling.seed
+    with use_grader(cfg.grading.timeout), stderr_without("fatal: not a git repository"):
         try:
             return simple_evaluate(
-                model=lm, tasks=[s.config for s in specs], task_manager=manager, limit=cfg.limit,
+                model=lm, tasks=[s.config for s in specs], task_manager=manager, limit=cfg.problems.limit,
                 apply_chat_template=True, log_samples=True, bootstrap_iters=0,
-                random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                fewshot_random_seed=cfg.seed,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             )
         except ConnectionError as e:  # datasets' offline/hub errors derive from it
             hub = ", ".join(s.data["path"] for s in specs)
@@ -162,10 +178,10 @@ def _generation_rows(samples: dict, backend, cfg: EvalConfig) -> list[dict]:
         for ex in sorted(examples, key=lambda e: e["doc_id"]):
             prompt = _prompt(ex["arguments"][0][0])
             for repeat, (response, graded) in enumerate(zip(ex["resps"][0], ex["graded"])):
-                tokens, finish = _tokens_and_finish(backend, response, budgets.get(task, cfg.max_tokens))
+                tokens, finish = _tokens_and_finish(backend, response, budgets.get(task, cfg.sampling.max_tokens))
                 rows.append({
                     "task": task, "doc_id": ex["doc_id"], "problem_id": ex["doc"]["id"], "repeat": repeat,
-                    "seed": cfg.seed + repeat if backend.kind == "server" else None,
+                    "seed": cfg.sampling.seed + repeat if backend.kind == "server" else None,
                     "prompt": prompt, "gold": ex["doc"]["answer"], "response": response,
                     **graded, "cons_correct": ex["cons@k"], "gen_tokens": tokens, "finish": finish,
                 })
@@ -239,7 +255,7 @@ def rescore(run_dir: str, timeout: float) -> int:
 
 
 def model_info(model: str | None, served_name: str | None = None) -> dict:
-    """Path/name, base and teacher of the evaluated model, from its adapter and distill_run.json,
+    """Path/name, base and teacher of the evaluated model, from its adapter and run record,
     and the data it learned from with what generating it cost (``costs.generation_cost``).
 
     ``model`` may name the local directory of a served model, to record where it came from.
@@ -251,13 +267,9 @@ def model_info(model: str | None, served_name: str | None = None) -> dict:
     if not model or not Path(model).exists():
         return info
     info["path"] = str(Path(model).resolve())
-    run_file = Path(model) / "distill_run.json"
-    if run_file.is_file():
-        try:
-            record = json.loads(run_file.read_text())
-            summary = record.get("summary")
-        except (json.JSONDecodeError, AttributeError):
-            raise DistillError(f"{run_file}: not a distill run record (bad JSON)") from None
+    record = read_record(model, "dir") if Path(model).is_dir() else None
+    if record is not None:
+        summary = record.get("summary")
         if isinstance(summary, dict):
             info.update(training=summary, base=summary.get("base_model"), teacher=summary.get("teacher"))
         traces = (record.get("data") or {}).get("traces")
@@ -270,7 +282,7 @@ def model_info(model: str | None, served_name: str | None = None) -> dict:
 
 
 def _default_run_name(cfg: EvalConfig) -> str:
-    name = Path(cfg.model.rstrip("/")).name if cfg.model else (cfg.model_name or "server")
+    name = Path(cfg.model.name.rstrip("/")).name if cfg.model.name else "server"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 

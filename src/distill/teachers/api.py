@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from distill.errors import DistillError
+from distill.options import Endpoint, Sampling
 from distill.teachers.base import Completion, make_usage, split_reasoning, top_entry
 from distill.teachers.endpoints import EndpointPool, Retry, endpoint_urls, retry_after_seconds, retryable_status
 
@@ -45,17 +46,18 @@ class ApiTeacher:
     """
 
     def __init__(self, *, base_url: str | list[str], model: str, api_key: str, api_key_env: str | None,
-                 temperature: float, top_p: float, max_tokens: int, top_logprobs: int | None = None,
-                 concurrency: int = 16, max_retries: int = 8, timeout: float = 600.0,
-                 retry_backoff: float = 1.0):
+                 sampling: Sampling, endpoint: Endpoint, top_logprobs: int | None = None):
         self.model, self.api_key_env = model, api_key_env
-        self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        self.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                         "max_tokens": sampling.max_tokens}
+        if sampling.top_k:  # not OpenAI's; vLLM, SGLang and llama.cpp servers take it
+            self.sampling["top_k"] = sampling.top_k
         self.top_logprobs = top_logprobs
-        self.timeout = timeout
-        self.pool = EndpointPool(endpoint_urls(base_url, "--base-url"), max_retries=max_retries,
-                                 retry_backoff=retry_backoff)
+        self.timeout = endpoint.request_timeout
+        self.pool = EndpointPool(endpoint_urls(base_url, "--teacher-url"), max_retries=endpoint.max_retries,
+                                 retry_backoff=endpoint.retry_backoff)
         self._api_key = api_key
-        self._pools = -(-concurrency // _CONNECTIONS_PER_CLIENT)
+        self._pools = -(-endpoint.concurrency // _CONNECTIONS_PER_CLIENT)
         self.clients: dict[str, list] = {}  # endpoint URL -> its clients
 
     async def __aenter__(self) -> "ApiTeacher":

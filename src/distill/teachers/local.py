@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Sequence
 
+from distill.options import Sampling
 from distill.teachers.base import Completion, make_usage, split_reasoning, top_entry
 
 
 class LocalTeacher:
     """``LocalTeacher.load(path, ...)`` for a saved model; the constructor takes loaded objects."""
 
-    def __init__(self, model, tokenizer, *, temperature: float, top_p: float, max_tokens: int,
-                 batch_size: int = 16, top_logprobs: int | None = None, path: str | None = None):
+    def __init__(self, model, tokenizer, *, sampling: Sampling, batch_size: int = 16, top_logprobs: int | None = None,
+                 path: str | None = None):
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         self.tokenizer.padding_side = "left"
-        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.temperature, self.top_p, self.top_k, self.max_tokens = (sampling.temperature, sampling.top_p,
+                                                                     sampling.top_k, sampling.max_tokens)
+        #: as the traces record it
+        self.sampling = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                         **({"top_k": self.top_k} if self.top_k else {})}
         self.batch_size, self.top_logprobs = max(1, batch_size), top_logprobs
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -57,7 +62,7 @@ class LocalTeacher:
                       pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
                       output_logits=bool(self.top_logprobs))
         if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # top_k 0: all
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
+import os
 import re
 import threading
 from collections import Counter
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from distill.errors import DistillError
+from distill.options import Endpoint
 from distill.teachers.endpoints import (EndpointPool, RequestFailed, Retry, endpoint_urls, retry_after_seconds,
                                        retryable_status)
 from distill.teachers.api_mapping import FLOOR, token_bytes
@@ -165,13 +167,16 @@ class ServedClient:
     """``async with ServedClient(...) as c: await c.check(); rows = await c.score(ids, positions)``."""
 
     def __init__(self, *, base_url: str | list[str], model: str, top_k: int, tokenizer, student: str,
-                 vocab_size: int, concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0,
-                 retry_backoff: float = 1.0):
-        urls = endpoint_urls(base_url, "--base-url")
-        self.pool = EndpointPool(urls, max_retries=max_retries, retry_backoff=retry_backoff)
+                 vocab_size: int, endpoint: Endpoint):
+        urls = endpoint_urls(base_url, "--teacher-url")
+        self.pool = EndpointPool(urls, max_retries=endpoint.max_retries, retry_backoff=endpoint.retry_backoff)
         self.base_url = ", ".join(url.rstrip("/") for url in urls)  # where messages say the server is
         self.model, self.top_k, self.student, self.vocab_size = model, top_k, student, vocab_size
-        self.tokenizer, self.concurrency, self.timeout = tokenizer, concurrency, timeout
+        self.tokenizer, self.concurrency, self.timeout = tokenizer, endpoint.concurrency, endpoint.request_timeout
+        key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+        if endpoint.api_key_env and not key:
+            raise DistillError(f"environment variable {endpoint.api_key_env} is not set (--api-key-env)")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}  # vllm serve --api-key
         self.vocab = PrintedVocab(tokenizer)
         self.bos = tokenizer.bos_token_id
         self.server: str | None = None   # "vllm" (token-id prompts) or "llama-cpp-python" (text prompts), set by check
@@ -181,7 +186,7 @@ class ServedClient:
     async def __aenter__(self) -> "ServedClient":
         import httpx
 
-        self.http = httpx.AsyncClient(timeout=self.timeout, limits=httpx.Limits(
+        self.http = httpx.AsyncClient(timeout=self.timeout, headers=self.headers, limits=httpx.Limits(
             max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
         self._slots = asyncio.Semaphore(self.concurrency)
         return self
@@ -541,11 +546,9 @@ class ServedTeacher:
     """
 
     def __init__(self, *, base_url: str | list[str], model: str, top_k: int, tokenizer, student: str,
-                 vocab_size: int, concurrency: int = 8, max_retries: int = 8, timeout: float = 600.0,
-                 retry_backoff: float = 1.0):
+                 vocab_size: int, endpoint: Endpoint):
         self.client = ServedClient(base_url=base_url, model=model, top_k=top_k, tokenizer=tokenizer,
-                                   student=student, vocab_size=vocab_size, concurrency=concurrency,
-                                   max_retries=max_retries, timeout=timeout, retry_backoff=retry_backoff)
+                                   student=student, vocab_size=vocab_size, endpoint=endpoint)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="served-teacher", daemon=True)
         self._thread.start()

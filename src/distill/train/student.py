@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.errors import DistillError
+from distill.options import LoRA, Precision, PromptFormat, PromptSet, Schedule
 
 
 @dataclass
@@ -27,24 +28,24 @@ class TrainSetup:
     examples: list = field(default_factory=list)  # train + eval examples, unpacked (KD checks cached logits per example)
 
 
-def gradient_accumulation(cfg, world_size: int) -> int:
+def gradient_accumulation(schedule: Schedule, world_size: int) -> int:
     """Micro-steps per optimizer step: --grad-accum, else global batch / (batch size x devices)."""
-    if cfg.grad_accum:
-        return cfg.grad_accum
-    if not cfg.global_batch_size:
+    if schedule.grad_accum:
+        return schedule.grad_accum
+    if not schedule.global_batch_size:
         return 1
-    per_step = cfg.batch_size * world_size
-    if cfg.global_batch_size % per_step:
-        print(f"train: --global-batch-size {cfg.global_batch_size} is not a multiple of batch size x devices "
+    per_step = schedule.batch_size * world_size
+    if schedule.global_batch_size % per_step:
+        print(f"train: --global-batch-size {schedule.global_batch_size} is not a multiple of batch size x devices "
               f"({per_step}); rounding up", flush=True)
-    return max(1, math.ceil(cfg.global_batch_size / per_step))
+    return max(1, math.ceil(schedule.global_batch_size / per_step))
 
 
-def _use_bf16(cfg) -> bool:
+def _use_bf16(precision: Precision) -> bool:
     import torch
 
-    if cfg.bf16 is not None:
-        return cfg.bf16
+    if precision.bf16 is not None:
+        return precision.bf16
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
@@ -66,15 +67,16 @@ def default_attention(packing: bool) -> str | None:
         return attention.NAME if attention.available() else "flex_attention"
 
 
-def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
+def _load_student(cfg, preset: dict, use_bf16: bool):
     """The student model: full weights in fp32 (bf16 autocast trains them), or a LoRA/QLoRA adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from distill.train.kernels import attention
 
+    precision, lora = cfg.precision, cfg.lora
     kwargs: dict[str, Any] = {}
-    attn = cfg.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.packing)
+    attn = precision.attn_implementation or preset.get("attn_implementation") or default_attention(cfg.schedule.packing)
     if attn == attention.NAME:
         if not attention.available():
             raise DistillError("--attn-implementation varlen needs a CUDA GPU and a torch with "
@@ -82,7 +84,7 @@ def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
         attention.register()
     if attn:
         kwargs["attn_implementation"] = attn
-    if cfg.qlora:
+    if lora.qlora:
         if not torch.cuda.is_available():
             raise DistillError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --lora on CPU")
         try:
@@ -95,32 +97,33 @@ def _load_student(cfg, path: str, preset: dict, use_bf16: bool):
             bnb_4bit_compute_dtype=torch.bfloat16 if use_bf16 else torch.float32)
     # LoRA leaves the base frozen, so it can sit in bf16; trained weights are fp32, or bf16 with
     # fp32 masters in the optimizer (train.optim).
-    if cfg.weights_dtype == "bf16" and not use_bf16:
+    if precision.weights_dtype == "bf16" and not use_bf16:
         raise DistillError("--weights-dtype bf16 trains in bf16: it needs --bf16 (a GPU with bf16, or --bf16 on a CPU)")
-    dtype = torch.bfloat16 if use_bf16 and (cfg.lora or cfg.qlora or cfg.weights_dtype == "bf16") else torch.float32
+    adapter = lora.lora or lora.qlora
+    dtype = torch.bfloat16 if use_bf16 and (adapter or precision.weights_dtype == "bf16") else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(preset["model"], dtype=dtype, **kwargs)
     except OSError as e:
-        raise DistillError(f"{cfg.student}: cannot load model ({str(e).splitlines()[0]})") from None
+        raise DistillError(f"{cfg.student.name}: cannot load model ({str(e).splitlines()[0]})") from None
     model.config.use_cache = False
-    if cfg.lora or cfg.qlora:
-        model = _add_lora(cfg, model, preset)
+    if adapter:
+        model = _add_lora(lora, precision.gradient_checkpointing, model, preset)
     return model
 
 
-def _add_lora(cfg, model, preset: dict):
+def _add_lora(lora: LoRA, checkpointing: bool, model, preset: dict):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    targets = cfg.lora_target_modules or preset.get("lora_target_modules") or "all-linear"
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    if lora.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    targets = lora.lora_target_modules or preset.get("lora_target_modules") or "all-linear"
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise DistillError(f"LoRA target modules {targets}: {e}") from None
-    if cfg.gradient_checkpointing:
+    if checkpointing:
         model.enable_input_require_grads()
     return model
 
@@ -134,47 +137,49 @@ def _checkpointing_arguments(arguments_cls, enabled: bool) -> dict:
 
 
 def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, **overrides):
-    """``TrainingArguments`` for the config (the one place flags map onto transformers);
+    """``TrainingArguments`` for the config (the one place options map onto transformers);
     ``overrides`` replace any of them (benchmarks turn saving off)."""
     import torch
     from transformers import TrainingArguments
 
-    eval_kwargs = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps} if has_eval else {"eval_strategy": "no"}
+    sched, logs = cfg.schedule, cfg.checkpoints
+    eval_kwargs = {"eval_strategy": "steps", "eval_steps": sched.eval_steps} if has_eval else {"eval_strategy": "no"}
     kwargs = dict(
-        output_dir=cfg.out,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        output_dir=cfg.output.out,
+        per_device_train_batch_size=sched.batch_size,
+        per_device_eval_batch_size=sched.batch_size,
         gradient_accumulation_steps=grad_accum,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers reads a value below 1 as a fraction of all steps
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
+        num_train_epochs=sched.epochs,
+        max_steps=sched.max_steps,
+        learning_rate=sched.lr,
+        lr_scheduler_type=sched.lr_scheduler,
+        warmup_steps=sched.warmup_ratio,  # transformers reads a value below 1 as a fraction of all steps
+        weight_decay=sched.weight_decay,
+        max_grad_norm=sched.max_grad_norm,
+        seed=cfg.sampling.seed,
         bf16=use_bf16,
-        **_checkpointing_arguments(TrainingArguments, cfg.gradient_checkpointing),
-        use_liger_kernel=cfg.liger,
+        **_checkpointing_arguments(TrainingArguments, cfg.precision.gradient_checkpointing),
+        use_liger_kernel=cfg.precision.liger,
         # Without packing, batches of similar length waste less on padding.
-        train_sampling_strategy="random" if cfg.packing else "group_by_length",
+        train_sampling_strategy="random" if sched.packing else "group_by_length",
         remove_unused_columns=False,  # keep example_index etc. for trainers that need them
-        logging_steps=cfg.logging_steps,
+        logging_steps=logs.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=[] if cfg.report_to in ("none", "") else [cfg.report_to],
+        save_steps=logs.save_steps,
+        save_total_limit=logs.save_total_limit,
+        report_to=[] if logs.report_to in ("none", "") else [logs.report_to],
         # Packed rows have no padding (and no attention_mask to count it by).
-        include_num_input_tokens_seen="all" if cfg.packing else "non_padding",
-        fsdp=cfg.fsdp or "",
-        deepspeed=cfg.deepspeed,
+        include_num_input_tokens_seen="all" if sched.packing else "non_padding",
+        fsdp=cfg.parallel.fsdp or "",
+        deepspeed=cfg.parallel.deepspeed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds host -> GPU copies
         # no host sync in a step: batches go to the GPU asynchronously (from pinned memory), and a
         # non-finite loss is logged as it is instead of being tested each step (a sync per step)
         accelerator_config={"non_blocking": torch.cuda.is_available()},
         logging_nan_inf_filter=False,
+        disable_tqdm=True,  # distill prints one line per log (trainers.readable_logs)
         use_cpu=use_bf16 and not torch.accelerator.is_available(),  # transformers wants bf16 on a CPU said
         **eval_kwargs,
     )
@@ -183,47 +188,47 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
 
 def prepare(cfg) -> TrainSetup:
     """Resolve the student, tokenize the traces, load the model, and build ``TrainingArguments``."""
-    from distill.models import load_tokenizer, model_preset
     from distill.batching import Collator, ExampleDataset, pack_examples
+    from distill.models import load_tokenizer, model_preset
     from distill.rendering import RenderOptions, describe_stats, load_examples
 
-    preset = model_preset("students", cfg.student)
+    preset = model_preset("students", cfg.student.name)
     tokenizer = load_tokenizer(preset["model"])
-    if cfg.prompts:
-        train, evals, stats = prompt_examples(cfg, tokenizer)
+    render, sched = cfg.render, cfg.schedule
+    if cfg.prompts.path:
+        train, evals, stats = prompt_examples(cfg.prompts, cfg.format, tokenizer)
+        print(f"data: {len(train)} prompts (on-policy)", flush=True)
     else:
-        train, evals, stats = load_examples(cfg.traces, tokenizer, RenderOptions.of(cfg, preset),
-                                            cfg.eval_fraction, cfg.seed)
+        train, evals, stats = load_examples(cfg.traces.path, tokenizer, RenderOptions.of(render, preset),
+                                            sched.eval_fraction, cfg.sampling.seed)
+        print(describe_stats(stats), flush=True)
     examples = train + evals
-    print(describe_stats(stats) if not cfg.prompts else f"data: {len(train)} prompts (on-policy)", flush=True)
     if stats.get("overlong"):
-        verb = "dropped" if cfg.overlong == "drop" else "truncated (their end-of-turn is lost)"
-        print(f"data: {stats['overlong']} traces longer than --max-length {cfg.max_length} were {verb}", flush=True)
-    if cfg.packing:
-        train = pack_examples(train, cfg.max_length)
+        verb = "dropped" if render.overlong == "drop" else "truncated (their end-of-turn is lost)"
+        print(f"data: {stats['overlong']} traces longer than --max-length {render.max_length} were {verb}", flush=True)
+    if sched.packing:
+        train = pack_examples(train, render.max_length)
         stats["packed_rows"] = len(train)
-        print(f"data: packed into {len(train)} rows of at most {cfg.max_length} tokens", flush=True)
-    use_bf16 = _use_bf16(cfg)
+        print(f"data: packed into {len(train)} rows of at most {render.max_length} tokens", flush=True)
+    use_bf16 = _use_bf16(cfg.precision)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_arguments(cfg, has_eval=bool(evals), use_bf16=use_bf16,
-                              grad_accum=gradient_accumulation(cfg, world_size))
-    model = _load_student(cfg, preset["model"], preset, use_bf16)
-    collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
+                              grad_accum=gradient_accumulation(sched, world_size))
+    model = _load_student(cfg, preset, use_bf16)
+    collator = Collator(tokenizer.pad_token_id, packing=sched.packing)
     return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
                       eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
                       args=args, stats=stats, student=preset, examples=examples)
 
 
-def prompt_examples(cfg, tokenizer) -> tuple[list[dict], list[dict], dict]:
+def prompt_examples(prompt_set: PromptSet, prompt_format: PromptFormat, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """``--prompts``: each prompt rendered with the generation prompt, nothing to train on yet
     (on-policy batches replace it by the student's rollouts)."""
-    from distill.prompts import DEFAULT_TEMPLATE, load_prompts
+    from distill.prompts import load_prompts
     from distill.rendering import IGNORE_INDEX, render_prompt
 
-    prompts = load_prompts(cfg.prompts, prompt_field=cfg.prompt_field, template=cfg.template or DEFAULT_TEMPLATE,
-                           system=cfg.system)
     examples = []
-    for index, p in enumerate(prompts):
+    for index, p in enumerate(load_prompts(prompt_set, prompt_format)):
         ids = render_prompt(p.messages, tokenizer)
         examples.append({"id": p.id, "prompt_id": p.id, "example_index": index, "input_ids": ids,
                          "labels": [IGNORE_INDEX] * len(ids)})

@@ -28,6 +28,7 @@ from dataclasses import replace
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
@@ -336,3 +337,46 @@ class SaveAndStopOnSignal(TrainerCallback):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+def readable_logs(trainer: Trainer) -> None:
+    """One readable line per log instead of the Trainer's raw dicts and tqdm bar, and a log at the
+    last step (so the final loss is the last step's, also after a resume)."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LogLine())
+
+
+class LogLine(TrainerCallback):
+    """``step 6/8 | loss 2.3141 | kd 2.31 | ce 3.02 | lr 1.0e-04 | 812 tok/s | ETA 14 s``."""
+
+    SHOWN = (("loss", "loss", ".4f"), ("kd_loss", "kd", ".4f"), ("ce_loss", "ce", ".4f"),
+             ("eval_loss", "eval loss", ".4f"), ("eval_kd_loss", "eval kd", ".4f"), ("learning_rate", "lr", ".1e"),
+             ("rollout_kd", "rollout kd", ".3f"), ("rollout_teacher_nll", "teacher nll", ".3f"),
+             ("rollout_length", "length", ".0f"), ("rollout_ended", "ended", ".0%"),
+             ("rollout_tokens_per_s", "sampled tok/s", ",.0f"))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step, self.tokens = time.monotonic(), state.global_step, state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{label} {logs[key]:{spec}}" for key, label, spec in self.SHOWN
+                  if isinstance(logs.get(key), (int, float))]
+        if "eval_loss" not in logs:
+            parts.append(f"{(state.num_input_tokens_seen - self.tokens) / elapsed:,.0f} tok/s")
+            done = state.global_step - self.first_step
+            if done and state.max_steps > state.global_step:
+                parts.append(f"ETA {_short(elapsed / done * (state.max_steps - state.global_step))}")
+        print("train: " + " | ".join(parts), flush=True)
+
+
+def _short(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

@@ -21,6 +21,8 @@ class RolloutSettings:
     max_tokens: int = 1024
     temperature: float = 1.0     # 0: greedy
     per_prompt: int = 1
+    top_p: float = 1.0           # 1 and top_k 0: the full distribution, whose expectation the loss is
+    top_k: int = 0
     #: "static": sample from a bf16 copy of the student (refreshed in place before each rollout) with
     #: a fixed-size KV cache, with which transformers compiles the decoding step (CUDA graphs) on a
     #: GPU; prompt widths are rounded up to a multiple of 64 so the shapes repeat
@@ -54,8 +56,8 @@ def prompt_ids(example: dict) -> list[int]:
 class HFRollouts:
     """transformers ``generate`` with the KV cache, the model in eval mode while it samples.
 
-    Sampling is from the student's full distribution at ``temperature`` (no top-k / top-p): the
-    on-policy divergence is an expectation under that distribution. The global RNG is left as
+    Sampling is from the student's full distribution at ``temperature`` unless top-k / top-p are set:
+    the on-policy divergence is an expectation under that distribution. The global RNG is left as
     it was (sampling runs under a forked, seeded RNG), so dropout and data order don't depend on
     how many tokens were sampled.
     """
@@ -81,7 +83,7 @@ class HFRollouts:
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        sampling = dict(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0) if s.temperature > 0 \
+        sampling = dict(do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p) if s.temperature > 0 \
             else dict(do_sample=False)
         config = GenerationConfig(max_new_tokens=s.max_tokens, num_return_sequences=s.per_prompt,
                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,

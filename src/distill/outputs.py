@@ -1,0 +1,135 @@
+"""Never lose a user's data: what a command may do with the output it is pointed at.
+
+An output that holds anything distill did not write, or was written by a run with other settings,
+is never replaced, appended to or deleted without ``--overwrite`` (or ``--resume`` where continuing
+is meant); the refusal says what is there and which flag to pass. A command never writes to its
+own input. Each command states its output once, before any model loads (:func:`claim`):
+
+- ``kind``: a file (traces, a dataset's JSONL) or a directory (a model, a cache, eval runs);
+- ``settings``: what makes two runs the same run (sampling, teacher, ...): kept in the run record
+  (``runinfo``) and compared with the record already there;
+- ``inputs``: the files it reads, which it may not write;
+- ``rerun``: whether a run with the same settings continues the one there (generate and logits
+  resume by themselves; train with ``--resume``), replaces its result (verify, eval: same settings,
+  same result), or must be told which (train without ``--resume``).
+
+The answer is ``"new"`` (nothing there, or replaced with ``--overwrite``), ``"continue"`` or
+``"replace"`` (the same settings' earlier result, rewritten whole by the command's atomic writes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Literal
+
+from distill.errors import DistillError
+from distill.runinfo import read_record, record_path
+
+Kind = Literal["file", "dir"]
+
+
+def claim(out: str | Path, command: str, *, kind: Kind, settings: dict | None = None, inputs=(),
+          overwrite: bool = False, rerun: Literal["continue", "replace", "refuse"] = "replace", owned=(),
+          hint: str = "") -> str:
+    """May ``command`` write ``out``? "new", "continue" or "replace"; else DistillError in one line.
+
+    ``rerun``: what a run with the same settings does with the earlier one's output: continue it,
+    replace it, or (train without --resume) neither unless --overwrite; ``hint``: the flag that
+    continues instead (``--resume``), named in the refusal.
+
+    ``owned``: name patterns of what the command itself writes inside a directory output (a directory
+    holding only those, or a run record of this command, is distill's)."""
+    out = Path(out)
+    _check_place(out, kind)
+    for path in inputs:
+        if path and Path(path).exists() and out.exists() and _same_file(out, Path(path)):
+            raise DistillError(f"--out {out} is also this command's input ({path}); write to another path "
+                               f"(distill never writes to its own input)")
+        if path and kind == "dir" and Path(path).resolve().is_relative_to(out.resolve()):
+            raise DistillError(f"--out {out} holds this command's input ({path}); write to another directory")
+    if not _present(out):
+        return "new"
+    what, record = _what_is_there(out, kind, owned, command)
+    if record is None or (record.get("command") or "").split()[:1] != command.split()[:1]:
+        return _replace_or_refuse(out, overwrite, what)
+    differ = _differences(record.get("settings"), settings or {})
+    if differ:
+        return _replace_or_refuse(out, overwrite, f"{what}, written with other settings ({differ})")
+    if overwrite or rerun == "refuse":
+        return _replace_or_refuse(out, overwrite, what, hint)
+    return rerun
+
+
+def _check_place(out: Path, kind: Kind) -> None:
+    """One line for an output that cannot be written where it is asked for."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DistillError(f"--out {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise DistillError(f"--out {out}: cannot write in {parent} (permission denied)")
+            break
+    if out.exists():
+        if kind == "file" and out.is_dir():
+            raise DistillError(f"--out {out} is a directory; this command writes a file (e.g. {out}/out.jsonl)")
+        if kind == "dir" and not out.is_dir():
+            raise DistillError(f"--out {out} is a file; this command writes a directory")
+        if not os.access(out, os.W_OK):
+            raise DistillError(f"--out {out}: permission denied")
+
+
+def _present(out: Path) -> bool:
+    if out.is_dir():
+        return any(out.iterdir())
+    return out.exists() and out.stat().st_size > 0 or record_path(out, "file").exists()
+
+
+def _what_is_there(out: Path, kind: Kind, owned, command: str) -> tuple[str, dict | None]:
+    """(what to call it in a refusal, its run record or None when distill did not write it)."""
+    record = read_record(out, kind)
+    if kind == "dir":
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        if record is None and owned and all(any(fnmatch(n, pattern) for pattern in owned) for n in names):
+            record = {"command": command, "settings": None}  # its own files, from a run that left no record
+        what = f"{out} holds {shown}"
+    else:
+        what = f"{out} exists ({out.stat().st_size:,} bytes)" if out.exists() else f"{record_path(out, kind)} exists"
+    if record is None:
+        return f"{what}, not written by distill", None
+    return f"{what}, from 'distill {record.get('command') or 'an earlier run'}'", record
+
+
+def _differences(before: dict | None, now: dict) -> str:
+    """The settings that differ, as 'name: before -> now' (a record without settings differs in none)."""
+    if before is None:
+        return ""
+    keys = [k for k in now if k in before and before[k] != now[k]]
+    return ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in keys)
+
+
+def _replace_or_refuse(out: Path, overwrite: bool, what: str, hint: str = "") -> str:
+    if not overwrite:
+        raise DistillError(f"{what}; {hint + ' to continue it, ' if hint else ''}pass --overwrite to replace it, "
+                           f"or choose another --out")
+    remove(out)
+    return "new"
+
+
+def remove(out: Path) -> None:
+    """An output and its run record, gone (``--overwrite``)."""
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)  # its record is inside
+    else:
+        out.unlink(missing_ok=True)
+        record_path(out, "file").unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
