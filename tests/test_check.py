@@ -151,6 +151,18 @@ def test_a_template_that_drops_the_reasoning_fails(smollm2_tok, tmp_path):
     assert levels(kept, "think") == ["ok"] and levels(kept, "template") == ["ok"]
 
 
+def test_a_template_that_opens_the_think_block_in_the_generation_prompt_fails(smollm2_tok, tmp_path):
+    """DeepSeek-R1-Distill's later template writes '<think>' after the generation prompt: training's labels
+    need the conversation to continue the generation prompt, which it no longer does."""
+    prefilled = load_tokenizer(smollm2_tok.name_or_path)
+    prefilled.chat_template = smollm2_tok.chat_template.replace("'<|im_start|>assistant\n'",
+                                                                "'<|im_start|>assistant\n<think>\n'")
+    assert prefilled.chat_template != smollm2_tok.chat_template
+    traces = write_traces(tmp_path / "t.jsonl", [make_trace(i) for i in range(2)])
+    found = check_rendering(prefilled, traces, think_style="think", max_length=4096, overlong="drop")
+    assert [v.level for v in found] == ["error"] and "after the generation prompt" in found[0].message
+
+
 def test_thirty_percent_over_the_length_limit(smollm2_dir, tmp_path):
     traces = [make_trace(i) for i in range(10)]
     for trace in traces[:3]:
@@ -192,7 +204,8 @@ def test_a_base_model_that_never_stops_on_im_end_warns(qwen_like):
     base = qwen_like("qwen-base-like", 151936, QWEN_1_5B, [ENDOFTEXT])
     found = run_checks(student=str(base), on_policy=1.0, method="kd")
     assert levels(found, "base-student") == ["warning"]
-    assert "'<|endoftext|>' (id 151643), not on the template's end-of-turn '<|im_end|>'" in message(found, "base-student")
+    stops = "'<|endoftext|>' (id 151643), not on the template's end-of-turn '<|im_end|>'"
+    assert stops in message(found, "base-student")
     instruct = qwen_like("qwen-instruct-like", 151936, QWEN_1_5B, [IM_END, ENDOFTEXT])
     assert levels(run_checks(student=str(instruct), on_policy=1.0, method="kd"), "base-student") == ["ok"]
 
@@ -303,7 +316,8 @@ def test_a_plan_that_does_not_fit_names_the_change_that_does():
     plan = Plan(SHAPES["Qwen/Qwen2.5-1.5B"], batch_size=8, seq_len=8192, gradient_checkpointing=False)
     found = check_memory(plan, parse_gpus("1xH100"))
     assert [v.level for v in found] == ["error"] and found[0].fix.startswith("--gradient-checkpointing")
-    assert check_memory(Plan(SHAPES["Qwen/Qwen2.5-1.5B"], batch_size=8, seq_len=8192), parse_gpus("1xH100"))[0].level == "ok"
+    checkpointed = Plan(SHAPES["Qwen/Qwen2.5-1.5B"], batch_size=8, seq_len=8192)
+    assert [v.level for v in check_memory(checkpointed, parse_gpus("1xH100"))] == ["ok"]
 
 
 # ---------------------------------------------------------------- eval protocol

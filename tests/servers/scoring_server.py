@@ -42,8 +42,8 @@ class ScoringServer(FaultServer):
     def __init__(self, tokenizer, *, max_logprobs: int = 20, logprobs: bool = True, tokenize: bool = True,
                  vocab_shift: int = 0, max_model_len: int = 4096, tempered: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.tempered = tempered
         self.tokenizer, self.vocab, self.max_model_len = tokenizer, len(tokenizer), max_model_len
+        self.tempered = tempered
         self.max_logprobs, self.logprobs, self.tokenize, self.vocab_shift = max_logprobs, logprobs, tokenize, vocab_shift
         self.scored: list[list[int]] = []  # every prompt scored with a 200
 
@@ -78,7 +78,8 @@ class ScoringServer(FaultServer):
         choice = {"index": 0, "text": " the", "logprobs": None, "finish_reason": "length", "stop_reason": None}
         if self.logprobs and k is not None:
             scale = 1 / body.get("temperature", 1.0) if self.tempered else 1.0
-            choice["prompt_logprobs"] = [None] + [self.position(prev, token, k, scale) for prev, token in zip(ids, ids[1:])]
+            choice["prompt_logprobs"] = [None] + [self.position(prev, token, k, scale)
+                                                  for prev, token in zip(ids, ids[1:])]
         with self._lock:
             self.scored.append(ids)
         return 200, {"id": f"cmpl-{len(self.bodies)}", "object": "text_completion", "model": body.get("model"),

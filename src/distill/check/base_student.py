@@ -53,7 +53,8 @@ def check_base_student(tokenizer, *, student: str, stop_ids: list[int] | None, o
     if on_policy > 0 and not sft_before:
         teacher = ""
         if teacher_tokenizer is not None and teacher_tokenizer.chat_template:
-            teacher = f" (the teacher ends its turns with {_name(teacher_tokenizer, end_of_turn_id(teacher_tokenizer))})"
+            teacher_eot = end_of_turn_id(teacher_tokenizer)
+            teacher = f" (the teacher ends its turns with {_name(teacher_tokenizer, teacher_eot)})"
         return [warning(CHECK, f"Base-style student '{student}': {why}{teacher}. Sent on-policy with no SFT step "
                                f"first, its rollouts will not end their turn and run to --rollout-max-tokens: the "
                                f"runaway-length failure (ms-swift #9526)",

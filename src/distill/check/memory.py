@@ -256,7 +256,8 @@ def parse_gpus(spec: str) -> tuple[int, float, str]:
     if name is None or count < 1:
         from distill.errors import DistillError
 
-        raise DistillError(f"--gpus '{spec}': say COUNTxCARD (cards: {', '.join(GPUS)}) or COUNTxSIZE (8x80GB, 1x24GiB)")
+        raise DistillError(f"--gpus '{spec}': say COUNTxCARD (cards: {', '.join(GPUS)}) or COUNTxSIZE "
+                           f"(8x80GB, 1x24GiB)")
     return count, GPUS[name], name
 
 
@@ -280,10 +281,13 @@ def _describe(plan: Plan, parts: dict[str, float]) -> str:
            "checkpointing" if plan.gradient_checkpointing else "no checkpointing",
            f"{plan.sharding.upper()} over {plan.gpus}" if plan.sharding != "none" else "a whole copy per GPU"]
     moment = max(("forward", "backward", "step"), key=parts.get)
+    other = estimate(replace(plan, gradient_checkpointing=not plan.gradient_checkpointing))
+    switched = (f"; {other['peak'] / GiB:.1f} GiB {'without' if plan.gradient_checkpointing else 'with'} "
+                f"checkpointing")
     shown = [(k, parts[k]) for k in ("weights", "gradients", "optimizer", "gathered", "autocast copies", "teacher",
                                      "rollouts", "activations", "loss") if parts[k] >= 0.05 * GiB]
     return (f"{what}, {', '.join(how)}: about {parts['peak'] / GiB:.1f} GiB per GPU at the {moment} peak ("
-            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in shown) + " GiB)")
+            + ", ".join(f"{k} {v / GiB:.1f}" for k, v in shown) + f" GiB{switched})")
 
 
 def _alternatives(plan: Plan, gpus: int) -> list[tuple[str, Plan]]:
@@ -303,7 +307,7 @@ def _alternatives(plan: Plan, gpus: int) -> list[tuple[str, Plan]]:
 
 
 def check_memory(plan: Plan, gpus: tuple[int, float, str] | None) -> list[Verdict]:
-    """The plan's peak against ``gpus`` (count, GiB each, name): fits, tight, or does not (with the change that fits)."""
+    """The plan's peak against ``gpus`` (count, GiB each, name): fits, tight, or does not (and the change that fits)."""
     parts = estimate(plan)
     described = _describe(plan, parts)
     if gpus is None:

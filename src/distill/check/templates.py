@@ -32,7 +32,8 @@ def check_rendering(tokenizer, traces: str, *, think_style: str, max_length: int
     try:
         eot = end_of_turn_id(tokenizer)
     except DistillError as e:
-        return [error("template", str(e), "use a chat template that renders the assistant turn (the -Instruct model's)")]
+        return [error("template", str(e),
+                      "use a chat template that renders the assistant turn (the -Instruct model's)")]
     lengths, dropped_reasoning, with_reasoning, without_eot, sampled = [], [], 0, 0, False
     try:
         for index, trace in enumerate(iter_jsonl(traces, required=REQUIRED)):
@@ -42,10 +43,17 @@ def check_rendering(tokenizer, traces: str, *, think_style: str, max_length: int
             if trace.get("correct") is False:
                 continue
             try:
-                example = tokenize_example(render_messages(trace, think_style), tokenizer)
-            except (DistillError, KeyError, TypeError, AttributeError) as e:
+                messages = render_messages(trace, think_style)
+            except (KeyError, TypeError, AttributeError) as e:
+                return [error("traces", f"{traces}:{index + 1}: field 'messages' is not a prompt or a list of "
+                                        f"{{role, content}} messages ({type(e).__name__}: {e})",
+                              "fix the trace (distill generate and import write valid ones)")]
+            try:
+                example = tokenize_example(messages, tokenizer)
+            except DistillError as e:
                 return [error("template", f"{traces}:{index + 1}: {e}",
-                              "fix the trace's 'messages', or use a template that renders this conversation")]
+                              "use a chat template whose generation prompt is a prefix of the rendered conversation "
+                              "(one that adds '<think>' to the generation prompt is not)")]
             targets = [t for t in example["labels"] if t != IGNORE_INDEX]
             without_eot += targets[-1:] != [eot]
             lengths.append(len(example["input_ids"]))
@@ -77,8 +85,9 @@ def _template(tokenizer, eot: int, read: str, without_eot: int) -> Verdict:
                      "report it: rendering.tokenize_example should label the end-of-turn token")
     how = ("which the template writes" if template_ends_turn(tokenizer)
            else "which distill appends: the template writes no end-of-turn token of its own")
-    stop = "" if eot == tokenizer.eos_token_id else \
-        f"; EOS is {_name(tokenizer, tokenizer.eos_token_id)}, and distill adds the end-of-turn token to the saved model's stop tokens"
+    stop = "" if eot == tokenizer.eos_token_id else (
+        f"; EOS is {_name(tokenizer, tokenizer.eos_token_id)}, and distill adds the end-of-turn token to the saved "
+        f"model's stop tokens")
     return ok("template", f"{read} rendered; every assistant target ends in {_name(tokenizer, eot)}, {how}{stop}")
 
 
