@@ -25,6 +25,7 @@ from distill.check.served import check_served
 from distill.check.templates import check_rendering
 from distill.check.tokenizers import check_tokenizers
 from distill.check.verdicts import exit_code, report
+from distill.errors import DistillError
 from distill.models import load_tokenizer
 
 from test_generate_llamacpp import llama_server, llama_url  # noqa: F401  (the real server's fixtures)
@@ -310,6 +311,9 @@ def test_a_plan_that_fits_8x80_but_not_1x24(qwen_like):
     assert "does not fit 1x 24GiB card" in message(small, "memory")
     assert levels(large, "memory") == ["ok"] and "FSDP2 over 8" in message(large, "memory")
     assert levels(run_checks(student=str(student), max_length=8192), "memory") == ["skipped"]  # no GPU named here
+    assert parse_gpus("4 x A100-80GB") == (4, 80.0, "A100-80GB") and parse_gpus("H200") == (1, 140.4, "H200")
+    with pytest.raises(DistillError, match="--gpus 'eight H100s'"):
+        parse_gpus("eight H100s")
 
 
 def test_a_plan_that_does_not_fit_names_the_change_that_does():
