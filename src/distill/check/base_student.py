@@ -12,14 +12,11 @@ end-of-turn token of its own, or when its generation config does not stop on tha
 
 from __future__ import annotations
 
+from distill.check.templates import token_name
 from distill.check.verdicts import Verdict, error, ok, warning
 from distill.rendering import end_of_turn_id, template_ends_turn
 
 CHECK = "base-student"
-
-
-def _name(tokenizer, token_id: int) -> str:
-    return f"{tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id})"
 
 
 def base_signs(tokenizer, stop_ids: list[int] | None) -> list[str]:
@@ -27,11 +24,12 @@ def base_signs(tokenizer, stop_ids: list[int] | None) -> list[str]:
     eot = end_of_turn_id(tokenizer)
     signs = []
     if not template_ends_turn(tokenizer):
-        signs.append(f"its chat template writes no end-of-turn token (distill appends EOS {_name(tokenizer, eot)})")
+        signs.append(f"its chat template writes no end-of-turn token (distill appends EOS "
+                     f"{token_name(tokenizer, eot)})")
     if stop_ids is not None and eot not in stop_ids:
-        stops = ", ".join(_name(tokenizer, i) for i in stop_ids) or "nothing"
+        stops = ", ".join(token_name(tokenizer, i) for i in stop_ids) or "nothing"
         signs.append(f"its generation config stops on {stops}, not on the template's end-of-turn "
-                     f"{_name(tokenizer, eot)}: it was not trained to end a turn")
+                     f"{token_name(tokenizer, eot)}: it was not trained to end a turn")
     return signs
 
 
@@ -45,7 +43,7 @@ def check_base_student(tokenizer, *, student: str, stop_ids: list[int] | None, o
                       "give it the teacher's chat template (chat_template in its tokenizer_config.json), then SFT "
                       "on the teacher's traces before any on-policy step")]
     signs = base_signs(tokenizer, stop_ids)
-    eot = _name(tokenizer, end_of_turn_id(tokenizer))
+    eot = token_name(tokenizer, end_of_turn_id(tokenizer))
     if not signs:
         return [ok(CHECK, f"student '{student}' ends its turns with {eot}, as its template and generation config "
                           f"agree: an Instruct-style student")]
@@ -54,7 +52,7 @@ def check_base_student(tokenizer, *, student: str, stop_ids: list[int] | None, o
         teacher = ""
         if teacher_tokenizer is not None and teacher_tokenizer.chat_template:
             teacher_eot = end_of_turn_id(teacher_tokenizer)
-            teacher = f" (the teacher ends its turns with {_name(teacher_tokenizer, teacher_eot)})"
+            teacher = f" (the teacher ends its turns with {token_name(teacher_tokenizer, teacher_eot)})"
         return [warning(CHECK, f"Base-style student '{student}': {why}{teacher}. Sent on-policy with no SFT step "
                                f"first, its rollouts will not end their turn and run to --rollout-max-tokens: the "
                                f"runaway-length failure (ms-swift #9526)",

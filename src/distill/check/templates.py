@@ -2,8 +2,8 @@
 
 ``rendering.tokenize_example`` labels the assistant's tokens through the end-of-turn token. Three
 things go wrong there without an error: a template that strips the reasoning from assistant turns
-(DeepSeek-R1-Distill's keeps only what follows ``</think>``; open-r1 overrides it, ms-swift's
-think_model.sh and OPSD #18 met the same), so the student learns answers without reasoning;
+(DeepSeek-R1-Distill's keeps only what follows ``</think>``, which open-r1 overrides; issue #38
+cites ms-swift's think_model.sh and OPSD #18 too), so the student learns answers without reasoning;
 sequences over ``max_length``, dropped (fewer, shorter examples) or truncated (their end-of-turn
 cut off, so the student is taught not to stop); and a template whose turns end in no token of
 their own. This reports each, with counts, from the first ``sample`` traces.
@@ -75,20 +75,20 @@ def check_rendering(tokenizer, traces: str, *, think_style: str, max_length: int
             _length(lengths, max_length, overlong, read)]
 
 
-def _name(tokenizer, token_id: int) -> str:
+def token_name(tokenizer, token_id: int) -> str:
     return f"{tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id})"
 
 
 def _template(tokenizer, eot: int, read: str, without_eot: int) -> Verdict:
     if without_eot:  # tokenize_example labels the end-of-turn token itself: this is a template it misreads
-        return error("template", f"{without_eot} of {read} do not end their target in {_name(tokenizer, eot)}",
+        return error("template", f"{without_eot} of {read} do not end their target in {token_name(tokenizer, eot)}",
                      "report it: rendering.tokenize_example should label the end-of-turn token")
     how = ("which the template writes" if template_ends_turn(tokenizer)
            else "which distill appends: the template writes no end-of-turn token of its own")
     stop = "" if eot == tokenizer.eos_token_id else (
-        f"; EOS is {_name(tokenizer, tokenizer.eos_token_id)}, and distill adds the end-of-turn token to the saved "
-        f"model's stop tokens")
-    return ok("template", f"{read} rendered; every assistant target ends in {_name(tokenizer, eot)}, {how}{stop}")
+        f"; EOS is {token_name(tokenizer, tokenizer.eos_token_id)}, and distill adds the end-of-turn token to the "
+        f"saved model's stop tokens")
+    return ok("template", f"{read} rendered; every assistant target ends in {token_name(tokenizer, eot)}, {how}{stop}")
 
 
 def _think(think_style: str, with_reasoning: int, dropped: list[int], traces: str) -> list[Verdict]:
