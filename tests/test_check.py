@@ -130,6 +130,13 @@ def test_renamed_special_tokens_are_one_family_but_not_one_tokenizer(qwen2_tok):
     assert [v.level for v in found] == ["error"] and "one tokenizer family" in found[0].message
 
 
+def test_an_api_teacher_is_fine_for_sft_and_refused_for_kd(smollm2_dir):
+    sft = run_checks(student=str(smollm2_dir), teacher="deepseek-reasoner")
+    assert levels(sft, "tokenizers") == ["ok"] and exit_code(sft) == 0
+    kd = run_checks(student=str(smollm2_dir), teacher="deepseek-reasoner", method="kd")
+    assert levels(kd, "teacher") == ["error"] and "--method sft" in message(kd, "teacher")
+
+
 # ---------------------------------------------------------------- the student's template and the traces
 
 

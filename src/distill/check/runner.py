@@ -18,7 +18,7 @@ from distill.check.protocol import check_protocol
 from distill.check.served import check_served
 from distill.check.templates import check_rendering
 from distill.check.tokenizers import check_tokenizers
-from distill.check.verdicts import Verdict, error, skipped
+from distill.check.verdicts import Verdict, error, ok, skipped
 from distill.errors import DistillError
 
 #: Traces rendered by default: enough for the shares over the length limit, quick on any file.
@@ -60,7 +60,7 @@ def resolve(kind: str, name: str) -> Model:
     preset = load_yaml(preset_file) if preset_file else {"model": name}
     model = Model(name, preset)
     if preset.get("kind", "local") != "local" or not preset.get("model"):
-        model.missing = f"'{name}' is an API model ({preset.get('base_url', 'no local weights')})"
+        model.missing = model.shape_source = f"'{name}' is an API model ({preset.get('base_url', 'no local weights')})"
         return model
     path, keep = str(preset["model"]), None
     if preset.get("init_from") and not Path(path, "config.json").is_file():
@@ -117,7 +117,9 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
             verdicts += check_tokenizers(s.tokenizer, t.tokenizer, student=student, teacher=teacher,
                                          student_rows=s.shape and s.shape.vocab, teacher_rows=t.shape and t.shape.vocab,
                                          logit_kd=logit_kd)
-        else:
+        elif t.path is None and not logit_kd:
+            verdicts.append(ok("tokenizers", f"{t.missing}: SFT on its traces needs no shared tokenizer"))
+        elif not logit_kd or t.path is not None:
             verdicts.append(skipped("tokenizers", f"teacher tokenizer not compared: {t.missing}"))
     if s.tokenizer is not None:
         if traces:
@@ -130,7 +132,7 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
     if s.shape is None:
         verdicts.append(skipped("memory", f"not estimated: {s.shape_source}"))
     else:
-        online = t if logit_kd and t is not None and not teacher_url else None
+        online = t if logit_kd and t is not None and t.path is not None and not teacher_url else None
         if online is not None and online.shape is None:
             verdicts.append(skipped("memory", f"not estimated: the teacher's {online.shape_source}"))
         else:
