@@ -119,7 +119,7 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
                                          logit_kd=logit_kd)
         elif t.path is None and not logit_kd:
             verdicts.append(ok("tokenizers", f"{t.missing}: SFT on its traces needs no shared tokenizer"))
-        elif not logit_kd or t.path is not None:
+        elif t.path is not None:  # an API teacher under KD: refused above
             verdicts.append(skipped("tokenizers", f"teacher tokenizer not compared: {t.missing}"))
     if s.tokenizer is not None:
         if traces:
