@@ -189,6 +189,8 @@ def test_thirty_percent_over_the_length_limit(smollm2_dir, tmp_path):
     longest = int(message(dropped, "length").split("--max-length ")[-1].split(" ")[0].replace(",", ""))
     fixed = check(longest, "drop")
     assert levels(fixed, "length") == ["ok"] and exit_code(fixed) == 0, report(fixed)
+    not_yet = run_checks(student=str(smollm2_dir), traces=str(tmp_path / "later.jsonl"))
+    assert levels(not_yet, "traces") == ["skipped"] and exit_code(not_yet) == 0
 
 
 # ---------------------------------------------------------------- a Base student sent on-policy

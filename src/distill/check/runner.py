@@ -122,7 +122,10 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
         elif t.path is not None:  # an API teacher under KD: refused above
             verdicts.append(skipped("tokenizers", f"teacher tokenizer not compared: {t.missing}"))
     if s.tokenizer is not None:
-        if traces:
+        if traces and not Path(traces).is_file():
+            verdicts.append(skipped("traces", f"{traces} is not written yet (an earlier step makes it): template, "
+                                              f"think and length checks not run"))
+        elif traces:
             style = think_style or s.preset.get("think_style") or "think"
             verdicts += check_rendering(s.tokenizer, traces, think_style=style, max_length=max_length,
                                         overlong=overlong, sample=trace_sample)
