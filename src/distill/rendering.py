@@ -137,6 +137,12 @@ def end_of_turn_id(tokenizer) -> int:
     return _end_of_turn(tokenizer)[0]
 
 
+def template_ends_turn(tokenizer) -> bool:
+    """Whether the chat template writes its own end-of-turn special token (else distill appends EOS:
+    a Base-style template, whose model learns to stop only from training)."""
+    return _end_of_turn(tokenizer)[1]
+
+
 def render_prompt(messages: list[dict], tokenizer) -> list[int]:
     """Prompt turns -> the tokens a model continues from (the template's generation prompt included)."""
     return _encode(tokenizer, _render(tokenizer, messages, True))

@@ -8,7 +8,8 @@ a test can write down (:func:`teacher_top`): after token ``p`` the teacher ranks
 evenly. The faults of ``FaultServer`` (429, 5xx, slow, dropped connections) hit every request,
 keyed by its prompt. Options make it a server distill must refuse: no log-probs, a lower
 ``max_logprobs``, another tokenizer (every id shifted by one), or no ``/tokenize`` endpoint;
-``max_model_len`` makes it refuse longer prompts as vLLM does.
+``max_model_len`` makes it refuse longer prompts as vLLM does; ``tempered`` divides its log-probs by
+the request's temperature, which vLLM's prompt log-probs never are (verl #6867).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def teacher_logprob(prev: int, token: int, vocab: int) -> float:
 
 class ScoringServer(FaultServer):
     def __init__(self, tokenizer, *, max_logprobs: int = 20, logprobs: bool = True, tokenize: bool = True,
-                 vocab_shift: int = 0, max_model_len: int = 4096, **kwargs):
+                 vocab_shift: int = 0, max_model_len: int = 4096, tempered: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.tokenizer, self.vocab, self.max_model_len = tokenizer, len(tokenizer), max_model_len
+        self.tempered = tempered
         self.max_logprobs, self.logprobs, self.tokenize, self.vocab_shift = max_logprobs, logprobs, tokenize, vocab_shift
         self.scored: list[list[int]] = []  # every prompt scored with a 200
 
@@ -75,7 +77,9 @@ class ScoringServer(FaultServer):
                                     f"you requested {len(ids) + body.get('max_tokens', 16)} tokens.")
         choice = {"index": 0, "text": " the", "logprobs": None, "finish_reason": "length", "stop_reason": None}
         if self.logprobs and k is not None:
-            choice["prompt_logprobs"] = [None] + [self.position(prev, token, k) for prev, token in zip(ids, ids[1:])]
+            scale = 1 / body.get("temperature", 1.0) if self.tempered else 1.0
+            choice["prompt_logprobs"] = [None] + [self.position(prev, token, k, scale)
+                                                  for prev, token in zip(ids, ids[1:])]
         with self._lock:
             self.scored.append(ids)
         return 200, {"id": f"cmpl-{len(self.bodies)}", "object": "text_completion", "model": body.get("model"),
@@ -86,12 +90,12 @@ class ScoringServer(FaultServer):
     def bad_request(message: str) -> tuple[int, dict]:
         return 400, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
 
-    def position(self, prev: int, token: int, k: int) -> dict:
+    def position(self, prev: int, token: int, k: int, scale: float = 1.0) -> dict:
         top, lps, _ = teacher_top(prev, k, self.vocab)
         entries = {i: (lp, j + 1) for j, (i, lp) in enumerate(zip(top, lps))}
         if token not in entries:
             order = ranked(prev, self.vocab)
             entries[token] = (teacher_logprob(prev, token, self.vocab),
                               order.index(token) + 1 if token in order else RANKED + 1)
-        return {str(i): {"logprob": lp, "rank": rank, "decoded_token": self.tokenizer.decode([i])}
+        return {str(i): {"logprob": lp * scale, "rank": rank, "decoded_token": self.tokenizer.decode([i])}
                 for i, (lp, rank) in entries.items()}
