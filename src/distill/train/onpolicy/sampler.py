@@ -167,7 +167,8 @@ class StaticSampler:
         self.max_tokens, self.sampling, self.check_every = max_tokens, sampling, check_every
         self.stop_ids = list(stop_ids)
         self.pad_id = pad_id if pad_id is not None else (self.stop_ids or [0])[0]
-        self.graphs, self.memory_fraction, self.dtype = graphs, memory_fraction, dtype
+        self.mode = graphs if graphs != "auto" else "compile" if torch.cuda.is_available() else "eager"
+        self.memory_fraction, self.dtype = memory_fraction, dtype
         self.stats: dict = {}
         self._shadow = self._cache = self._replay = None
         self._rows = self._length = 0
@@ -176,18 +177,12 @@ class StaticSampler:
 
     @property
     def name(self) -> str:
-        return f"graph:{self.mode}" if self._shadow is not None else f"graph:{self.graphs}"
+        return f"graph:{self.mode}"
 
     @property
     def model(self):
         """The copy of the student it samples from (None before the first call)."""
         return self._shadow
-
-    @property
-    def mode(self) -> str:
-        if self.graphs != "auto" or self._shadow is None:
-            return self.graphs
-        return "compile" if self._shadow.device.type == "cuda" else "eager"
 
     def generate(self, model, prompts: list[list[int]], seed: int) -> list[list[int]]:
         dtype = self.dtype or (torch.bfloat16 if model.device.type == "cuda" else model.dtype)
