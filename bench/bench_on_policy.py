@@ -157,7 +157,8 @@ def rollout_row(engine: str, per_prompt: int, student, tok, prompts: list[list[i
     settings = RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, per_prompt=per_prompt,
                                cache="static" if cuda else "dynamic")
     sampler = HFRollouts(tok, settings, stop_ids=[]) if engine == "hf" else \
-        GraphRollouts(tok, settings, stop_ids=[], graphs=engine)
+        GraphRollouts(tok, settings, stop_ids=[], graphs=engine, max_prompts=len(prompts),
+                      prompt_tokens=ARGS.prompt_tokens)
     row = {"name": sampler.name, "sequences": len(prompts) * per_prompt, "seconds": 0.0, "step_s": 0.0,
            "prefill_s": 0.0, "tokens": 0}
     try:
@@ -224,7 +225,8 @@ def rollout_rows(s_spec, tok, cuda: bool) -> None:
 
 def distill_row(name: str, student, teacher, data: Rows, tok, cuda: bool) -> dict:
     settings = RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, cache=name)
-    engine = rollout_engine(tok, settings, student, engine="graph", stop_ids=[EOS]) if name == "graph" else \
+    engine = rollout_engine(tok, settings, student, engine="graph", stop_ids=[EOS], max_prompts=ARGS.batch,
+                            prompt_tokens=ARGS.prompt_tokens) if name == "graph" else \
         HFRollouts(tok, settings, stop_ids=[EOS])
     schedule = OnPolicy(1.0, engine, {i: p for i, p in enumerate(data.items)}, tok)
     trainer = KDTrainer(model=student, args=args_for(cuda, ARGS.batch, ARGS.steps, "/tmp/bench_op_distill"),

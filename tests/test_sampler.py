@@ -153,6 +153,23 @@ def test_the_next_rollout_reads_the_live_weights(tiny_llama):
     assert engine.sampler.model is copy
 
 
+def test_a_call_past_the_plan_grows_it_and_a_planned_sampler_is_captured_once(tiny_llama):
+    """More prompts or a longer one than planned: the cache grows (and the step is captured again), and
+    sampling is as if it had been planned so from the start."""
+    tok, model = load(tiny_llama)
+    settings = RolloutSettings(max_tokens=6)
+    short, prompts = [tok("a")["input_ids"]], [tok("a")["input_ids"], tok("b c")["input_ids"], list(range(5, 205))]
+    grown = GraphRollouts(tok, settings, stop_ids=[])
+    grown.sample(model, short, seed=0)
+    assert grown.sampler.planned == (1, 128)
+    planned = GraphRollouts(tok, settings, stop_ids=[], max_prompts=3, prompt_tokens=200)
+    planned.sample(model, short, seed=0)
+    assert planned.sampler.planned == (3, 256)  # 200 + 6 columns, in multiples of 128
+    assert [r.completion for r in grown.sample(model, prompts, seed=4)] == \
+        [r.completion for r in planned.sample(model, prompts, seed=4)]
+    assert grown.sampler.planned == planned.sampler.planned == (3, 256)
+
+
 def test_torch_compile_runs_the_same_step(tiny_llama):
     """The step as torch.compile traces it (whole, ``fullgraph``: no host syncs, no graph breaks) samples
     the same tokens as the eager step for a seed; on a GPU this is the CUDA-graphed ``compile`` mode."""

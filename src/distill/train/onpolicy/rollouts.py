@@ -137,14 +137,16 @@ class HFRollouts:
 
 class GraphRollouts:
     """Rollouts from :class:`sampler.StaticSampler`: every prompt's ``per_prompt`` rollouts decode as
-    one batch, each decoding step one graph replay. ``options``: the sampler's ``graphs``,
-    ``check_every``, ``memory_fraction``, ``dtype``."""
+    one batch, each decoding step one graph replay. ``max_prompts`` (prompts a call, when known) and
+    ``options`` (the sampler's ``graphs``, ``check_every``, ``memory_fraction``, ``dtype``,
+    ``prompt_tokens``) plan it."""
 
-    def __init__(self, tokenizer, settings: RolloutSettings, stop_ids: list[int] | None = None, **options):
+    def __init__(self, tokenizer, settings: RolloutSettings, stop_ids: list[int] | None = None, max_prompts: int = 1,
+                 **options):
         self.settings = settings
         self.stop_ids = stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
         self.sampler = StaticSampler(settings.max_tokens, settings.sampling(), self.stop_ids, tokenizer.pad_token_id,
-                                     **options)
+                                     rows=max_prompts * settings.per_prompt, **options)
 
     @property
     def name(self) -> str:
@@ -161,7 +163,9 @@ def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "a
     """The engine for ``engine`` (``auto``, ``graph``, ``hf``); ``sharded``: the run's sharding of the
     student ("FSDP2", "ZeRO-3", None), known before the Trainer wraps it. ``auto`` is the graph sampler
     on a GPU when it can run the student, else ``generate`` (static cache on a GPU when the student can
-    be copied); ``graph`` refuses a student it cannot run, and runs eagerly on a CPU."""
+    be copied); ``graph`` refuses a student it cannot run, and runs eagerly on a CPU. ``options`` go to
+    :class:`GraphRollouts` (e.g. ``max_prompts``: the per-device batch size, ``prompt_tokens``: the
+    longest training prompt, so that the sampler is planned and captured once)."""
     import torch
 
     if engine not in ENGINES:

@@ -43,7 +43,8 @@ from distill.errors import DistillError
 #: the name the step's attention is registered under with transformers' ``AttentionInterface``
 ATTENTION = "distill_decode"
 GRAPHS = ("auto", "cuda-graph", "compile", "eager")
-WARM_UP_STEPS = 3  # cudagraph trees: a warm-up run, a recording, then replays; torch.cuda.graph: warm-up on a side stream
+#: steps run before replays: cudagraph trees warm up, then record; torch.cuda.graph warms up on a side stream
+WARM_UP_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,14 @@ class StaticSampler:
     ``generate(model, prompts, seed)`` refreshes the shadow copy from ``model`` and returns a row per
     prompt: its sampled tokens through its first stop token, ``pad_id`` after it. A seed reproduces
     a rollout on the same device. ``stats`` holds the last call's prefill and decoding seconds and
-    steps. ``memory_fraction``: the share of the free GPU memory the cache may take.
+    steps. ``memory_fraction``: the share of the free GPU memory the cache may take. ``rows`` and
+    ``prompt_tokens``: the most prompts a call will have and the longest prompt, when known: the cache
+    is then planned (and the step captured or compiled) once, not again when a call needs more.
     """
 
     def __init__(self, max_tokens: int, sampling: Sampling, stop_ids: list[int], pad_id: int | None = None, *,
-                 graphs: str = "auto", check_every: int = 32, memory_fraction: float = 0.5, dtype=None):
+                 graphs: str = "auto", check_every: int = 32, memory_fraction: float = 0.5, dtype=None,
+                 rows: int = 1, prompt_tokens: int = 1):
         if graphs not in GRAPHS:
             raise DistillError(f"sampler graphs: one of {', '.join(GRAPHS)}; got {graphs!r}")
         if check_every < 1 or not 0 < memory_fraction <= 1:
@@ -172,12 +176,18 @@ class StaticSampler:
         self.stats: dict = {}
         self._shadow = self._cache = self._replay = None
         self._rows = self._length = 0
+        self._least = (rows, prompt_tokens)
         self._warpers = sampling.warpers()
         _register_attention()
 
     @property
     def name(self) -> str:
         return f"graph:{self.mode}"
+
+    @property
+    def planned(self) -> tuple[int, int]:
+        """(rows, columns) of the cache the step is captured on."""
+        return self._rows, self._length
 
     @property
     def model(self):
@@ -207,11 +217,12 @@ class StaticSampler:
         return rows
 
     def _plan(self, rows: int, width: int) -> None:
-        """A cache and step buffers for at least ``rows`` x (``width`` + ``max_tokens``), and the step captured on them."""
+        """A cache and buffers for at least ``rows`` x (``width`` + ``max_tokens``), and the step captured on them."""
+        width = max(width, self._least[1])
         length = -(-(width + self.max_tokens) // 128) * 128  # columns in multiples of 128: aligned attention masks
         if rows <= self._rows and length <= self._length:
             return
-        rows, length = max(rows, self._rows), max(length, self._length)
+        rows, length = max(rows, self._rows, self._least[0]), max(length, self._length)
         self._cache = self._replay = None
         device, vocab = self._shadow.device, self._shadow.get_output_embeddings().weight.shape[0]
         if device.type == "cuda":
@@ -264,8 +275,8 @@ class StaticSampler:
 
     def _decode(self) -> None:
         """One decoding step on the static buffers: the last tokens through the student, then the pick."""
-        column = self._cache.layers[0].cumulative_length  # where this step's keys and values go (the forward moves it on)
-        index = column - self._width + 1                   # the output column of the token it picks (the prefill picked 0)
+        column = self._cache.layers[0].cumulative_length  # where this step's keys and values go (the forward adds 1)
+        index = column - self._width + 1                   # the output column of its token (the prefill picked 0)
         allowed = (self._columns >= self._start[:, None]) & (self._columns <= column)
         logits = self._shadow(input_ids=self._tokens[:, None], attention_mask=self._additive(allowed[:, None, None]),
                               position_ids=(column - self._start)[:, None], cache=self._cache,
