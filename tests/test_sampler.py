@@ -137,7 +137,8 @@ def test_a_seed_reproduces_a_rollout_and_leaves_the_global_rng_alone(tiny_llama)
 
 def test_the_next_rollout_reads_the_live_weights(tiny_llama):
     """After the student's weights change (a training step), the next rollout samples from the new
-    weights, from the same copy, refreshed in place (no copy or reload per step)."""
+    weights, from the same copy, refreshed in place (no copy or reload per step); the student keeps its
+    own attention and dtype."""
     tok, model = load(tiny_llama)
     settings = RolloutSettings(max_tokens=6, temperature=0.0)
     engine, today = GraphRollouts(tok, settings, stop_ids=[]), HFRollouts(tok, settings, stop_ids=[])
@@ -151,6 +152,7 @@ def test_the_next_rollout_reads_the_live_weights(tiny_llama):
     second = engine.sample(model, prompt, 0)[0].completion
     assert second == today.sample(model, prompt, 0)[0].completion and second != first
     assert engine.sampler.model is copy
+    assert model.config._attn_implementation == "sdpa" and model.dtype == torch.float32  # the student is untouched
 
 
 def test_a_call_past_the_plan_grows_it_and_a_planned_sampler_is_captured_once(tiny_llama):

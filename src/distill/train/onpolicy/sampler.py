@@ -32,6 +32,7 @@ kernels; cudagraph trees replay them), ``eager`` runs the same code as is (the C
 from __future__ import annotations
 
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from itertools import chain
 
@@ -116,8 +117,8 @@ def refreshed_copy(model, copy=None, dtype=torch.bfloat16, attn_implementation: 
     with torch.no_grad():
         if copy is None:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            with torch.device("meta"):
-                copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, **extra)
+            with torch.device("meta"):  # a config of its own: from_config sets the attention on the one it gets
+                copy = AutoModelForCausalLM.from_config(deepcopy(model.config), dtype=dtype, **extra)
             copy.to_empty(device=model.get_input_embeddings().weight.device)
             copy.tie_weights()  # to_empty made tied parameters separate tensors
             copy.generation_config = model.generation_config
