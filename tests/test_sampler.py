@@ -184,6 +184,24 @@ def test_torch_compile_runs_the_same_step(tiny_llama):
     assert engine.name == "graph:compile"
 
 
+def test_a_step_torch_compile_fails_on_runs_captured_as_it_is(tiny_llama, monkeypatch, caplog):
+    """Fault injection: torch.compile raising on the step. The sampler says so, runs the step as it is
+    (torch.cuda.graph on a GPU, eagerly here), samples the same tokens, and its name says which ran."""
+    tok, model = load(tiny_llama)
+    prompts = [tok("a b c d e")["input_ids"], tok("x")["input_ids"]]
+    settings = RolloutSettings(max_tokens=8)
+    eager = GraphRollouts(tok, settings, stop_ids=[], graphs="eager").sample(model, prompts, seed=3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no kernel for this op")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    engine = GraphRollouts(tok, settings, stop_ids=[], graphs="compile")
+    assert [r.completion for r in engine.sample(model, prompts, seed=3)] == [r.completion for r in eager]
+    assert engine.name == "graph:eager"
+    assert "torch.compile failed on the decoding step (RuntimeError: inductor: no kernel" in caplog.text
+
+
 def test_the_engine_falls_back_where_the_sampler_cannot_run(tiny_llama):
     from peft import LoraConfig, get_peft_model
 

@@ -31,6 +31,7 @@ kernels; cudagraph trees replay them), ``eager`` runs the same code as is (the C
 
 from __future__ import annotations
 
+import logging
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ import torch
 
 from distill.distributed import sharded_over_processes
 from distill.errors import DistillError
+
+log = logging.getLogger(__name__)
 
 #: the name the step's attention is registered under with transformers' ``AttentionInterface``
 ATTENTION = "distill_decode"
@@ -306,6 +309,15 @@ class StaticSampler:
         return torch.zeros(allowed.shape, dtype=self._shadow.dtype, device=allowed.device).masked_fill_(
             ~allowed, float("-inf"))
 
+    def _compile(self, warm_up: int) -> None:
+        for t in (self._tokens, self._start, self._width, self._done, self._out, self._stops, self._columns,
+                  self._noise):
+            torch._dynamo.mark_static_address(t)  # cudagraph trees replay steps that mutate these in place
+        decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self._replay = lambda: (self._draw_noise(), decode())
+        for _ in range(warm_up):
+            self._replay()
+
     def _capture(self) -> None:
         """``_replay``: one decoding step, as ``mode`` runs it."""
         warm_up = min(WARM_UP_STEPS, self.max_tokens - 1)  # the steps after the one-token prefill stay in the output
@@ -314,13 +326,14 @@ class StaticSampler:
         if self.mode == "eager" or warm_up == 0:
             self._replay = self._step
         elif self.mode == "compile":
-            for t in (self._tokens, self._start, self._width, self._done, self._out, self._stops, self._columns,
-                      self._noise):
-                torch._dynamo.mark_static_address(t)
-            decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            self._replay = lambda: (self._draw_noise(), decode())
-            for _ in range(warm_up):
-                self._replay()
+            try:
+                self._compile(warm_up)
+            except Exception as e:  # the same step, captured as it is, still keeps the host out of the loop
+                self.mode = "cuda-graph" if self._shadow.device.type == "cuda" else "eager"
+                log.warning("on-policy sampler: torch.compile failed on the decoding step (%s: %.300s); running it "
+                            "as %s instead", type(e).__name__, e, self.mode)
+                self._prefill([[self.pad_id]] * self._rows, 1)  # the warm-up steps moved on
+                self._capture()
         else:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
