@@ -206,7 +206,8 @@ def rollout_rows(s_spec, tok, cuda: bool) -> None:
         if "error" in r:
             print(f"| {r['name']} | failed: {r['error']} | | | | | | |")
             continue
-        mean_kv = cache_bytes(student.config, r["sequences"], ARGS.prompt_tokens + ARGS.new_tokens // 2, torch.bfloat16)
+        mean_kv = cache_bytes(student.config, r["sequences"], ARGS.prompt_tokens + ARGS.new_tokens // 2,
+                              torch.bfloat16)
         kv_ms = bound_ms + 1e3 * mean_kv / per_second
         print(f"| {r['name']} | {r['sequences']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.3f} | {bound_ms:.3f} / "
               f"{kv_ms:.3f} | {r['step_ms'] / bound_ms:.2f} | {r['prefill_ms']:.0f} | {r['peak_gib']:.1f} |")
@@ -224,7 +225,7 @@ def rollout_rows(s_spec, tok, cuda: bool) -> None:
 
 
 def distill_row(name: str, student, teacher, data: Rows, tok, cuda: bool) -> dict:
-    settings = RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, cache=name)
+    settings = RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, cache="static" if name == "graph" else name)
     engine = rollout_engine(tok, settings, student, engine="graph", stop_ids=[EOS], max_prompts=ARGS.batch,
                             prompt_tokens=ARGS.prompt_tokens) if name == "graph" else \
         HFRollouts(tok, settings, stop_ids=[EOS])
