@@ -61,13 +61,14 @@ def test_each_step_samples_from_the_students_distribution_on_its_prefix(tiny_qwe
     steps = []
     engine.sampler.model.get_output_embeddings().register_forward_hook(lambda m, a, out: steps.append(out[:, -1]))
     rollouts = engine.sample(model, prompts, seed=1)
-    assert len(steps) == 6
+    assert len(steps) == 6 and len(steps[0]) == 2 and len(steps[1]) == 4
     processors = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)])
     with torch.no_grad():
         for row, r in enumerate(rollouts):
             for t, token in enumerate(r.completion):
                 plain = model(torch.tensor([r.prompt + r.completion[:t]])).logits[0, -1]
-                torch.testing.assert_close(steps[t][row], plain, atol=1e-4, rtol=1e-4)
+                sampled_from = steps[t][row if t else row // 2]  # the prefill runs each prompt once for its rollouts
+                torch.testing.assert_close(sampled_from, plain, atol=1e-4, rtol=1e-4)
                 assert processors(None, plain[None])[0, token] > float("-inf")
     assert len({tuple(r.completion) for r in rollouts}) == 4  # a prompt's two rollouts are two draws
 

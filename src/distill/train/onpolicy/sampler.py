@@ -89,12 +89,17 @@ def unsupported(model) -> str | None:
     return None
 
 
-def cache_bytes(config, rows: int, length: int, dtype) -> int:
-    """The bytes of a static KV cache of ``rows`` x ``length`` tokens for a model of ``config``."""
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a model of ``config``."""
     c = config.get_text_config(decoder=True)
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return rows * length * 2 * c.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    return c.num_hidden_layers, kv_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def cache_bytes(config, rows: int, length: int, dtype) -> int:
+    """The bytes of a static KV cache of ``rows`` x ``length`` tokens for a model of ``config``."""
+    layers, kv_heads, head_dim = kv_shape(config)
+    return rows * length * 2 * layers * kv_heads * head_dim * dtype.itemsize
 
 
 def check_memory(config, rows: int, length: int, dtype, vocab: int, free: int, fraction: float) -> None:
@@ -236,6 +241,8 @@ class StaticSampler:
         from transformers import StaticCache
 
         self._cache = StaticCache(config=self._shadow.config, max_cache_len=length)
+        _, kv_heads, head_dim = kv_shape(self._shadow.config)
+        self._cache.early_initialization(rows, kv_heads, head_dim, self._shadow.dtype, device)
         new = dict(device=device)
         self._tokens = torch.zeros(rows, dtype=torch.long, **new)
         self._start = torch.zeros(rows, dtype=torch.long, **new)   # each row's first prompt column
@@ -247,31 +254,42 @@ class StaticSampler:
         self._noise = torch.ones(rows, vocab, **new)
         self._generator = torch.Generator(device)
         self._rows, self._length = rows, length
-        self._prefill([[self.pad_id]] * rows, 1)  # the cache's tensors are made by a first forward
+        self._prefill([[self.pad_id]], 1)  # the step is captured from a state a prefill leaves
         self._capture()
 
     def _prefill(self, prompts: list[list[int]], width: int) -> None:
         """The prompts, left-padded to ``width``, through the student into the cache, and the first pick.
-        Rows past the prompts are padding, done from the start."""
-        n, device = len(prompts), self._shadow.device
-        ids = torch.full((self._rows, width), self.pad_id, dtype=torch.long)
-        start = torch.zeros(self._rows, dtype=torch.long)
-        for i, p in enumerate(prompts):
+        Each distinct prompt runs once (a prompt's rollouts share its keys and values, copied into
+        their rows); rows past the prompts are padding, done from the start."""
+        from transformers import DynamicCache
+
+        distinct = {tuple(p): None for p in prompts}
+        row_of = {p: i for i, p in enumerate(distinct)}
+        rows = torch.tensor([row_of[tuple(p)] for p in prompts] + [0] * (self._rows - len(prompts)))
+        ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(distinct):
             ids[i, width - len(p):] = torch.tensor(p)
-            start[i] = width - len(p)
-        self._start.copy_(start)
-        self._width.fill_(width)
-        self._done.copy_(torch.arange(self._rows) >= n)
-        self._out.fill_(self.pad_id)
-        self._cache.reset()
-        start, query = self._start[:, None, None], torch.arange(width, device=device)[:, None]
-        cols = self._columns
+        device = self._shadow.device
+        start = (ids.shape[1] - torch.tensor([len(p) for p in distinct])).to(device)[:, None, None]
+        query = torch.arange(width, device=device)[:, None]
+        cols = query.T[None]
         allowed = ((cols >= start) & (cols <= query)) | (cols == query)  # pad columns see themselves only
+        prefilled = DynamicCache(config=self._shadow.config)
         logits = self._shadow(input_ids=ids.to(device), attention_mask=self._additive(allowed[:, None]),
-                              position_ids=(query.T - self._start[:, None]).clamp(min=0), cache=self._cache,
-                              use_cache=True, logits_to_keep=1).logits[:, -1]
+                              position_ids=(query.T - start[:, 0]).clamp(min=0), cache=prefilled, use_cache=True,
+                              logits_to_keep=1).logits[:, -1]
+        rows = rows.to(device)
+        self._cache.reset()
+        for layer, prompt_layer in zip(self._cache.layers, prefilled.layers):
+            layer.keys[:, :, :width] = prompt_layer.keys[rows]
+            layer.values[:, :, :width] = prompt_layer.values[rows]
+            layer.cumulative_length.fill_(width)
+        self._start.copy_(start[rows, 0, 0])
+        self._width.fill_(width)
+        self._done.copy_(torch.arange(self._rows, device=device) >= len(prompts))
+        self._out.fill_(self.pad_id)
         self._draw_noise()
-        self._pick(logits, torch.zeros((), dtype=torch.long, device=device))
+        self._pick(logits[rows], torch.zeros((), dtype=torch.long, device=device))
 
     def _step(self) -> None:
         self._draw_noise()
