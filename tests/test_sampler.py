@@ -51,10 +51,11 @@ def test_greedy_rollouts_are_generates_tokens_for_left_padded_prompts(which, req
 
 def test_each_step_samples_from_the_students_distribution_on_its_prefix(tiny_qwen2):
     """The logits each step samples from are those of a plain forward pass of the live student on the
-    prompt and the tokens sampled so far; every sampled token is one that transformers' processors
-    (temperature, top-k, top-p) leave in."""
+    prompt and the tokens sampled so far, also across a window of the cache (the long prompt's steps
+    write columns 252 to 257, past the first window of 256); every sampled token is one that
+    transformers' processors (temperature, top-k, top-p) leave in."""
     tok, model = load(tiny_qwen2)
-    prompts = [tok("a b c d e f g")["input_ids"], tok("x")["input_ids"]]
+    prompts = [tok("a b c d e f g")["input_ids"], list(range(5, 257))]
     settings = RolloutSettings(max_tokens=6, temperature=0.7, top_k=50, top_p=0.9, per_prompt=2)
     engine = GraphRollouts(tok, settings, stop_ids=[])
     engine.sample(model, prompts, seed=1)  # makes the copy it samples from
@@ -177,7 +178,7 @@ def test_torch_compile_runs_the_same_step(tiny_llama):
     """The step as torch.compile traces it (whole, ``fullgraph``: no host syncs, no graph breaks) samples
     the same tokens as the eager step for a seed; on a GPU this is the CUDA-graphed ``compile`` mode."""
     tok, model = load(tiny_llama)
-    prompts = [tok("a b c d e")["input_ids"], tok("x")["input_ids"]]
+    prompts = [list(range(5, 257)), tok("x")["input_ids"]]  # steps cross the cache's first window
     settings = RolloutSettings(max_tokens=8, temperature=0.7, top_k=100, top_p=0.95)
     eager = GraphRollouts(tok, settings, stop_ids=[], graphs="eager").sample(model, prompts, seed=3)
     engine = GraphRollouts(tok, settings, stop_ids=[], graphs="compile")

@@ -6,9 +6,10 @@ runs the student's own transformers modules with transformers' ``StaticCache`` a
 out of the loop, as gpt-fast (``decode_one_token``) and vLLM (``CUDAGraphRunner``) do:
 
 - Prompts of different lengths are left-padded and prefilled together, eagerly (their width
-  varies). Each row attends from its own first column on and counts its positions from there, so
-  every prompt continues as it would alone. Pad columns attend to themselves only, so nothing in
-  the cache is ever NaN.
+  varies), each distinct prompt once: its rollouts' rows get copies of its keys and values. Each
+  row attends from its own first column on and counts its positions from there, so every prompt
+  continues as it would alone. Pad columns attend to themselves only, so nothing in the cache is
+  ever NaN.
 - A decoding step feeds the last tokens, writes the cache column, builds the step's additive mask
   from the cache's own write position, and picks the next tokens on the device: temperature,
   top-k and top-p are transformers' own logits processors in ``generate``'s order; the draw is
@@ -21,7 +22,9 @@ out of the loop, as gpt-fast (``decode_one_token``) and vLLM (``CUDAGraphRunner`
   casts never run while sampling.
 - The cache (rows x length) is planned against the free GPU memory; a call that needs more rows or
   a longer prompt grows it and captures the step again. Fewer rows than planned decode as done
-  padding rows.
+  padding rows. A step attends over the cache up to the end of its ``WINDOW`` of columns, not all
+  of it (one graph per window, sharing one memory pool, as vLLM's graphs per batch size do): with
+  64 rows the cache a step reads is as large as the weights.
 
 ``graphs`` says how a step runs: ``cuda-graph`` replays a ``torch.cuda.graph`` capture of it,
 ``compile`` runs it through ``torch.compile(mode="reduce-overhead")`` (inductor fuses the small
@@ -49,6 +52,8 @@ ATTENTION = "distill_decode"
 GRAPHS = ("auto", "cuda-graph", "compile", "eager")
 #: steps run before replays: cudagraph trees warm up, then record; torch.cuda.graph warms up on a side stream
 WARM_UP_STEPS = 3
+#: a step attends over the cache in windows of this many columns (one graph each), not all of it
+WINDOW = 256
 
 
 @dataclass(frozen=True)
@@ -140,15 +145,18 @@ def refreshed_copy(model, copy=None, dtype=torch.bfloat16, attn_implementation: 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' sdpa attention, except that a one-token step folds the query heads that share a
     key/value head into one head of several queries (transformers' ``pack_gqa``, which it skips under
-    torch.compile): the cache is read once per key/value head, never repeated in memory."""
+    torch.compile): the cache is read once per key/value head, never repeated in memory; and only as
+    many columns as its mask has (the step's window)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
     if length != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    window = attention_mask.shape[-1]  # the columns the step reads: its window of the cache
     folded = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(folded, key[:, :, :window], value[:, :, :window],
+                                                           attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, 1, heads, dim), None
 
 
@@ -217,7 +225,7 @@ class StaticSampler:
             prefilled = time.perf_counter()
             while steps < self.max_tokens and not done:
                 for _ in range(min(self.check_every, self.max_tokens - steps)):
-                    self._replay()
+                    self._replay(min(self._length, (width + steps - 1) // WINDOW * WINDOW + WINDOW))
                     steps += 1
                 done = bool(self._done.all())
             rows = self._out[:len(prompts)].tolist()
@@ -291,15 +299,17 @@ class StaticSampler:
         self._draw_noise()
         self._pick(logits[rows], torch.zeros((), dtype=torch.long, device=device))
 
-    def _step(self) -> None:
+    def _step(self, window: int) -> None:
         self._draw_noise()
-        self._decode()
+        self._decode(window)
 
-    def _decode(self) -> None:
-        """One decoding step on the static buffers: the last tokens through the student, then the pick."""
+    def _decode(self, window: int) -> None:
+        """One decoding step on the static buffers: the last tokens through the student, attending over
+        the first ``window`` columns of the cache, then the pick."""
         column = self._cache.layers[0].cumulative_length  # where this step's keys and values go (the forward adds 1)
         index = column - self._width + 1                   # the output column of its token (the prefill picked 0)
-        allowed = (self._columns >= self._start[:, None]) & (self._columns <= column)
+        columns = self._columns[:window]
+        allowed = (columns >= self._start[:, None]) & (columns <= column)
         logits = self._shadow(input_ids=self._tokens[:, None], attention_mask=self._additive(allowed[:, None, None]),
                               position_ids=(column - self._start)[:, None], cache=self._cache,
                               use_cache=True).logits[:, -1]
@@ -327,17 +337,11 @@ class StaticSampler:
         return torch.zeros(allowed.shape, dtype=self._shadow.dtype, device=allowed.device).masked_fill_(
             ~allowed, float("-inf"))
 
-    def _compile(self, warm_up: int) -> None:
-        for t in (self._tokens, self._start, self._width, self._done, self._out, self._stops, self._columns,
-                  self._noise):
-            torch._dynamo.mark_static_address(t)  # cudagraph trees replay steps that mutate these in place
-        decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        self._replay = lambda: (self._draw_noise(), decode())
-        for _ in range(warm_up):
-            self._replay()
+    def _windows(self) -> list[int]:
+        return sorted({min(w, self._length) for w in range(WINDOW, self._length + WINDOW, WINDOW)})
 
     def _capture(self) -> None:
-        """``_replay``: one decoding step, as ``mode`` runs it."""
+        """``_replay(window)``: one decoding step, as ``mode`` runs it."""
         warm_up = min(WARM_UP_STEPS, self.max_tokens - 1)  # the steps after the one-token prefill stay in the output
         if self.mode == "cuda-graph" and self._shadow.device.type != "cuda":
             raise DistillError(f"sampler graphs cuda-graph: the student is on {self._shadow.device}, not a GPU")
@@ -350,18 +354,35 @@ class StaticSampler:
                 self.mode = "cuda-graph" if self._shadow.device.type == "cuda" else "eager"
                 log.warning("on-policy sampler: torch.compile failed on the decoding step (%s: %.300s); running it "
                             "as %s instead", type(e).__name__, e, self.mode)
-                self._prefill([[self.pad_id]] * self._rows, 1)  # the warm-up steps moved on
                 self._capture()
         else:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warm_up):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(self._generator)
-            # thread_local: the Trainer's data-loader threads may touch CUDA (pinned memory) meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._step()
-            self._replay = graph.replay
+            graphs, pool = {}, None
+            for window in self._windows():
+                self._prefill([[self.pad_id]], 1)  # each capture starts where a rollout's first step does
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(warm_up):
+                        self._step(window)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = graphs[window] = torch.cuda.CUDAGraph()
+                graph.register_generator_state(self._generator)
+                # one memory pool for all windows (replays never overlap, as vLLM's graphs of batch sizes);
+                # thread_local: the Trainer's data-loader threads may touch CUDA (pinned memory) meanwhile
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._step(window)
+                pool = graph.pool()
+            self._replay = lambda window: graphs[window].replay()
+
+    def _compile(self, warm_up: int) -> None:
+        for t in (self._tokens, self._start, self._width, self._done, self._out, self._stops, self._columns,
+                  self._noise):
+            torch._dynamo.mark_static_address(t)  # cudagraph trees replay steps that mutate these in place
+        # the window changes once per WINDOW steps: after its first change dynamo compiles the step for
+        # any window (automatic dynamic shapes), and cudagraph trees record a graph per window
+        decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
+        self._replay = lambda window: (self._draw_noise(), decode(window))
+        for window in self._windows():
+            self._prefill([[self.pad_id]], 1)
+            for _ in range(warm_up):
+                self._replay(window)
