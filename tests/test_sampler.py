@@ -20,6 +20,16 @@ from distill.train.onpolicy.rollouts import GraphRollouts, HFRollouts, RolloutSe
 from distill.train.onpolicy.sampler import Sampling, StaticSampler, cache_bytes, check_memory
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: these models are small, and on the shared 2-core machine a second OpenMP thread
+    made every step several times slower (its threads wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load(model_dir):
     return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
 
