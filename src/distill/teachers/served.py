@@ -44,6 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from distill.batching import batch_sequences
 from distill.errors import DistillError
 from distill.teachers.endpoints import (EndpointPool, RequestFailed, Retry, endpoint_urls, retry_after_seconds,
                                        retryable_status)
@@ -500,32 +501,6 @@ class ServedClient:
             ids[r] = torch.tensor([i for i, _ in kept], dtype=torch.int64)
             logprobs[r] = torch.tensor([lp for _, lp in kept])
         return ScoredRows(ids, logprobs, log_tail, sampled, known)
-
-
-def batch_sequences(inputs: dict, mask) -> list[tuple[list[int], list[int]]]:
-    """(token ids, target positions in them) of each sequence of a padded or packed batch, in batch order.
-
-    Padded rows: the tokens under ``attention_mask``. Packed rows (``position_ids``, no mask):
-    sequences start where the position ids restart at 0. ``mask`` is ``rendering.target_mask``.
-    """
-    input_ids = inputs["input_ids"]
-    out, counted = [], 0
-    for b in range(input_ids.shape[0]):
-        if inputs.get("attention_mask") is not None:
-            where = inputs["attention_mask"][b].nonzero().flatten().tolist() or [0]
-            spans = [(where[0], where[-1] + 1)]
-        elif inputs.get("position_ids") is not None:
-            starts = (inputs["position_ids"][b] == 0).nonzero().flatten().tolist()
-            spans = list(zip(starts, starts[1:] + [input_ids.shape[1]]))
-        else:
-            spans = [(0, input_ids.shape[1])]
-        for start, end in spans:
-            positions = mask[b, start:end - 1].nonzero().flatten().tolist()
-            counted += len(positions)
-            out.append((input_ids[b, start:end].tolist(), positions))
-    if counted != int(mask.sum()):
-        raise DistillError(f"{int(mask.sum()) - counted} target positions of the batch lie outside its sequences")
-    return out
 
 
 class ServedTeacher:
