@@ -326,10 +326,12 @@ def top_k_rows(logp, k: int, realized) -> tuple:
 
 def with_realized(ids, logprobs, log_tail, realized, realized_logprob) -> TeacherRows:
     """Rows (top k, most likely first) that may lack the realised token: it replaces the k-th entry,
-    whose mass goes to the tail (a server's top-k plus the actual token's log-prob, which it gives apart)."""
+    whose mass goes to the tail (a server's top-k plus the actual token's log-prob, which it gives apart;
+    where it did not say, NaN, at ``FLOOR``)."""
     import torch
 
     ids, logprobs, realized = ids.clone(), logprobs.clone().float(), realized.long()
+    realized_logprob = torch.nan_to_num(realized_logprob.float(), nan=FLOOR)
     missing = (ids != realized[:, None]).all(-1)
     dropped = logprobs[:, -1]
     tail = log_tail.double().exp() - realized_logprob.double().exp() + dropped.double().exp()
@@ -354,8 +356,12 @@ class Plan:
     one_hot: bool = True
 
     @classmethod
-    def join(cls, parts: list[tuple[Alignment, list[int], int]], one_hot: bool = True) -> "Plan":
-        """``parts``: per sequence (its alignment, its student target ids, its teacher rows in the batch)."""
+    def join(cls, parts: list[tuple[Alignment, list[int], int]], one_hot: bool = True, index=None) -> "Plan":
+        """``parts``: per sequence (its alignment, its student target ids, its teacher rows in the batch);
+        ``index``: the batch's target positions, checked to be as many as the student rows."""
+        if index is not None and sum(len(targets) for _, targets, _ in parts) != index.numel():
+            raise DistillError(f"the teacher side has {sum(len(t) for _, t, _ in parts)} student target tokens where "
+                               f"the batch has {index.numel()}; the examples were rendered otherwise than this batch")
         kinds, firsts, ends, owners, offset, rows = [], [], [], [], 0, 0
         for alignment, _, n_teacher in parts:
             exact = (alignment.kind == ONE_TO_ONE) | (alignment.kind == MANY_TO_ONE)
@@ -517,8 +523,8 @@ class TeacherSide:
         return sequence
 
     @staticmethod
-    def plan(sequences: list[TeacherSequence], one_hot: bool) -> Plan:
-        return Plan.join([(s.alignment, s.targets, len(s.positions)) for s in sequences], one_hot)
+    def plan(sequences: list[TeacherSequence], one_hot: bool, index=None) -> Plan:
+        return Plan.join([(s.alignment, s.targets, len(s.positions)) for s in sequences], one_hot, index)
 
 
 def _prompt(ids: list[int], targets: list[bool]) -> list[int]:

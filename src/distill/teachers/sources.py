@@ -345,9 +345,8 @@ class AlignedOnlineTeacher:
 
     def scores(self, inputs: dict, mask, example_index, index=None):
         sequences = self.side.sequences(inputs, mask, example_index)
-        _check_rows(sum(len(s.targets) for s in sequences), index)
+        plan = TeacherSide.plan(sequences, one_hot=example_index is not None, index=index)
         rows = self.rows(sequences)
-        plan = TeacherSide.plan(sequences, one_hot=example_index is not None)
         return project(rows, plan, self.vocab_map.to(rows.ids.device), self.student_rows, self.temperature)
 
     def rows(self, sequences) -> TeacherRows:
@@ -372,13 +371,6 @@ class AlignedOnlineTeacher:
                 logp = torch.log_softmax((h @ weight.to(h.dtype).T).float() / self.temperature, dim=-1)
                 parts.append((*top_k_rows(logp, min(self.top_k, logp.shape[1]), r), r))
         return TeacherRows(*(torch.cat(p) for p in zip(*parts)))
-
-
-def _check_rows(rows: int, index) -> None:
-    """The teacher side's student rows must be the batch's target tokens (``index``: their positions)."""
-    if index is not None and rows != index.numel():
-        raise DistillError(f"the teacher side has {rows} student target tokens where the batch has {index.numel()}; "
-                           "the examples were rendered otherwise than this batch")
 
 
 class AlignedCachedTeacher:
@@ -435,8 +427,7 @@ class AlignedCachedTeacher:
         ids, lps, tail = self.cache.get_many(names, mask.device)
         realized = torch.cat([self.cache.targets(name) for name in names]).long().to(mask.device)
         plan = Plan.join([(self.alignments[i], self.targets[i], len(self.cache.targets(self.trace_ids[i])))
-                          for i in order])
-        _check_rows(len(plan.kind), index)
+                          for i in order], index=index)
         return project(TeacherRows(ids, lps, tail, realized), plan, self.vocab_map.to(mask.device), self.student_rows,
                        self.cache.header["temperature"])
 
