@@ -15,7 +15,7 @@ import torch
 
 from distill.batching import Collator
 from distill.kd_losses import DenseTeacher, KDSettings, SparseTeacher, chunked_kd_loss
-from distill.rendering import RenderOptions, load_examples, target_mask
+from distill.rendering import RenderOptions, load_examples, render_prompt, target_mask
 from distill.teachers.align import (KINDS, MANY_TO_ONE, ONE_TO_MANY, ONE_TO_ONE, UNMAPPED, TeacherSide, TokenText,
                                     align, describe, vocabulary_map)
 
@@ -30,9 +30,9 @@ TEXT = ("<think>\nFirst, 1024 = 2^{10}; naïve café 東京 🙂.\n\n  x  =  3;\
 
 @pytest.fixture(scope="module")
 def tokenizers(family_tokenizers):
-    from transformers import AutoTokenizer
+    from distill.models import load_tokenizer
 
-    return {name: AutoTokenizer.from_pretrained(family_tokenizers(name)) for name in FAMILY_NAMES}
+    return {name: load_tokenizer(str(family_tokenizers(name)), require_chat_template=False) for name in FAMILY_NAMES}
 
 
 @pytest.mark.parametrize("student,teacher", list(itertools.permutations(FAMILY_NAMES, 2)))
@@ -304,3 +304,131 @@ def test_the_aligned_loss_is_the_hand_computed_one(qwen_llama, teacher_family, s
         want = by_hand(models[teacher_family], models[student_family], ex, t_tok, s_tok)
     assert float(kd) == pytest.approx(want, rel=2e-5)
     assert total.item() == pytest.approx(want, rel=2e-5)
+
+
+# ---------------------------------------------------------------- a served teacher, rollouts
+
+
+def test_a_served_teacher_of_another_tokenizer_scores_its_own_tokens(tokenizers, tmp_path):
+    """vLLM-shaped server with a made-up Qwen2 teacher whose log-probs are known: each one-to-one student row
+    is the teacher's top-k (the actual token in it) mapped onto Llama 3 ids; a rollout batch is scored as the
+    teacher's own tokens of the sampled text (prompt_logprobs), the same tokens its template gives."""
+    import sys
+    from pathlib import Path
+
+    from distill.kd_losses import PAD
+    from distill.teachers.served import AlignedServedTeacher
+
+    sys.path.insert(0, str(Path(__file__).parent / "servers"))
+    from scoring_server import ScoringServer, teacher_logprob, teacher_top
+
+    qwen, llama = tokenizers["qwen2"], tokenizers["llama3"]
+    traces = write_traces(tmp_path / "t.jsonl", [make_trace(i) for i in (3, 1024)])
+    examples, _, _ = load_examples(traces, llama, RenderOptions(), teacher_tokenizer=qwen)
+    side = TeacherSide(examples, llama, qwen, "llama3", "qwen2")
+    server = ScoringServer(qwen, model="teacher-7b", schedules=[[]]).start()
+    k, vocab = 8, len(qwen)
+    teacher = AlignedServedTeacher.connect(side=side, student_rows=len(llama), base_url=server.base_url,
+                                           model="teacher-7b", top_k=k, retry_backoff=0.05)
+    try:
+        batch = Collator(llama.pad_token_id)(examples)
+        rows = scores(teacher, batch)
+        to_student = vocabulary_map(side.teacher, side.student, vocab)
+        r, checked = 0, 0
+        for ex in examples:
+            sequence = side.by_example[ex["example_index"]]
+            for i, kind in enumerate(sequence.alignment.kind.tolist()):
+                if kind == ONE_TO_ONE:
+                    position = sequence.positions[sequence.alignment.first[i]]
+                    prev, actual = sequence.ids[position], sequence.ids[position + 1]
+                    top, lps, _ = teacher_top(prev, k, vocab)
+                    if actual not in top:  # the actual token takes the k-th place
+                        top, lps = top[:-1] + [actual], lps[:-1] + [teacher_logprob(prev, actual, vocab)]
+                    want = {int(to_student[t]): lp for t, lp in zip(top, lps) if to_student[t] >= 0}
+                    got = {int(t): float(lp) for t, lp in zip(rows.ids[r], rows.logprobs[r]) if lp > PAD / 2}
+                    assert got.keys() == want.keys() and sequence.targets[i] in got
+                    assert [got[t] for t in want] == pytest.approx(list(want.values()), abs=1e-5)
+                    checked += 1
+                r += 1
+        assert checked > 10
+        # the same tokens as rollouts (no example_index): the teacher reads the sampled text in its own tokens
+        rollouts = Collator(llama.pad_token_id)([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        server.scored.clear()
+        again = teacher.scores({k: rollouts[k] for k in ("input_ids", "attention_mask")}, target_mask(rollouts["labels"]),
+                               None, index=rollouts["target_index"])
+        assert sorted(server.scored) == sorted(side.by_example[e["example_index"]].ids for e in examples)
+        torch.testing.assert_close(again.logprobs[again.exact], rows.logprobs[rows.exact])
+    finally:
+        teacher.close()
+        server.stop()
+
+
+def test_a_rollout_in_broken_utf8_is_read_around_the_broken_bytes(tokenizers):
+    """A student may sample a byte that is not text (half a character): the teacher reads U+FFFD there, the
+    student tokens of those bytes get no teacher term on-policy, the rest aligns."""
+    qwen, llama = tokenizers["qwen2"], tokenizers["llama3"]
+    messages = [{"role": "user", "content": "Say it."}]
+    prompt, teacher_prompt = render_prompt(messages, llama), render_prompt(messages, qwen)
+    example = {"example_index": 0, "input_ids": prompt, "labels": [-100] * len(prompt),
+               "teacher_input_ids": teacher_prompt, "teacher_labels": [-100] * len(teacher_prompt)}
+    side = TeacherSide([example], llama, qwen, "llama3", "qwen2")
+    half = next(i for i, p in enumerate(side.student.pieces) if p == "東".encode()[:1])  # a lone lead byte
+    completion = llama.encode("Tokyo is", add_special_tokens=False) + [half] + llama.encode(" big.", add_special_tokens=False)
+    completion.append(llama.convert_tokens_to_ids("<|eot_id|>"))
+    ids = example["input_ids"] + completion
+    sequence = side.rollout(ids, list(range(len(example["input_ids"]) - 1, len(ids) - 1)))
+    assert qwen.decode(sequence.ids[len(example["teacher_input_ids"]):]) == "Tokyo is\ufffd big.<|im_end|>"
+    kinds = sequence.alignment.kind.tolist()
+    assert kinds[completion.index(half)] == UNMAPPED
+    assert all(kind != UNMAPPED for i, kind in enumerate(kinds) if completion[i] != half)
+    plan = TeacherSide.plan([sequence], one_hot=False)
+    assert plan.one_hot is False
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_a_cache_whose_teacher_tokenizer_cannot_be_loaded_is_refused(smol_pair, tokenizers, tmp_path):
+    from distill.errors import DistillError
+    from distill.teachers.sources import CachedTeacher
+
+    teacher, _, tok, examples, traces, _ = smol_pair
+    cache = teacher_token_cache(tmp_path / "cache", teacher, tok, examples, top_k=4)
+    (cache / "teacher-tokenizer" / "tokenizer.json").write_text("{not json")
+    llama = tokenizers["llama3"]
+    student_examples, _, _ = load_examples(traces, llama, RenderOptions())
+    with pytest.raises(DistillError) as refused:
+        CachedTeacher.open(str(cache), llama, student_examples, student="llama3", traces=traces, kd_temperature=1.0,
+                           student_rows=len(llama))
+    message = str(refused.value)
+    assert "\n" not in message and "teacher-tokenizer" in message and "cannot load the teacher's vocabulary" in message
+
+
+def test_a_teacher_without_a_chat_template_is_refused(smollm2_dir, without_chat_template, tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    from distill.errors import DistillError
+
+    base = AutoTokenizer.from_pretrained(without_chat_template(smollm2_dir))
+    traces = write_traces(tmp_path / "t.jsonl", [make_trace(1)])
+    with pytest.raises(DistillError) as refused:
+        load_examples(traces, tokenizers["llama3"], RenderOptions(), teacher_tokenizer=base)
+    message = str(refused.value)
+    assert "\n" not in message and "no chat template" in message and base.name_or_path in message
+
+
+def test_api_tokens_that_are_not_utf8_text_are_refused_before_anything_is_kept():
+    """Sampled bytes that do not decode (a lead byte followed by ASCII) are refused, naming the token; the
+    teacher's string vocabulary is left as it was."""
+    from collections import Counter
+
+    from distill.store import STRINGS_ROWS
+    from distill.teachers.api_mapping import Refusal, TeacherStrings, teacher_string_rows
+    from distill.teachers.base import top_entry
+
+    tops = [top_entry("Tok", -0.1, [("Tok", -0.1)]), top_entry("\ufffd", -0.2, [("\ufffd", -0.2, [0xE6])], [0xE6]),
+            top_entry("yo", -0.3, [("yo", -0.3)])]
+    strings = TeacherStrings()
+    with pytest.raises(Refusal, match=r"top_logprobs.*not UTF-8 text: generated token 1 .*b'\\xe6'"):
+        teacher_string_rows({"top_logprobs": tops, "finish_reason": "stop"}, strings, 2, STRINGS_ROWS, Counter())
+    assert strings.pieces == [None, b""]

@@ -195,3 +195,74 @@ def test_on_policy_the_teacher_finds_the_students_own_samples_likelier(setting):
     assert side.counts["one_to_one"] > counted  # the rollouts were aligned as they came
     after = teacher_nll_per_byte_of_samples(setting, online, student, list(prompts.values()), engine)
     assert after < 0.7 * before, (before, after)
+
+
+def deepseek_response(teacher, t_tok, trace: dict, k: int = 5) -> dict:
+    """A chat completion as DeepSeek's API returns one with ``logprobs``: the assistant turn's text, and per
+    token the string it prints (a byte fragment of a character lossily, as '\\ufffd'), its ``bytes`` and
+    the top-k alternatives, here from the teacher's own distribution over that text."""
+    from distill.rendering import render_messages, render_prompt
+    from distill.teachers.align import TokenText
+
+    content = render_messages(trace)[-1]["content"]
+    prompt = render_prompt(trace["messages"], t_tok)
+    ids = t_tok(content, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float(), -1)
+    pieces = TokenText.of(t_tok).pieces
+
+    def entry(i: int, lp: float) -> dict:
+        return {"token": pieces[i].decode("utf-8", "replace"), "logprob": lp, "bytes": list(pieces[i])}
+
+    content_logprobs = []
+    for row, token in zip(logp, ids):
+        top = row.topk(k)
+        content_logprobs.append({**entry(token, float(row[token])),
+                                 "top_logprobs": [entry(int(i), float(v)) for v, i in zip(top.values, top.indices)]})
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "deepseek-chat",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": {"content": content_logprobs}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)}}
+
+
+def test_api_top_logprobs_in_the_teachers_strings_teach_a_student_of_another_tokenizer(setting):
+    """DeepSeek-shaped replies (token strings with bytes, fragments of non-ASCII characters among them) read
+    as ``distill generate --top-logprobs`` reads them, become a cache in the teacher's token strings, and
+    that cache trains a Llama 3 student."""
+    import httpx
+
+    from distill.store import STRINGS_ROWS, CacheWriter, save_teacher_strings, token_sha
+    from distill.teachers.api import ApiTeacher
+    from distill.teachers.api_mapping import TeacherStrings, teacher_string_rows
+    from distill.teachers.sources import AlignedCachedTeacher, CachedTeacher
+    from collections import Counter
+
+    teacher, t_tok, s_tok, _, work, measure = setting
+    api = ApiTeacher(base_url="http://127.0.0.1:9/v1", model="deepseek-chat", api_key="-", api_key_env=None,
+                     temperature=1.0, top_p=1.0, max_tokens=64, top_logprobs=5)
+    traces = [dict(trace, answer=trace["answer"] + " Café 東京 ✓") for trace in KD]
+    for trace in traces:
+        completion = api._parse(httpx.Response(200, json=deepseek_response(teacher, t_tok, trace)))
+        trace.update(reasoning=completion.reasoning, answer=completion.answer, top_logprobs=completion.top_logprobs,
+                     finish_reason=completion.finish_reason, teacher={"name": "deepseek-chat", "model": "deepseek-chat"})
+    assert any("bytes" in e for t in traces for e in t["top_logprobs"])  # fragments of 東京 are printed lossily
+    path = write_traces(work / "api.jsonl", traces)
+
+    strings, counts, entries = TeacherStrings(), Counter(), []
+    for trace in traces:  # what 'distill logits' does with API traces and no --student
+        ids, lps, tails, targets = teacher_string_rows(trace, strings, 5, STRINGS_ROWS, counts)
+        entries.append({"id": trace["id"], "sha": token_sha(targets), "ids": torch.tensor(ids),
+                        "logprobs": torch.tensor(lps), "log_tail": torch.tensor(tails), "targets": torch.tensor(targets)})
+    header = {"teacher": "deepseek-chat", "source": "api top_logprobs", "tokens": "teacher", "teacher_vocab": "strings",
+              "tokenizer_sha": "strings", "vocab_size": STRINGS_ROWS, "top_k": 5, "temperature": 1.0}
+    save_teacher_strings(work / "api-cache", strings.pieces)
+    CacheWriter(work / "api-cache", header).add_shard(entries)
+    assert counts["api_rows"] == sum(len(t["top_logprobs"]) + 1 for t in traces)  # and each turn's end
+
+    examples = load_examples(path, s_tok, RenderOptions())[0]
+    opened = CachedTeacher.open(str(work / "api-cache"), s_tok, examples, student="llama3", traces=path,
+                                kd_temperature=1.0, student_rows=len(s_tok))
+    assert isinstance(opened, AlignedCachedTeacher)
+    assert opened.counts["matched_bytes"] == opened.counts["bytes"]  # the API's text is the rendered turn
+    after = held_out(setting, kd_train(setting, opened, examples))
+    assert after < 0.6 * measure["student"], (after, measure)
