@@ -413,6 +413,7 @@ def project(rows: TeacherRows, plan: Plan, vocab_map, student_vocab: int, temper
         f = first.clamp(min=0)
         t1 = rows.realized[f]
         mapped = vocab_map[rows.ids[f]]
+        mapped = mapped.where(mapped < student_vocab, -1)  # a tokenizer's ids past the student's output rows
         lp = logprobs[f]
         exact = (kind == ONE_TO_ONE) | (kind == MANY_TO_ONE)
         extra = exact & ((end - first > 1) | (vocab_map[t1] != target))

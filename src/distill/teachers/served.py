@@ -541,7 +541,7 @@ class ServedTeacher:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def submit(self, inputs: dict, mask):
+    def submit(self, inputs: dict, mask, example_index=None):
         """Start scoring a batch; the future's result is its :class:`ScoredRows` (target rows, batch order)."""
         return self.submit_sequences(batch_sequences({k: v.cpu() if hasattr(v, "cpu") else v
                                                       for k, v in inputs.items()}, mask.cpu()))

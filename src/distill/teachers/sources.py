@@ -49,8 +49,8 @@ def final_hidden_states(model, decoder, inputs: dict):
 
 
 class Teacher(Protocol):
-    """May also have ``submit(inputs, mask)``: start on a batch before the student's forward pass and
-    return a future (or None: nothing started) that ``scores(..., scored=future)`` then waits on."""
+    """May also have ``submit(inputs, mask, example_index)``: start on a batch before the student's forward
+    pass and return a future (or None: nothing started) that ``scores(..., scored=future)`` then waits on."""
 
     def scores(self, inputs: dict, mask, example_index, index=None):
         """The teacher at the batch's target positions (rows in batch order). With ``index`` a teacher
@@ -174,7 +174,7 @@ class OnlineTeacher:
             return final_hidden_states(self.model, self.model.get_decoder(),
                                        {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()})
 
-    def submit(self, inputs: dict, mask):
+    def submit(self, inputs: dict, mask, example_index=None):
         """Start the forward pass of a batch on the teacher's own stream and thread; a future of its
         hidden states and the event that marks them done. None where it runs in line (not on a GPU,
         sharded: the gathers are collectives in the processes' common order, or on another device)."""
@@ -202,18 +202,23 @@ class OnlineTeacher:
 
         from distill.kd_losses import DenseTeacher
 
-        if scored is not None:
-            hidden, done = scored.result()
-            stream = torch.cuda.current_stream(hidden.device)
-            stream.wait_event(done)
-            hidden.record_stream(stream)  # made on the teacher's stream, read and freed on this one
-        else:
-            hidden = self._hidden(inputs)
+        hidden = self.collect(scored) if scored is not None else self._hidden(inputs)
         with torch.no_grad():
             weight = whole(self.model.get_output_embeddings().weight)  # gathered whole, once per micro-batch
         device = hidden.device
         rows = hidden.flatten(0, 1)[index.to(device)] if index is not None else hidden[:, :-1][mask.to(device)]
         return DenseTeacher(rows, weight, vocab_size=self.vocab_size)
+
+    @staticmethod
+    def collect(scored):
+        """The hidden states a :meth:`submit` future made, once the current stream may read them."""
+        import torch
+
+        hidden, done = scored.result()
+        stream = torch.cuda.current_stream(hidden.device)
+        stream.wait_event(done)
+        hidden.record_stream(stream)  # made on the teacher's stream, read and freed on this one
+        return hidden
 
 
 class CachedTeacher:
@@ -343,14 +348,23 @@ class AlignedOnlineTeacher:
         return cls(OnlineTeacher.from_path(path, device, student_rows, shard), side, student_rows, top_k,
                    temperature, chunk_size)
 
-    def scores(self, inputs: dict, mask, example_index, index=None):
+    def submit(self, inputs: dict, mask, example_index=None):
+        """The teacher's sequences for this batch (a rollout aligned once, here), its tokens on its device,
+        and its forward pass over them started on its own stream where :meth:`OnlineTeacher.submit` would
+        (else None: it runs in :meth:`scores`)."""
         sequences = self.side.sequences(inputs, mask, example_index)
+        batch = self._batch(sequences)
+        return sequences, batch, self.online.submit(batch, None)
+
+    def scores(self, inputs: dict, mask, example_index, index=None, scored=None):
+        sequences, batch, future = scored or self.submit(inputs, mask, example_index)
         plan = TeacherSide.plan(sequences, one_hot=example_index is not None, index=index)
-        rows = self.rows(sequences)
+        hidden = OnlineTeacher.collect(future) if future else self.online._hidden(batch)
+        rows = self.rows(sequences, hidden)
         return project(rows, plan, self.vocab_map.to(rows.ids.device), self.student_rows, self.temperature)
 
-    def rows(self, sequences) -> TeacherRows:
-        """The teacher's top-k rows (with the realised tokens) at the sequences' positions, in order."""
+    def _batch(self, sequences) -> dict:
+        """The teacher's tokens of the sequences, right-padded, on its device."""
         import torch
 
         width = max(len(s.ids) for s in sequences)
@@ -359,9 +373,17 @@ class AlignedOnlineTeacher:
         for b, s in enumerate(sequences):
             ids[b, :len(s.ids)] = torch.tensor(s.ids)
             attention[b, :len(s.ids)] = 1
+        device = self.online.model.get_input_embeddings().weight.device
+        return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
+
+    def rows(self, sequences, hidden) -> TeacherRows:
+        """The teacher's top-k rows (with the realised tokens) at the sequences' positions, in order, from
+        its final hidden states over :meth:`_batch`."""
+        import torch
+
+        width = hidden.shape[1]
         at = torch.tensor([b * width + t for b, s in enumerate(sequences) for t in s.positions], dtype=torch.long)
         realized = torch.tensor([t for s in sequences for t in s.realized], dtype=torch.long)
-        hidden = self.online._hidden({"input_ids": ids, "attention_mask": attention})
         device = hidden.device
         hidden, realized = hidden.flatten(0, 1)[at.to(device)], realized.to(device)
         with torch.no_grad():

@@ -192,7 +192,8 @@ class KDTrainer(SFTTrainer):
         labels = inputs["labels"]
         used = {}
         # a served teacher (or an online one on a GPU) starts scoring now, while the student runs its forward pass
-        pending = self.teacher.submit(features, target_mask(labels)) if hasattr(self.teacher, "submit") else None
+        pending = self.teacher.submit(features, target_mask(labels), example_index) if hasattr(self.teacher, "submit") \
+            else None
 
         def teacher_scores(mask, index):
             started = time.perf_counter()
