@@ -356,7 +356,7 @@ def test_a_served_teacher_of_another_tokenizer_scores_its_own_tokens(tokenizers,
         server.scored.clear()
         again = teacher.scores({k: rollouts[k] for k in ("input_ids", "attention_mask")}, target_mask(rollouts["labels"]),
                                None, index=rollouts["target_index"])
-        assert sorted(server.scored) == sorted(side.by_example[e["example_index"]].ids for e in examples)
+        assert sorted(server.scored) == sorted(side.by_example[e["example_index"]].ids.tolist() for e in examples)
         torch.testing.assert_close(again.logprobs[again.exact], rows.logprobs[rows.exact])
     finally:
         teacher.close()
@@ -377,7 +377,7 @@ def test_a_rollout_in_broken_utf8_is_read_around_the_broken_bytes(tokenizers):
     completion.append(llama.convert_tokens_to_ids("<|eot_id|>"))
     ids = example["input_ids"] + completion
     sequence = side.rollout(ids, list(range(len(example["input_ids"]) - 1, len(ids) - 1)))
-    assert qwen.decode(sequence.ids[len(example["teacher_input_ids"]):]) == "Tokyo is\ufffd big.<|im_end|>"
+    assert qwen.decode(sequence.ids[len(example["teacher_input_ids"]):].tolist()) == "Tokyo is\ufffd big.<|im_end|>"
     kinds = sequence.alignment.kind.tolist()
     assert kinds[completion.index(half)] == UNMAPPED
     assert all(kind != UNMAPPED for i, kind in enumerate(kinds) if completion[i] != half)

@@ -43,7 +43,6 @@ there would only reinforce the sample.
 
 from __future__ import annotations
 
-import bisect
 import functools
 from collections import Counter
 from dataclasses import dataclass
@@ -89,9 +88,6 @@ class TokenText:
         """A vocabulary known only by its tokens' bytes (API log-probs); None is the end of the turn."""
         return cls([s if s is not None else END for s in strings], {i for i, s in enumerate(strings) if s is None},
                    set(), name)
-
-    def __len__(self) -> int:
-        return len(self.pieces)
 
     def stream(self, ids) -> tuple[bytes, np.ndarray]:
         """The tokens' bytes back to back, and where each token ends in them."""
@@ -150,7 +146,8 @@ def _vocabulary_map(teacher: TokenText, student: TokenText) -> np.ndarray:
         student_ids = _first_ids(student, control)
         for piece, i in _first_ids(teacher, control).items():
             out[i] = student_ids.get(piece, -1)
-    out[teacher.end_of_turn] = student.end_of_turn
+    if teacher.ends:
+        out[teacher.end_of_turn] = student.end_of_turn
     for i in teacher.ends - {teacher.end_of_turn}:  # EOS where a template ends turns otherwise
         out[i] = next(iter(student.ends - {student.end_of_turn}), -1)
     return out
@@ -195,30 +192,28 @@ def align(student_ids, teacher_ids, student: TokenText, teacher: TokenText) -> A
     """Align two tokenizations of (nearly) the same text: the student's and the teacher's target tokens."""
     s_bytes, s_ends = student.stream(student_ids)
     t_bytes, t_ends = teacher.stream(teacher_ids)
-    runs = _matched_runs(s_bytes, t_bytes)
-    t_starts = np.concatenate([[0], t_ends[:-1]]) if len(t_ends) else t_ends
-    run_starts = [r[0] for r in runs]
-    n = len(s_ends)
-    kind = np.full(n, UNMAPPED, dtype=np.int8)
-    first = np.full(n, -1, dtype=np.int32)
-    end = np.zeros(n, dtype=np.int32)
-    start = 0
-    for i, stop in enumerate(s_ends.tolist()):
-        a, b, start = start, stop, stop
-        r = bisect.bisect_right(run_starts, a) - 1
-        if a == b or r < 0 or b > runs[r][0] + runs[r][2]:
-            continue  # empty, or not all of it in one matched run
-        a2 = a - runs[r][0] + runs[r][1]
-        b2 = a2 + (b - a)
-        j0 = int(np.searchsorted(t_starts, a2, "left"))
-        j1 = int(np.searchsorted(t_starts, b2, "left")) - 1  # the last teacher token starting before b2
-        if j0 < len(t_starts) and t_starts[j0] == a2 and j1 >= j0 and t_ends[j1] == b2:
-            kind[i] = ONE_TO_ONE if j1 == j0 else MANY_TO_ONE
-            first[i], end[i] = j0, j1 + 1
-        else:
-            kind[i] = ONE_TO_MANY
-            first[i] = int(np.searchsorted(t_starts, a2, "right")) - 1
-    return Alignment(kind, first, end, sum(r[2] for r in runs), len(s_bytes))
+    runs = np.array(_matched_runs(s_bytes, t_bytes), dtype=np.int64).reshape(-1, 3)  # (start, its twin, length)
+    s_starts, t_starts = s_ends - _lengths(s_ends), t_ends - _lengths(t_ends)
+    # the matched run each student token starts in, and whether the whole token lies in it
+    r = np.searchsorted(runs[:, 0], s_starts, "right") - 1
+    run = runs[r.clip(min=0)]
+    inside = (r >= 0) & (s_ends > s_starts) & (s_ends <= run[:, 0] + run[:, 2])
+    a = s_starts - run[:, 0] + run[:, 1]  # the token's bytes in the teacher's text: [a, b)
+    b = a + s_ends - s_starts
+    j0 = np.searchsorted(t_starts, a, "left")  # the first teacher token starting at a, if one does
+    j1 = np.searchsorted(t_starts, b, "left") - 1  # the last teacher token starting before b
+    n_t = len(t_starts)
+    exact = (inside & (j0 < n_t) & (j1 >= j0) & (t_starts[j0.clip(max=n_t - 1)] == a)
+             & (t_ends[j1.clip(0, n_t - 1)] == b)) if n_t else np.zeros_like(inside)
+    kind = np.where(exact, np.where(j1 == j0, ONE_TO_ONE, MANY_TO_ONE), np.where(inside, ONE_TO_MANY, UNMAPPED))
+    holding = np.searchsorted(t_starts, a, "right") - 1  # the teacher token that holds byte a
+    first = np.where(exact, j0, np.where(inside, holding, -1))
+    return Alignment(kind.astype(np.int8), first.astype(np.int32), np.where(exact, j1 + 1, 0).astype(np.int32),
+                     int(runs[:, 2].sum()), len(s_bytes))
+
+
+def _lengths(ends: np.ndarray) -> np.ndarray:
+    return np.diff(ends, prepend=0)
 
 
 def _matched_runs(a: bytes, b: bytes) -> list[tuple[int, int, int]]:
@@ -304,12 +299,6 @@ class TeacherRows:
     log_tail: "torch.Tensor"
     realized: "torch.Tensor"
 
-    @staticmethod
-    def cat(parts: list["TeacherRows"]) -> "TeacherRows":
-        import torch
-
-        return TeacherRows(*(torch.cat(p) for p in zip(*(vars(r).values() for r in parts))))
-
 
 def top_k_rows(logp, k: int, realized) -> tuple:
     """From full log-probs (rows, V): the top k with the ``realized`` token of each row put in place of
@@ -375,9 +364,9 @@ class Plan:
             ends.append(alignment.end + offset)
             owners.append(owner)
             offset, rows = offset + n_teacher, rows + len(alignment.kind)
-        targets = [t for _, targets, _ in parts for t in targets]
-        return cls(np.concatenate(kinds), np.concatenate(firsts), np.concatenate(ends),
-                   np.asarray(targets, dtype=np.int64), np.concatenate(owners), one_hot)
+        targets = np.concatenate([np.asarray(targets, dtype=np.int64) for _, targets, _ in parts])
+        return cls(np.concatenate(kinds), np.concatenate(firsts), np.concatenate(ends), targets,
+                   np.concatenate(owners), one_hot)
 
 
 def _ranges(lengths: np.ndarray) -> np.ndarray:
@@ -451,16 +440,16 @@ def project(rows: TeacherRows, plan: Plan, vocab_map, student_vocab: int, temper
 class TeacherSequence:
     """The teacher's tokens for one student sequence: ``ids`` (cut after the last row needed), the
     ``positions`` whose rows the alignment uses (position t predicts ids[t + 1]), the student's target
-    ids and the alignment between the two."""
+    ids and the alignment between the two (numpy arrays: a dataset's worth of them stays small)."""
 
-    ids: list[int]
-    positions: list[int]
-    targets: list[int]
+    ids: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
     alignment: Alignment
 
     @property
-    def realized(self) -> list[int]:
-        return [self.ids[t + 1] for t in self.positions]
+    def realized(self) -> np.ndarray:
+        return self.ids[self.positions + 1]
 
 
 class TeacherSide:
@@ -468,35 +457,39 @@ class TeacherSide:
     text and the alignment back to the student's target tokens.
 
     Off-policy each example is aligned once, here, from ``teacher_input_ids`` / ``teacher_labels``
-    (``rendering.load_examples(..., teacher_tokenizer=...)``); a batch finds its sequences by
-    ``example_index``. A student's rollout (no ``example_index``) is aligned when it comes
-    (:meth:`rollout`). ``counts`` adds up the kinds of student tokens taught, for the log and the
-    run record (:func:`describe`).
+    (``rendering.load_examples(..., teacher_tokenizer=...)``; a prompt-only example, as on-policy
+    ``--prompts`` makes, has all its labels -100); a batch finds its sequences by ``example_index``.
+    A student's rollout (no ``example_index``) is aligned when it comes (:meth:`rollout`), its prompt
+    found among the examples' by its tokens. ``counts`` adds up the kinds of student tokens taught,
+    for the log and the run record (:func:`describe`).
     """
 
     def __init__(self, examples: list[dict], student_tokenizer, teacher_tokenizer, student_name: str,
                  teacher_name: str):
         from distill.rendering import target_mask, target_tokens
+        from distill.store import token_sha
 
         self.student = TokenText.of(student_tokenizer, student_name)
         self.teacher = TokenText.of(teacher_tokenizer, teacher_name)
         self.teacher_tokenizer = teacher_tokenizer
         self.counts: Counter = Counter()
         self.by_example: dict[int, TeacherSequence] = {}
-        self.prompts: dict[tuple, list[int]] = {}  # student prompt -> the teacher's (rollouts)
+        self.prompts: dict[str, np.ndarray] = {}  # the student's prompt (its sha) -> the teacher's, for rollouts
         for ex in examples:
-            ids, labels = ex["teacher_input_ids"], ex["teacher_labels"]
-            positions = [t for t, on in enumerate(target_mask(labels)) if on]
-            sequence = self._sequence(ids, positions, target_tokens(ex))
+            if "teacher_input_ids" not in ex:
+                raise DistillError(f"example {ex.get('id', ex['example_index'])} has no teacher tokens: render the "
+                                   "examples with rendering.load_examples(..., teacher_tokenizer=...)")
+            ids, labels = np.asarray(ex["teacher_input_ids"], dtype=np.int32), ex["teacher_labels"]
+            positions = np.flatnonzero(target_mask(labels)).astype(np.int32)
+            sequence = self._sequence(ids, positions, np.asarray(target_tokens(ex), dtype=np.int32))
             self.by_example[ex["example_index"]] = sequence
             self.counts += sequence.alignment.counts()
-            student_prompt = _prompt(ex["input_ids"], target_mask(ex["labels"]))
-            self.prompts[tuple(student_prompt)] = _prompt(ids, target_mask(labels))
+            self.prompts[token_sha(_prompt(ex["input_ids"], ex["labels"]))] = _prompt(ids, labels)
 
-    def _sequence(self, ids: list[int], positions: list[int], targets: list[int]) -> TeacherSequence:
-        alignment = align(targets, [ids[t + 1] for t in positions], self.student, self.teacher)
+    def _sequence(self, ids: np.ndarray, positions: np.ndarray, targets: np.ndarray) -> TeacherSequence:
+        alignment = align(targets, ids[positions + 1], self.student, self.teacher)
         positions = positions[:alignment.teacher_rows]
-        return TeacherSequence(ids[:positions[-1] + 2] if positions else ids, positions, targets, alignment)
+        return TeacherSequence(ids[:positions[-1] + 2] if len(positions) else ids, positions, targets, alignment)
 
     def sequences(self, inputs: dict, mask, example_index) -> list[TeacherSequence]:
         """The batch's sequences in batch order: by ``example_index``, else as the student's rollouts."""
@@ -511,15 +504,17 @@ class TeacherSide:
         """A student's rollout (its prompt, then the tokens it sampled at ``positions`` + 1) as the teacher
         reads it: the teacher's prompt for the same conversation, the sampled text (its invalid UTF-8, if
         any, replaced) in the teacher's tokens, and its end of turn where the student ended its turn."""
+        from distill.store import token_sha
+
         prompt, completion = ids[:positions[0] + 1], [ids[t + 1] for t in positions]
-        if tuple(prompt) not in self.prompts:
+        teacher_prompt = self.prompts.get(token_sha(prompt))
+        if teacher_prompt is None:
             raise DistillError("a rollout's prompt is not among the prompts the teacher side was built from")
         text = self.teacher_tokenizer(self.student.text(completion), add_special_tokens=False)["input_ids"]
         ended = completion[-1] in self.student.ends
-        teacher_prompt = self.prompts[tuple(prompt)]
-        teacher_ids = teacher_prompt + text + ([self.teacher.end_of_turn] if ended else [])
-        first = len(teacher_prompt) - 1
-        sequence = self._sequence(teacher_ids, list(range(first, len(teacher_ids) - 1)), completion)
+        teacher_ids = np.concatenate([teacher_prompt, text, [self.teacher.end_of_turn] if ended else []]).astype(np.int32)
+        positions = np.arange(len(teacher_prompt) - 1, len(teacher_ids) - 1, dtype=np.int32)
+        sequence = self._sequence(teacher_ids, positions, np.asarray(completion, dtype=np.int32))
         self.counts += sequence.alignment.counts()
         return sequence
 
@@ -528,6 +523,9 @@ class TeacherSide:
         return Plan.join([(s.alignment, s.targets, len(s.positions)) for s in sequences], one_hot, index)
 
 
-def _prompt(ids: list[int], targets: list[bool]) -> list[int]:
+def _prompt(ids, labels) -> np.ndarray:
     """The tokens before the first trained one (all of them when none is)."""
-    return list(ids[:targets.index(True) + 1] if any(targets) else ids)
+    from distill.rendering import target_mask
+
+    targets = target_mask(list(labels))
+    return np.asarray(ids[:targets.index(True) + 1] if any(targets) else ids, dtype=np.int32)

@@ -611,13 +611,14 @@ class AlignedServedTeacher:
         return cls(served, side, student_rows)
 
     def scores(self, inputs: dict, mask, example_index=None, index=None):
+        import numpy as np
         import torch
 
         from distill.teachers.align import TeacherSide, project, with_realized
 
         sequences = self.side.sequences(inputs, mask, example_index)
         scored = self.served.submit_sequences([(s.ids, s.positions) for s in sequences]).result()
-        realized = torch.tensor([t for s in sequences for t in s.realized], dtype=torch.long)
+        realized = torch.from_numpy(np.concatenate([s.realized for s in sequences]).astype(np.int64))
         rows = with_realized(scored.ids, scored.logprobs, scored.log_tail, realized, scored.sampled)
         plan = TeacherSide.plan(sequences, one_hot=example_index is not None, index=index)
         device = mask.device

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
 from distill.errors import DistillError
 from distill.distributed import output_rows, shard_frozen, shard_frozen_zero3, whole
 from distill.rendering import target_mask
@@ -371,7 +373,7 @@ class AlignedOnlineTeacher:
         ids = torch.zeros(len(sequences), width, dtype=torch.long)
         attention = torch.zeros_like(ids)
         for b, s in enumerate(sequences):
-            ids[b, :len(s.ids)] = torch.tensor(s.ids)
+            ids[b, :len(s.ids)] = torch.from_numpy(s.ids)
             attention[b, :len(s.ids)] = 1
         device = self.online.model.get_input_embeddings().weight.device
         return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
@@ -382,8 +384,8 @@ class AlignedOnlineTeacher:
         import torch
 
         width = hidden.shape[1]
-        at = torch.tensor([b * width + t for b, s in enumerate(sequences) for t in s.positions], dtype=torch.long)
-        realized = torch.tensor([t for s in sequences for t in s.realized], dtype=torch.long)
+        at = torch.from_numpy(np.concatenate([b * width + s.positions.astype(np.int64) for b, s in enumerate(sequences)]))
+        realized = torch.from_numpy(np.concatenate([s.realized for s in sequences]).astype(np.int64))
         device = hidden.device
         hidden, realized = hidden.flatten(0, 1)[at.to(device)], realized.to(device)
         with torch.no_grad():
