@@ -354,7 +354,8 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     Compiled where ``COMPILE`` says. No teacher: the cross-entropy. Dense: the whole chunk maths.
     Sparse: only its vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
     rows x (k + 1) stays eager: it is tiny, and inductor (torch 2.11, H100) fused its no-grad
-    graph for jsd and skew into kernels that returned wrong sums.
+    graph for jsd and skew into kernels that returned wrong sums. Aligned (another tokenizer): the
+    sparse path's compiled part, then its own eager part (padding slots, ULD's rows).
     """
     if COMPILE not in ("auto", "always", "never"):
         raise ValueError(f"DISTILL_KD_COMPILE / kd_losses.COMPILE must be auto, always or never, got {COMPILE!r}")

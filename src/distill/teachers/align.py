@@ -26,9 +26,12 @@ tokenizer pair), applied to the teacher's top-k at the first teacher token of th
 student token gets the chain rule over the teacher tokens it covers (log p(t1) + log p(t2 | t1) + ...,
 GOLD's "merged probabilities", here only for the token that was written), and the first teacher
 token keeps the rest of its mass, p(t1) - p(t1 t2 ...) (it starts other continuations too); teacher
-tokens with no student twin go to the tail bucket. Exact: the realised token's probability and the
-top-k entries of 1:1 spans. Approximate: a mapped alternative counts the teacher's mass for that
-whole token, not for every way the teacher could write those bytes (split over several tokens).
+tokens with no student twin go to the tail bucket. Exact: the probability of the text the student
+token stands for, written as the teacher writes it (the realised token, by the chain rule). An
+approximation: each alternative gets the teacher's probability of its twin as the teacher's next
+token (the teacher's other ways to write those bytes, and continuations the student would write as
+one longer token, are not counted; at k below the vocabulary, the rest is one bucket). With one
+tokenizer on both sides every row is one-to-one and the map is the identity: today's loss.
 
 Elsewhere (``one_to_many``) the universal logit distillation term (ULD, Boizard et al. 2024,
 "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss"): the L1 distance
@@ -301,8 +304,9 @@ class TeacherRows:
 
 
 def top_k_rows(logp, k: int, realized) -> tuple:
-    """From full log-probs (rows, V): the top k with the ``realized`` token of each row put in place of
-    the k-th where it is not among them, and the exact log of the rest (ids, log-probs, log tail)."""
+    """From full log-probs (rows, V), which it overwrites: the top k with the ``realized`` token of each
+    row put in place of the k-th where it is not among them, and the exact log of the rest (ids,
+    log-probs, log tail; the rest summed from its own entries, not as 1 minus the top's mass)."""
     import torch
 
     top = logp.topk(k, dim=-1)
@@ -310,7 +314,7 @@ def top_k_rows(logp, k: int, realized) -> tuple:
     missing = (ids != realized[:, None]).all(-1)
     ids[:, -1] = torch.where(missing, realized, ids[:, -1])
     values[:, -1] = torch.where(missing, logp.gather(1, realized[:, None])[:, 0], values[:, -1])
-    return ids, values, torch.logsumexp(logp.scatter(1, ids, -torch.inf), dim=-1)
+    return ids, values, torch.logsumexp(logp.scatter_(1, ids, -torch.inf), dim=-1)  # in place: a chunk less
 
 
 def with_realized(ids, logprobs, log_tail, realized, realized_logprob) -> TeacherRows:

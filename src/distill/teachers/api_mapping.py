@@ -34,6 +34,11 @@ was. It works only when the teacher's tokens are the student's:
 
 API log-probs are the model's own distribution, before the sampling temperature and top-p
 (vLLM, llama.cpp and OpenAI report them so), so the cache's temperature is 1.
+
+For a student of another tokenizer, :func:`teacher_string_rows` keeps the rows in the teacher's own
+tokens instead, one per generated token, numbered by :class:`TeacherStrings` (the distinct tokens by
+their bytes): a cache of the teacher's own tokens, which ``teachers.align`` lines up with any
+student's rendering at training time.
 """
 
 from __future__ import annotations

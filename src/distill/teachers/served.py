@@ -597,6 +597,11 @@ class AlignedServedTeacher:
         self.served, self.side, self.student_rows = served, side, student_rows
         self.vocab_map = torch.from_numpy(vocabulary_map(side.teacher, side.student, served.client.vocab_size))
 
+    @property
+    def counts(self):
+        """The student tokens taught so far by kind (``align.describe`` says it in a line)."""
+        return self.side.counts
+
     @classmethod
     def connect(cls, *, side, student_rows: int, base_url: str | list[str], model: str, top_k: int,
                 **client_options) -> "AlignedServedTeacher":

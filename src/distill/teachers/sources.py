@@ -11,8 +11,9 @@ as ``rendering.target_index`` gives them, on the training device), as ``kd_losse
   exactly the tokens this training renders.
 - :class:`AlignedOnlineTeacher`, :class:`AlignedCachedTeacher`: the same for a teacher of another
   tokenizer, its rows projected onto the student's positions (``teachers.align``,
-  ``kd_losses.AlignedTeacher``). :func:`same_tokenizer` decides (by vocabulary, not by name), and
-  with one tokenizer the two classes above run as before, bit for bit.
+  ``kd_losses.AlignedTeacher``); ``counts``: the student tokens taught, by kind of alignment (for the
+  log and the run record). :func:`same_tokenizer` decides (by vocabulary, not by name), and with one
+  tokenizer the two classes above run as before, bit for bit.
 
 :func:`teacher_top_k` is the local teacher's forward as ``distill logits`` caches it.
 """
@@ -338,6 +339,11 @@ class AlignedOnlineTeacher:
         self.top_k, self.temperature, self.chunk_size = top_k, temperature, chunk_size
         self.placement = online.placement
         self.vocab_map = torch.from_numpy(vocabulary_map(side.teacher, side.student, output_rows(online.model)))
+
+    @property
+    def counts(self):
+        """The student tokens taught so far by kind (``align.describe`` says it in a line)."""
+        return self.side.counts
 
     @classmethod
     def load(cls, name: str, student_tokenizer, student_name: str, examples: list[dict], device: str,
