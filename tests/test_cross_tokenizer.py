@@ -157,7 +157,7 @@ def test_one_tokenizer_through_the_aligned_path_gives_todays_online_loss(smol_pa
     aligned = AlignedOnlineTeacher(online, TeacherSide(examples, tok, tok, "s", "t"), len(tok), top_k=len(tok),
                                    temperature=2.0)
     dense, rows = scores(online, batch), scores(aligned, batch)
-    assert isinstance(dense, DenseTeacher) and bool(rows.exact.all())
+    assert isinstance(dense, DenseTeacher) and bool(rows.sparse_rows.all())
     for loss in LOSSES:
         settings = KDSettings(loss=loss, beta=0.3, alpha=0.7, temperature=2.0, chunk_size=16)
         assert_same_loss(student_loss(student, batch, dense, settings), student_loss(student, batch, rows, settings),
@@ -357,7 +357,7 @@ def test_a_served_teacher_of_another_tokenizer_scores_its_own_tokens(tokenizers,
         again = teacher.scores({k: rollouts[k] for k in ("input_ids", "attention_mask")}, target_mask(rollouts["labels"]),
                                None, index=rollouts["target_index"])
         assert sorted(server.scored) == sorted(side.by_example[e["example_index"]].ids.tolist() for e in examples)
-        torch.testing.assert_close(again.logprobs[again.exact], rows.logprobs[rows.exact])
+        torch.testing.assert_close(again.logprobs[again.sparse_rows], rows.logprobs[rows.sparse_rows])
     finally:
         teacher.close()
         server.stop()
@@ -432,3 +432,43 @@ def test_api_tokens_that_are_not_utf8_text_are_refused_before_anything_is_kept()
     with pytest.raises(Refusal, match=r"top_logprobs.*not UTF-8 text: generated token 1 .*b'\\xe6'"):
         teacher_string_rows({"top_logprobs": tops, "finish_reason": "stop"}, strings, 2, STRINGS_ROWS, Counter())
     assert strings.pieces == [None, b""]
+
+
+def test_aligned_rows_give_one_loss_whatever_the_chunks_and_compiled_or_not(monkeypatch):
+    """Rows of every kind (one-to-one, many-to-one, ULD, one-hot) over small made-up vocabularies: the loss
+    and its gradients do not depend on where the chunks cut (ULD rows on both sides of a cut) nor on
+    torch.compile (the default on CUDA; here its graphs traced with inductor's decompositions, run eagerly)."""
+    import numpy as np
+
+    from distill import kd_losses
+    from distill.teachers.align import Alignment, Plan, TeacherRows, project
+
+    g = torch.Generator().manual_seed(3)
+    kind = np.array([ONE_TO_ONE, MANY_TO_ONE, ONE_TO_MANY, UNMAPPED, ONE_TO_ONE, ONE_TO_MANY, MANY_TO_ONE, ONE_TO_ONE])
+    first = np.array([0, 1, 3, -1, 4, 5, 6, 9], dtype=np.int32)
+    end = np.array([1, 3, 0, 0, 5, 0, 9, 10], dtype=np.int32)
+    teacher_vocab, student_vocab, k = 30, 50, 6
+    ids = torch.stack([torch.randperm(teacher_vocab, generator=g)[:k] for _ in range(10)])
+    logprobs = torch.log_softmax(torch.randn(10, k + 1, generator=g), -1)
+    realized = ids[torch.arange(10), torch.randint(0, k, (10,), generator=g)]
+    vocab_map = torch.full((teacher_vocab,), -1)
+    vocab_map[:24] = torch.randperm(student_vocab, generator=g)[:24]
+    targets = torch.randint(0, student_vocab, (8,), generator=g)
+    targets[[0, 4, 7]] = vocab_map[realized[[0, 4, 9]]].clamp(min=0)  # one-to-one: the student token is the teacher's
+    plan = Plan.join([(Alignment(kind.astype(np.int8), first, end, 0, 0), targets.tolist(), 10)])
+    teacher = project(TeacherRows(ids, logprobs[:, :k], logprobs[:, k], realized), plan, vocab_map, student_vocab, 2.0)
+    assert teacher.uld_rows.tolist() == [2, 5] and teacher.sparse_rows.tolist() == [1, 1, 0, 1, 1, 0, 1, 1]
+    hs, ws = torch.randn(8, 16, generator=g), torch.randn(student_vocab, 16, generator=g)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager_decomp_partition", **kw))
+    monkeypatch.setattr(kd_losses, "_COMPILED", {})
+    results = []
+    for mode, chunk in (("never", 100), ("never", 3), ("always", 3)):
+        monkeypatch.setattr(kd_losses, "COMPILE", mode)
+        h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        total, sums = chunked_kd_loss(h, w, targets, teacher, KDSettings(loss="jsd", temperature=2.0, chunk_size=chunk))
+        total.backward()
+        results.append((total.detach(), sums, h.grad, w.grad))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -184,31 +184,37 @@ class SampledTokenTeacher:
         return (self.logprobs[rows].to(device),)
 
 
+#: log-prob of a padding slot of an :class:`AlignedTeacher` row (finite, so no gradient turns NaN)
+PAD = -1e30
+
+
 class AlignedTeacher:
     """A teacher of another tokenizer at the student's target positions (``teachers.align.project``).
 
-    Rows marked ``exact`` are a sparse teacher over the student's ids (as :class:`SparseTeacher`,
-    k + 1 buckets), where slots at log-prob ``PAD`` are padding: they repeat an id of their row and
-    count on neither side. ``uld_rows`` (ascending, on the CPU) are the rows taught by ULD's term
-    instead: the L1 distance between the student's top-k probabilities and the teacher's
-    (``uld_probs``, each row sorted decreasing, over the teacher's own vocabulary; Boizard et al.
-    2024). Other rows have no KD term. The rows are at the loss ``temperature`` already (checked).
-    ``nll``: the teacher's negative log-likelihood of the text in its own tokens (on-policy logs it).
+    Rows marked in ``sparse_rows`` are a sparse teacher over the student's ids (as
+    :class:`SparseTeacher`, k + 1 buckets: the teacher mapped exactly, or one-hot at a template seam),
+    where slots at log-prob ``PAD`` are padding: they repeat an id of their row and count on neither
+    side. ``uld_rows`` (ascending, on the CPU) are the rows taught by ULD's term instead: the L1
+    distance between the student's top-k probabilities and the teacher's (``uld_probs``, each row
+    sorted decreasing, over the teacher's own vocabulary; Boizard et al. 2024). Other rows have no
+    KD term. The rows are at the loss ``temperature`` already (checked). ``nll``: the teacher's
+    negative log-likelihood of the text in its own tokens (on-policy logs it).
     """
 
     sparse = True
     aligned = True
 
-    def __init__(self, ids, logprobs, log_tail, exact, uld_rows, uld_probs, temperature: float = 1.0, nll=None):
-        self.ids, self.logprobs, self.log_tail, self.exact = ids.long(), logprobs, log_tail, exact
+    def __init__(self, ids, logprobs, log_tail, sparse_rows, uld_rows, uld_probs, temperature: float = 1.0,
+                 nll=None):
+        self.ids, self.logprobs, self.log_tail, self.sparse_rows = ids.long(), logprobs, log_tail, sparse_rows
         self.uld_rows, self.uld_probs, self.temperature, self.nll = uld_rows.cpu(), uld_probs, temperature, nll
 
     def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
-        """(ids, log-probs, log tail, exact) for these rows, then the chunk's ULD rows (local indices) and
-        their teacher probabilities, on ``device``; the rows' range is found on the CPU (no sync)."""
+        """(ids, log-probs, log tail, sparse_rows) for these rows, then the chunk's ULD rows (local indices)
+        and their teacher probabilities, on ``device``; the rows' range is found on the CPU (no sync)."""
         lo, hi = (int(torch.searchsorted(self.uld_rows, x)) for x in (rows.start, rows.stop))
         local = (self.uld_rows[lo:hi] - rows.start).to(device, non_blocking=True)
-        return (*(x[rows].to(device) for x in (self.ids, self.logprobs, self.log_tail, self.exact)), local,
+        return (*(x[rows].to(device) for x in (self.ids, self.logprobs, self.log_tail, self.sparse_rows)), local,
                 self.uld_probs[lo:hi].to(device))
 
     @staticmethod
@@ -218,11 +224,7 @@ class AlignedTeacher:
         return ids.gather(1, logprobs.argmax(-1, keepdim=True)).squeeze(1)
 
 
-#: log-prob of a padding slot of an :class:`AlignedTeacher` row (finite, so no gradient turns NaN)
-PAD = -1e30
-
-
-def _aligned_maths(student, logits, targets, ids, logprobs, log_tail, exact, uld_index, uld_probs, loss, beta,
+def _aligned_maths(student, logits, targets, ids, logprobs, log_tail, sparse_rows, uld_index, uld_probs, loss, beta,
                    temperature, alpha, uld_weight):
     """(weighted loss, KD sum, CE sum) of one chunk for :class:`AlignedTeacher`; ``student`` is
     ``_sparse_student_ce`` (compiled where the sparse path's is). Padding slots are masked on the
@@ -231,7 +233,7 @@ def _aligned_maths(student, logits, targets, ids, logprobs, log_tail, exact, uld
     pad = logprobs <= PAD / 2
     s_logp = torch.cat([s_logp[:, :-1].masked_fill(pad, PAD), s_logp[:, -1:]], dim=-1)
     divergences = divergence(s_logp, _sparse_teacher(logprobs, log_tail), loss, beta)
-    kd = torch.where(exact, divergences, 0.0).sum()
+    kd = torch.where(sparse_rows, divergences, 0.0).sum()
     if uld_index.numel():
         s_probs = torch.softmax(logits[uld_index].float() / temperature, dim=-1)
         kd = kd + uld_weight * (s_probs.topk(uld_probs.shape[1], dim=-1).values - uld_probs.float()).abs().sum()

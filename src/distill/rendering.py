@@ -202,11 +202,12 @@ def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float 
     conversation in the teacher's own chat template and tokens, never cut (``teachers.align`` aligns
     the two and uses the teacher's tokens up to the student's last).
     """
+    from distill.records import REQUIRED, iter_jsonl, trace_id
+
     if teacher_tokenizer is not None and not teacher_tokenizer.chat_template:
         raise DistillError(f"{teacher_tokenizer.name_or_path}: the teacher's tokenizer has no chat template; a teacher "
                            "of another tokenizer renders each conversation in its own template (use its -Instruct "
                            "model, or add a template to its tokenizer)")
-    from distill.records import REQUIRED, iter_jsonl, trace_id
 
     stats = {"traces": 0, "skipped_incorrect": 0, "overlong": 0, "overlong_policy": options.overlong,
              "skipped_no_target": 0, "max_length": options.max_length, "think_style": options.think_style,

@@ -383,11 +383,12 @@ def project(rows: TeacherRows, plan: Plan, vocab_map, student_vocab: int, temper
     """The teacher's rows as ``kd_losses.AlignedTeacher`` rows at the student's target positions, on
     the rows' device, without a host sync (the module doc says what each kind of row gets).
 
-    ``vocab_map``: :func:`vocabulary_map` as a tensor on that device; ``temperature``: the rows'. An exact row is the mapped top-k
-    of its span's first teacher row, where the first teacher token's slot keeps p(t1) - p(chain) and
-    the realised student token gets p(chain) (a 1:1 row whose token maps to itself stays as it is), and
-    an extra slot for it when it is not among them; unmapped entries join the tail, floored at
-    ``FLOOR`` when the student has tokens outside the row (reverse KL needs a tail that is not empty).
+    ``vocab_map``: :func:`vocabulary_map` as a tensor on that device; ``temperature``: the rows'. An
+    exact row is the mapped top-k of its span's first teacher row, where the first teacher token's
+    slot keeps p(t1) - p(chain) and the realised student token gets p(chain) (a 1:1 row whose token
+    maps to itself stays as it is), in an extra slot when it is not among them; unmapped entries join
+    the tail, floored at ``FLOOR`` when the student has tokens outside the row (reverse KL needs a
+    tail that is not empty).
     """
     import torch
 
@@ -516,7 +517,8 @@ class TeacherSide:
             raise DistillError("a rollout's prompt is not among the prompts the teacher side was built from")
         text = self.teacher_tokenizer(self.student.text(completion), add_special_tokens=False)["input_ids"]
         ended = completion[-1] in self.student.ends
-        teacher_ids = np.concatenate([teacher_prompt, text, [self.teacher.end_of_turn] if ended else []]).astype(np.int32)
+        end = [self.teacher.end_of_turn] if ended else []
+        teacher_ids = np.concatenate([teacher_prompt, text, end]).astype(np.int32)
         positions = np.arange(len(teacher_prompt) - 1, len(teacher_ids) - 1, dtype=np.int32)
         sequence = self._sequence(teacher_ids, positions, np.asarray(completion, dtype=np.int32))
         self.counts += sequence.alignment.counts()

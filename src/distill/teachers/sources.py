@@ -390,7 +390,8 @@ class AlignedOnlineTeacher:
         import torch
 
         width = hidden.shape[1]
-        at = torch.from_numpy(np.concatenate([b * width + s.positions.astype(np.int64) for b, s in enumerate(sequences)]))
+        at = torch.from_numpy(np.concatenate([b * width + s.positions.astype(np.int64)
+                                              for b, s in enumerate(sequences)]))
         realized = torch.from_numpy(np.concatenate([s.realized for s in sequences]).astype(np.int64))
         device = hidden.device
         hidden, realized = hidden.flatten(0, 1)[at.to(device)], realized.to(device)
