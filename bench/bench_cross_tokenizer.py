@@ -217,6 +217,7 @@ def main():
     toks = tokenizers(args.tokenizers)
     length = args.seq_len or (128 if args.tiny else 4096)
     wanted = set(args.only.split(",")) if args.only else {"same", "cross"} | ({"gold"} if args.gold else set())
+    gold = gold_trainer_cls() if "gold" in wanted else None  # before any model: a missing TRL fails at once
     t_spec, s_spec = (TINY_T, TINY_S) if args.tiny else (QWEN_7B, LLAMA_1B)
     s_spec = {**s_spec, "vocab_size": len(toks["llama3"])} if args.tiny else s_spec
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -234,8 +235,9 @@ def main():
                             data, distill_arguments(cuda, 1, False), args.steps, kd=settings,
                             teacher=OnlineTeacher(teacher, student_rows)))
             del teacher
-        teacher = model({**t_spec, "vocab_size": 152064 if not args.tiny else len(toks["qwen2"])}, args.device,
-                        dtype).eval().requires_grad_(False)
+        if wanted & {"cross", "gold"}:
+            teacher = model({**t_spec, "vocab_size": 152064 if not args.tiny else len(toks["qwen2"])}, args.device,
+                            dtype).eval().requires_grad_(False)
         if "cross" in wanted:
             side = TeacherSide(examples, toks["llama3"], toks["qwen2"], "llama3", "qwen2")
             print(describe(side.counts))
@@ -243,8 +245,7 @@ def main():
             rows.append(run(f"distill online KD across tokenizers (Qwen2 -> Llama 3, top-{args.top_k})", KDTrainer,
                             llama(s_spec, args.device, torch.float32), data, distill_arguments(cuda, 1, False), args.steps,
                             kd=settings, teacher=aligned))
-        if "gold" in wanted:
-            gold = gold_trainer_cls()
+        if gold is not None:
             gold_data, texts = gold_rows(examples, trace_file, toks["llama3"], length)
             rows.append(run("TRL GOLD (ULD, extended + hybrid)", gold, llama(s_spec, args.device, torch.float32), gold_data,
                             trl_arguments(cuda, 1, False), args.steps, teacher_model=teacher,
