@@ -125,3 +125,38 @@ def assert_within_bound(ids, logprobs, log_tail, got):
     assert ((got_tail - (tail - total)).abs() <= odds_error + 1e-5).all()
     top = logprobs.float().argmax(1, keepdim=True)
     assert torch.equal(got_ids.gather(1, got_lps.argmax(1, keepdim=True)), ids.long().gather(1, top))
+
+
+#: The real tokenizers of other model families, from vocabulary-only GGUFs (scripts/setup.sh --test)
+VOCAB_GGUF = Path.home() / ".cache" / "distill" / "vocab-gguf"
+FAMILIES = {"qwen2": "qwen2", "llama3": "llama-bpe", "deepseek": "deepseek-llm", "phi3": "phi-3", "gpt2": "gpt-2"}
+
+
+def family_tokenizer_dir(family: str) -> Path:
+    """A family's real tokenizer as a tokenizer directory, saved once beside the GGUFs (reading a GGUF
+    takes seconds, the directory a fraction of one); Llama 3 gets its instruct chat template."""
+    from transformers import AutoTokenizer
+
+    out = VOCAB_GGUF.parent / "vocab-hf" / family
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    gguf = VOCAB_GGUF / f"ggml-vocab-{FAMILIES[family]}.gguf"
+    if not gguf.is_file():
+        pytest.fail(f"{gguf} missing: run 'bash scripts/setup.sh --test' (extracts the vocabulary GGUFs)")
+    tok = AutoTokenizer.from_pretrained(VOCAB_GGUF, gguf_file=gguf.name)
+    if family == "llama3":
+        from test_train_sft_data import LLAMA3_TEMPLATE
+
+        tok.chat_template = LLAMA3_TEMPLATE
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_tokenizers(smollm2_dir):
+    """A function: family name (``FAMILIES``, or ``smollm2``) -> its tokenizer directory."""
+    return lambda family: smollm2_dir if family == "smollm2" else family_tokenizer_dir(family)

@@ -3,6 +3,8 @@
 - :class:`ExampleDataset` - a list of examples as the map-style dataset the Trainer samples.
 - :func:`pack_examples` - best-fit-decreasing packing of examples into rows of at most N tokens.
 - :class:`Collator` - padded batches, or padding-free packed rows with restarting ``position_ids``.
+- :func:`batch_sequences` - a batch back into its sequences and their target positions (for teachers
+  that score sequence by sequence).
 """
 
 from __future__ import annotations
@@ -143,3 +145,29 @@ def sequence_bounds(position_ids, batch: int, length: int, device=None) -> tuple
     total = torch.tensor([batch * length], device=starts.device)
     cu = torch.cat([starts.flatten().nonzero().flatten(), total]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def batch_sequences(inputs: dict, mask) -> list[tuple[list[int], list[int]]]:
+    """(token ids, target positions in them) of each sequence of a padded or packed batch, in batch order.
+
+    Padded rows: the tokens under ``attention_mask``. Packed rows (``position_ids``, no mask):
+    sequences start where the position ids restart at 0. ``mask`` is ``rendering.target_mask``.
+    """
+    input_ids = inputs["input_ids"]
+    out, counted = [], 0
+    for b in range(input_ids.shape[0]):
+        if inputs.get("attention_mask") is not None:
+            where = inputs["attention_mask"][b].nonzero().flatten().tolist() or [0]
+            spans = [(where[0], where[-1] + 1)]
+        elif inputs.get("position_ids") is not None:
+            starts = (inputs["position_ids"][b] == 0).nonzero().flatten().tolist()
+            spans = list(zip(starts, starts[1:] + [input_ids.shape[1]]))
+        else:
+            spans = [(0, input_ids.shape[1])]
+        for start, end in spans:
+            positions = mask[b, start:end - 1].nonzero().flatten().tolist()
+            counted += len(positions)
+            out.append((input_ids[b, start:end].tolist(), positions))
+    if counted != int(mask.sum()):
+        raise DistillError(f"{int(mask.sum()) - counted} target positions of the batch lie outside its sequences")
+    return out

@@ -25,7 +25,10 @@ student's logits for ``chunk_size`` tokens at a time, and computes that chunk's 
 respect to the hidden states and the output embedding right away (a fused linear + loss, as in
 Liger-Kernel), so nothing of size tokens x vocabulary outlives a chunk and backward is a copy.
 The teacher is either dense (its hidden states and output embedding, logits made per chunk
-without gradient) or sparse (cached top-k log-probs plus the remaining tail mass as one bucket).
+without gradient) or sparse (cached top-k log-probs plus the remaining tail mass as one bucket),
+or, for a teacher of another tokenizer, aligned (:class:`AlignedTeacher`: sparse rows over the
+student's ids where the teacher maps exactly, ULD's sorted-probability term elsewhere;
+``teachers/align.py`` makes it).
 
 Speed: the matrix products are cheap next to the per-chunk elementwise maths (log-softmax of a
 1024 x 151,936 chunk, the divergence, the cross-entropy and their gradients), which is bound by
@@ -89,6 +92,7 @@ class KDSettings:
     temperature: float = 1.0
     alpha: float = 0.5          # weight of the KD term; 1 - alpha weights the cross-entropy
     chunk_size: int = 1024      # tokens per chunk
+    uld_weight: float = 1.0     # a teacher of another tokenizer: weight of ULD's term where no exact mapping
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -99,6 +103,8 @@ class KDSettings:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.uld_weight < 0:
+            raise ValueError(f"uld_weight must be >= 0, got {self.uld_weight}")
 
 
 class DenseTeacher:
@@ -176,6 +182,63 @@ class SampledTokenTeacher:
 
     def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
         return (self.logprobs[rows].to(device),)
+
+
+#: log-prob of a padding slot of an :class:`AlignedTeacher` row (finite, so no gradient turns NaN)
+PAD = -1e30
+
+
+class AlignedTeacher:
+    """A teacher of another tokenizer at the student's target positions (``teachers.align.project``).
+
+    Rows marked in ``sparse_rows`` are a sparse teacher over the student's ids (as
+    :class:`SparseTeacher`, k + 1 buckets: the teacher mapped exactly, or one-hot at a template seam),
+    where slots at log-prob ``PAD`` are padding: they repeat an id of their row and count on neither
+    side. ``uld_rows`` (ascending, on the CPU) are the rows taught by ULD's term instead: the L1
+    distance between the student's top-k probabilities and the teacher's (``uld_probs``, each row
+    sorted decreasing, over the teacher's own vocabulary; Boizard et al. 2024). Other rows have no
+    KD term. The rows are at the loss ``temperature`` already (checked). ``nll``: the teacher's
+    negative log-likelihood of the text in its own tokens (on-policy logs it).
+    """
+
+    sparse = True
+    aligned = True
+
+    def __init__(self, ids, logprobs, log_tail, sparse_rows, uld_rows, uld_probs, temperature: float = 1.0,
+                 nll=None):
+        self.ids, self.logprobs, self.log_tail, self.sparse_rows = ids.long(), logprobs, log_tail, sparse_rows
+        self.uld_rows, self.uld_probs, self.temperature, self.nll = uld_rows.cpu(), uld_probs, temperature, nll
+
+    def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
+        """(ids, log-probs, log tail, sparse_rows) for these rows, then the chunk's ULD rows (local indices)
+        and their teacher probabilities, on ``device``; the rows' range is found on the CPU (no sync)."""
+        lo, hi = (int(torch.searchsorted(self.uld_rows, x)) for x in (rows.start, rows.stop))
+        local = (self.uld_rows[lo:hi] - rows.start).to(device, non_blocking=True)
+        return (*(x[rows].to(device) for x in (self.ids, self.logprobs, self.log_tail, self.sparse_rows)), local,
+                self.uld_probs[lo:hi].to(device))
+
+    @staticmethod
+    def top1(chunk: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The teacher's most likely student token per row (rows without an exact mapping: their target)."""
+        ids, logprobs = chunk[:2]
+        return ids.gather(1, logprobs.argmax(-1, keepdim=True)).squeeze(1)
+
+
+def _aligned_maths(student, logits, targets, ids, logprobs, log_tail, sparse_rows, uld_index, uld_probs, loss, beta,
+                   temperature, alpha, uld_weight):
+    """(weighted loss, KD sum, CE sum) of one chunk for :class:`AlignedTeacher`; ``student`` is
+    ``_sparse_student_ce`` (compiled where the sparse path's is). Padding slots are masked on the
+    student's side too: their id is another slot's, which holds that token's probability."""
+    s_logp, ce = student(logits, targets, ids)
+    pad = logprobs <= PAD / 2
+    s_logp = torch.cat([s_logp[:, :-1].masked_fill(pad, PAD), s_logp[:, -1:]], dim=-1)
+    divergences = divergence(s_logp, _sparse_teacher(logprobs, log_tail), loss, beta)
+    kd = torch.where(sparse_rows, divergences, 0.0).sum()
+    if uld_index.numel():
+        s_probs = torch.softmax(logits[uld_index].float() / temperature, dim=-1)
+        kd = kd + uld_weight * (s_probs.topk(uld_probs.shape[1], dim=-1).values - uld_probs.float()).abs().sum()
+    kd = kd * temperature ** 2
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
 def _sampled_maths(logits, targets, t_logprob, alpha):
@@ -293,7 +356,8 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     Compiled where ``COMPILE`` says. No teacher: the cross-entropy. Dense: the whole chunk maths.
     Sparse: only its vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
     rows x (k + 1) stays eager: it is tiny, and inductor (torch 2.11, H100) fused its no-grad
-    graph for jsd and skew into kernels that returned wrong sums.
+    graph for jsd and skew into kernels that returned wrong sums. Aligned (another tokenizer): the
+    sparse path's compiled part, then its own eager part (padding slots, ULD's rows).
     """
     if COMPILE not in ("auto", "always", "never"):
         raise ValueError(f"DISTILL_KD_COMPILE / kd_losses.COMPILE must be auto, always or never, got {COMPILE!r}")
@@ -306,6 +370,13 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
         if cfg.temperature != 1.0:
             raise ValueError("a teacher known only by its sampled tokens' log-probs needs temperature 1")
         return lambda logits, targets, t_logprob: _sampled_maths(logits, targets, t_logprob, cfg.alpha)
+    if getattr(teacher, "aligned", False):
+        if abs(teacher.temperature - cfg.temperature) > 1e-9:
+            raise ValueError(f"the aligned teacher's rows are at temperature {teacher.temperature}, the loss's is "
+                             f"{cfg.temperature}: make them at the loss temperature")
+        student = _sparse_student_fn(consts[2], eager)
+        return lambda logits, targets, *rows: _aligned_maths(student, logits, targets, *rows, *consts,
+                                                             float(cfg.uld_weight))
     if eager:
         return lambda logits, targets, *teacher: _chunk_maths(logits, targets, teacher, *consts, sparse)
     if not sparse:
@@ -313,18 +384,21 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
             return _chunk_maths(logits, targets, (t_logits,), *consts, False)
 
         return _compiled(("dense", *consts), dense)
-    temperature = consts[2]
-
-    def student(logits, targets, ids):
-        return _sparse_student_ce(logits, targets, ids, temperature)
-
-    student = _compiled(("sparse", temperature), student)
+    student = _sparse_student_fn(consts[2], eager=False)
 
     def run(logits, targets, ids, logprobs, log_tail):
         s_logp, ce = student(logits, targets, ids)
         return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, *consts)
 
     return run
+
+
+def _sparse_student_fn(temperature: float, eager: bool):
+    """``_sparse_student_ce`` at this temperature as f(logits, targets, ids), compiled unless ``eager``."""
+    def student(logits, targets, ids):
+        return _sparse_student_ce(logits, targets, ids, temperature)
+
+    return student if eager else _compiled(("sparse", temperature), student)
 
 
 def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool, top1: bool = False):

@@ -192,17 +192,25 @@ def _split_prompts(prompt_ids: list[str], eval_fraction: float, seed: int) -> se
 
 
 def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float = 0.0, seed: int = 0,
-                  keep_trace: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
+                  keep_trace: bool = False, teacher_tokenizer=None) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Read a traces file once, render and tokenize each trace, apply the length policy, split off eval.
 
     Returns (train, held_out, stats). Each example: ``id``, ``prompt_id``, ``example_index`` (line
     order in the traces file, for cached teacher logits), ``input_ids``, ``labels`` (and the
     ``trace`` itself with ``keep_trace``). Traces with ``correct: false`` are skipped; over-long
     ones are dropped or truncated (``options.overlong``); every skip is counted in ``stats``, which
-    also names the teacher of the first trace.
+    also names the teacher of the first trace. With ``teacher_tokenizer`` (a teacher of another
+    tokenizer) each example also has ``teacher_input_ids`` and ``teacher_labels``: the same
+    conversation in the teacher's own chat template and tokens, never cut (``teachers.align`` aligns
+    the two and uses the teacher's tokens up to the student's last).
     """
     from distill.console import progress
     from distill.records import iter_traces, trace_id
+
+    if teacher_tokenizer is not None and not teacher_tokenizer.chat_template:
+        raise DistillError(f"{teacher_tokenizer.name_or_path}: the teacher's tokenizer has no chat template; a teacher "
+                           "of another tokenizer renders each conversation in its own template (use its -Instruct "
+                           "model, or add a template to its tokenizer)")
 
     stats = {"traces": 0, "skipped_incorrect": 0, "overlong": 0, "overlong_policy": options.overlong,
              "skipped_no_target": 0, "max_length": options.max_length, "think_style": options.think_style,
@@ -217,7 +225,8 @@ def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float 
             if trace.get("correct") is False:
                 stats["skipped_incorrect"] += 1
                 continue
-            ex = tokenize_example(render_messages(trace, options.think_style), tokenizer)
+            messages = render_messages(trace, options.think_style)
+            ex = tokenize_example(messages, tokenizer)
             if len(ex["input_ids"]) > options.max_length:
                 stats["overlong"] += 1
                 if options.overlong == "drop":
@@ -226,6 +235,9 @@ def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float 
             if not n_targets(ex):
                 stats["skipped_no_target"] += 1
                 continue
+            if teacher_tokenizer is not None:
+                teacher = tokenize_example(messages, teacher_tokenizer)
+                ex.update(teacher_input_ids=teacher["input_ids"], teacher_labels=teacher["labels"])
             examples.append({"id": trace.get("id") or trace_id(trace["prompt_id"], trace.get("sample", 0)),
                              "prompt_id": str(trace["prompt_id"]), "example_index": index, **ex,
                              **({"trace": trace} if keep_trace else {})})

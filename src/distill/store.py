@@ -14,6 +14,13 @@ commands that fill it (``distill logits`` from a local, API or served teacher):
   in order) and ``offsets`` int64 (traces + 1). Its metadata names the traces and a sha256 of
   each trace's token ids, so training can check that it renders every trace to exactly the
   tokens the teacher saw.
+- a cache of the teacher's own tokens (header ``tokens: teacher``, for students of any tokenizer:
+  ``teachers.align``) has its rows at the teacher's target tokens, each row holding its realised
+  token, which ``targets`` (int32, one per row) lists; beside the index, the teacher's vocabulary:
+  its tokenizer (``teacher-tokenizer/``, header ``teacher_vocab: tokenizer``) or, for an API's
+  log-probs, the bytes of the tokens it printed (``teacher-strings.json``, ``teacher_vocab:
+  strings``; ids in order of first sight, 0 the end of the turn, 1 a token printed lossily, rows
+  over a universe of ``STRINGS_ROWS`` ids). Caches without these keys read as before.
 
 A row (format 3) is k (id, log-prob) entries plus the tail, its length set by how many of its ids
 fall below ``split`` (4,096: a byte-pair vocabulary numbers its tokens roughly by frequency, and a
@@ -69,6 +76,9 @@ VALUE_BITS = 4  # per entry: 0 marks the top, 1..15 the offset below it
 LEVELS = 2**VALUE_BITS - 1  # codes 1..15: offsets R' (c - 1/2) / 14.5 below the top
 INDEX = "index.json"
 PART_INDEX = "index.part-{rank}.json"
+TEACHER_TOKENIZER = "teacher-tokenizer"
+TEACHER_STRINGS = "teacher-strings.json"
+STRINGS_ROWS = 2**20  # the id universe of an API teacher's printed tokens
 
 
 def token_sha(input_ids) -> str:
@@ -248,7 +258,8 @@ def _bytes(bits):
 
 
 def write_shard(path: Path, entries: list[dict], layout: dict) -> None:
-    """Atomically write one shard. entries: {id, sha, ids (T,k), logprobs (T,k), log_tail (T,)}."""
+    """Atomically write one shard. entries: {id, sha, ids (T,k), logprobs (T,k), log_tail (T,)}, and
+    ``targets`` (T,) in a cache of the teacher's own tokens."""
     import torch
     from safetensors.torch import save_file
 
@@ -263,6 +274,8 @@ def write_shard(path: Path, entries: list[dict], layout: dict) -> None:
         row_ends = _row_starts(common.long(), layout)[1].cumsum(0)
         tensors = {"rows": stream, "common": common, "offsets": offsets,
                    "byte_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), row_ends])[offsets]}
+    if "targets" in entries[0]:
+        tensors["targets"] = torch.cat([e["targets"] for e in entries]).to(torch.int32)
     meta = {"trace_ids": json.dumps([e["id"] for e in entries]), "token_sha": json.dumps([e["sha"] for e in entries])}
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -317,6 +330,15 @@ class LogitsCache:
 
     def token_sha(self, trace_id: str) -> str:
         return self._where[trace_id][3]
+
+    def targets(self, trace_id: str):
+        """The realised teacher token of each of the trace's rows (a cache of the teacher's own tokens)."""
+        shard, start, end, _, _ = self._where[trace_id]
+        try:
+            return self._files[shard].get_slice("targets")[start:end]
+        except Exception:  # safetensors names a missing tensor in an error type of its own
+            raise DistillError(f"{self.dir}: shard {self.index['shards'][shard]['file']} has no 'targets' (the "
+                               f"teacher's own tokens); re-cache with 'distill logits'") from None
 
     def get(self, trace_id: str):
         return self.get_many([trace_id])
@@ -409,3 +431,38 @@ def cache_stats(directory: Path) -> dict:
     tokens = sum(s["tokens"] for s in index["shards"])
     return {"traces": sum(s["traces"] for s in index["shards"]), "tokens": tokens, "bytes": size,
             "bytes_per_token": size / tokens if tokens else 0.0}
+
+
+def save_teacher_tokenizer(directory: str | Path, tokenizer) -> None:
+    """The teacher's tokenizer beside a cache of its own tokens (written whole or not at all)."""
+    import shutil
+
+    out = Path(directory) / TEACHER_TOKENIZER
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def save_teacher_strings(directory: str | Path, pieces: list[bytes | None]) -> None:
+    """An API teacher's printed tokens, as bytes (None: the end of the turn), beside its cache."""
+    write_json(Path(directory) / TEACHER_STRINGS, [p.hex() if p is not None else None for p in pieces])
+
+
+def teacher_vocabulary(directory: str | Path):
+    """The teacher's vocabulary beside a cache of its own tokens: its tokenizer (``teacher_vocab:
+    tokenizer``), or the list of its printed tokens' bytes (``strings``); a clear refusal if unreadable."""
+    directory = Path(directory)
+    kind = (read_index(directory) or {}).get("header", {}).get("teacher_vocab", "tokenizer")
+    path = directory / (TEACHER_STRINGS if kind == "strings" else TEACHER_TOKENIZER)
+    try:
+        if kind == "strings":
+            return [bytes.fromhex(p) if p is not None else None for p in json.loads(path.read_text())]
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a missing or broken file, whichever error its reader raises
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistillError(f"{directory}: cannot load the teacher's vocabulary {path} ({reason}); the cache of the "
+                           f"teacher's own tokens needs it: re-run 'distill logits' into a new --out") from None

@@ -17,6 +17,7 @@ import math
 
 from distill.check.verdicts import Verdict, error, ok
 from distill.errors import DistillError
+from distill.options import Endpoint
 from distill.rendering import tokenize_example
 from distill.teachers.served import PROBE, ServedClient
 
@@ -50,7 +51,7 @@ async def _check(url, model, tokenizer, student, vocab_size, top_k, kd_temperatu
         served = [m.get("id") for m in response.json().get("data", []) if isinstance(m, dict)]
         listed = ", ".join(map(repr, served)) or "no model"
         client = ServedClient(base_url=url, model=model, top_k=top_k, tokenizer=tokenizer, student=student,
-                              vocab_size=vocab_size, max_retries=2, timeout=timeout)
+                              vocab_size=vocab_size, endpoint=Endpoint(max_retries=2, request_timeout=timeout))
         async with client:
             try:
                 await client.check()

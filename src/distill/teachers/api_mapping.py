@@ -34,10 +34,16 @@ was. It works only when the teacher's tokens are the student's:
 
 API log-probs are the model's own distribution, before the sampling temperature and top-p
 (vLLM, llama.cpp and OpenAI report them so), so the cache's temperature is 1.
+
+For a student of another tokenizer, :func:`teacher_string_rows` keeps the rows in the teacher's own
+tokens instead, one per generated token, numbered by :class:`TeacherStrings` (the distinct tokens by
+their bytes): a cache of the teacher's own tokens, which ``teachers.align`` lines up with any
+student's rendering at training time.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -309,3 +315,101 @@ def check_logprobs(trace: dict) -> int:
             f"has top_logprobs with no alternatives (K = 0, teacher {teacher}): offline KD needs K >= 1; "
             f"regenerate with 'distill generate --top-logprobs K' (1 <= K <= 20)")
     return k
+
+
+# ---------------------------------------------------------------- in the teacher's own tokens
+
+
+END_OF_TURN, LOSSY_ID = 0, 1  # the ids :class:`TeacherStrings` starts with
+
+
+class TeacherStrings:
+    """An API teacher's vocabulary as far as its log-probs show it: each distinct token it printed, by its
+    raw bytes, numbered in order of first sight; 0 is the end of its turn, 1 any token printed lossily (a
+    fragment of a character without bytes: its bytes are unknown, so it maps to nothing). A cache of these
+    ids (``store``: ``teacher_vocab: strings``) serves students of any tokenizer (``teachers.align``)."""
+
+    def __init__(self, pieces: list[bytes | None] | None = None):
+        self.pieces = pieces or [None, b""]
+        self.ids = {p: i for i, p in enumerate(self.pieces) if p}
+
+    @staticmethod
+    def raw(alternative: dict) -> bytes | None:
+        """The token's bytes; None for a fragment printed lossily."""
+        if alternative.get("bytes") is not None:
+            return bytes(alternative["bytes"])
+        token = alternative["token"]
+        if not token or "\ufffd" in token:
+            return None
+        try:
+            return token.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: a fragment too
+            return None
+
+    def id(self, alternative: dict) -> int:
+        raw = self.raw(alternative)
+        if raw is None:
+            return LOSSY_ID
+        if raw not in self.ids:
+            self.ids[raw] = len(self.pieces)
+            self.pieces.append(raw)
+        return self.ids[raw]
+
+
+def teacher_string_rows(trace: dict, strings: TeacherStrings, top_k: int, universe: int,
+                        counts: Counter) -> tuple[list[list[int]], list[list[float]], list[float], list[int]]:
+    """(ids, log-probs, log tail, realised token) per token the teacher generated, in its own tokens
+    (``strings``), and a last row for the end of its turn when it stopped (one-hot: it did stop there).
+
+    Each row: the alternatives, most likely first, at most ``top_k``, with the sampled token always among
+    them (in place of the k-th where it is not); lossy alternatives stay in the tail; padded with ids from
+    the top of the ``universe`` (no token) at ``FLOOR``. Refuses bytes that are not UTF-8 text."""
+    tops = trace["top_logprobs"]
+    _check_utf8(tops)
+    rows: list[tuple[dict[int, float], int]] = []
+    for entry in tops:
+        sampled, kept = strings.id(entry), {}
+        for alt in sorted(entry.get("top") or (), key=lambda a: -float(a["logprob"])):
+            sid = sampled if _is_sampled(alt, entry) else strings.id(alt)
+            if sid == LOSSY_ID and sid != sampled:
+                counts["lossy_alternatives"] += 1
+            elif sid not in kept and len(kept) < top_k:
+                kept[sid] = float(alt["logprob"])
+        if sampled not in kept:
+            if len(kept) == top_k:
+                kept.pop(next(reversed(kept)))
+            kept[sampled] = float(entry["logprob"])
+        rows.append((kept, sampled))
+    if trace.get("finish_reason") == "stop":
+        rows.append(({END_OF_TURN: 0.0}, END_OF_TURN))
+    ids, logprobs, tails = [], [], []
+    for kept, _ in rows:
+        tail = 1.0 - math.fsum(math.exp(lp) for lp in kept.values())
+        pad = [universe - 1 - j for j in range(top_k - len(kept))]
+        ids.append(list(kept) + pad)
+        logprobs.append(list(kept.values()) + [FLOOR] * len(pad))
+        tails.append(math.log(tail) if tail > math.exp(FLOOR) else FLOOR)
+    counts["api_rows"] += len(rows)
+    return ids, logprobs, tails, [sampled for _, sampled in rows]
+
+
+def _is_sampled(alternative: dict, entry: dict) -> bool:
+    """The sampled token among the alternatives, even where both are printed lossily."""
+    return (alternative["token"] == entry["token"] and alternative.get("bytes") == entry.get("bytes")
+            and abs(float(alternative["logprob"]) - float(entry["logprob"])) < 1e-6)
+
+
+def _check_utf8(tops: list[dict]) -> None:
+    """The sampled tokens' bytes must make UTF-8 text (unless some were printed lossily: bytes unknown)."""
+    pieces = [TeacherStrings.raw(entry) for entry in tops]
+    if any(p is None for p in pieces):
+        return
+    data = b"".join(pieces)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        at = next(i for i, end in enumerate(ends) if end > e.start)
+        raise Refusal(f"field 'top_logprobs': the teacher's sampled tokens are not UTF-8 text: generated token {at} "
+                      f"({_shown(tops[at])!r}, bytes {data[e.start:e.end]!r}) does not decode, so its text cannot be "
+                      f"lined up with a student's tokens") from None

@@ -5,7 +5,10 @@ by the teacher we want; an inference server answers "what are your log-probs for
 for any tokens. :class:`ServedClient` asks it, for token ids in the student's tokenizer, for each
 position's top-k log-probs and the log-prob of the actual next token (:class:`ScoredRows`).
 :class:`ServedTeacher` puts that behind ``teachers.Teacher`` for training on the student's own
-rollouts, and ``distill logits --base-url`` writes the offline cache from it.
+rollouts, and ``distill logits --base-url`` writes the offline cache from it. A teacher of another
+tokenizer (:class:`AlignedServedTeacher`) is asked about its own tokens for the same text (for a
+rollout: its tokenization of the student's sampled text), with the teacher's tokenizer in place of
+the student's, and its rows are projected onto the student's positions (``teachers.align``).
 
 Two servers, told apart once per run by :meth:`ServedClient.check`:
 
@@ -45,6 +48,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from distill.batching import batch_sequences
 from distill.errors import DistillError
 from distill.options import Endpoint
 from distill.teachers.endpoints import (EndpointPool, RequestFailed, Retry, endpoint_urls, retry_after_seconds,
@@ -167,11 +171,14 @@ class ServedClient:
     """``async with ServedClient(...) as c: await c.check(); rows = await c.score(ids, positions)``."""
 
     def __init__(self, *, base_url: str | list[str], model: str, top_k: int, tokenizer, student: str,
-                 vocab_size: int, endpoint: Endpoint):
+                 vocab_size: int, endpoint: Endpoint, role: str = "student"):
+        """``tokenizer`` (named ``student``) is the one whose ids are scored: the student's, or with
+        ``role="teacher"`` the teacher's own (a teacher of another tokenizer)."""
         urls = endpoint_urls(base_url, "--teacher-url")
         self.pool = EndpointPool(urls, max_retries=endpoint.max_retries, retry_backoff=endpoint.retry_backoff)
         self.base_url = ", ".join(url.rstrip("/") for url in urls)  # where messages say the server is
         self.model, self.top_k, self.student, self.vocab_size = model, top_k, student, vocab_size
+        self.role = role
         self.tokenizer, self.concurrency, self.timeout = tokenizer, endpoint.concurrency, endpoint.request_timeout
         key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
         if endpoint.api_key_env and not key:
@@ -354,10 +361,11 @@ class ServedClient:
         mine = f"id {ours[at]} {self.vocab.text([ours[at]])!r}" if at < len(ours) else "no more tokens"
         server = f"id {theirs[at]}" if at < len(theirs) else "no more tokens"
         after = f" (after {self.vocab.text(ours[max(0, at - 4):at])!r})" if at else ""
-        return (f"{self.base_url}: the served model '{self.model}' tokenizes differently from student "
-                f"'{self.student}': at token {at} of a probe text the server has {server} where the student has "
-                f"{mine}{after}; KD needs the teacher's tokenizer (use a student of the teacher's family, or "
-                f"--method sft)")
+        advice = ("KD needs the teacher's tokenizer (use a student of the teacher's family, or --method sft)"
+                  if self.role == "student" else "give the served model's own tokenizer as the teacher's")
+        return (f"{self.base_url}: the served model '{self.model}' tokenizes differently from {self.role} "
+                f"'{self.student}': at token {at} of a probe text the server has {server} where the {self.role} has "
+                f"{mine}{after}; {advice}")
 
     # ------------------------------------------------------------ scoring
 
@@ -496,7 +504,7 @@ class ServedClient:
             known[r] = True
             if (bad := next((i for i in found if not 0 <= i < self.vocab_size), None)) is not None:
                 raise DistillError(f"{self.base_url}: the server returned token id {bad}, outside the vocabulary of "
-                                   f"student '{self.student}' ({self.vocab_size} rows): another tokenizer")
+                                   f"{self.role} '{self.student}' ({self.vocab_size} rows): another tokenizer")
             kept = sorted(found.items(), key=lambda a: -a[1])[:k]
             tail = 1.0 - math.fsum(math.exp(lp) for _, lp in kept)
             log_tail[r] = math.log(tail) if tail > math.exp(FLOOR) else FLOOR
@@ -505,32 +513,6 @@ class ServedClient:
             ids[r] = torch.tensor([i for i, _ in kept], dtype=torch.int64)
             logprobs[r] = torch.tensor([lp for _, lp in kept])
         return ScoredRows(ids, logprobs, log_tail, sampled, known)
-
-
-def batch_sequences(inputs: dict, mask) -> list[tuple[list[int], list[int]]]:
-    """(token ids, target positions in them) of each sequence of a padded or packed batch, in batch order.
-
-    Padded rows: the tokens under ``attention_mask``. Packed rows (``position_ids``, no mask):
-    sequences start where the position ids restart at 0. ``mask`` is ``rendering.target_mask``.
-    """
-    input_ids = inputs["input_ids"]
-    out, counted = [], 0
-    for b in range(input_ids.shape[0]):
-        if inputs.get("attention_mask") is not None:
-            where = inputs["attention_mask"][b].nonzero().flatten().tolist() or [0]
-            spans = [(where[0], where[-1] + 1)]
-        elif inputs.get("position_ids") is not None:
-            starts = (inputs["position_ids"][b] == 0).nonzero().flatten().tolist()
-            spans = list(zip(starts, starts[1:] + [input_ids.shape[1]]))
-        else:
-            spans = [(0, input_ids.shape[1])]
-        for start, end in spans:
-            positions = mask[b, start:end - 1].nonzero().flatten().tolist()
-            counted += len(positions)
-            out.append((input_ids[b, start:end].tolist(), positions))
-    if counted != int(mask.sum()):
-        raise DistillError(f"{int(mask.sum()) - counted} target positions of the batch lie outside its sequences")
-    return out
 
 
 class ServedTeacher:
@@ -546,9 +528,9 @@ class ServedTeacher:
     """
 
     def __init__(self, *, base_url: str | list[str], model: str, top_k: int, tokenizer, student: str,
-                 vocab_size: int, endpoint: Endpoint):
+                 vocab_size: int, endpoint: Endpoint, role: str = "student"):
         self.client = ServedClient(base_url=base_url, model=model, top_k=top_k, tokenizer=tokenizer,
-                                   student=student, vocab_size=vocab_size, endpoint=endpoint)
+                                   student=student, vocab_size=vocab_size, endpoint=endpoint, role=role)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="served-teacher", daemon=True)
         self._thread.start()
@@ -562,11 +544,13 @@ class ServedTeacher:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def submit(self, inputs: dict, mask):
+    def submit(self, inputs: dict, mask, example_index=None):
         """Start scoring a batch; the future's result is its :class:`ScoredRows` (target rows, batch order)."""
-        sequences = batch_sequences({k: v.cpu() if hasattr(v, "cpu") else v for k, v in inputs.items()},
-                                    mask.cpu())
+        return self.submit_sequences(batch_sequences({k: v.cpu() if hasattr(v, "cpu") else v
+                                                      for k, v in inputs.items()}, mask.cpu()))
 
+    def submit_sequences(self, sequences: list[tuple[list[int], list[int]]]):
+        """Start scoring (token ids, positions) pairs; a future of their :class:`ScoredRows`, in order."""
         async def score_all() -> ScoredRows:
             parts = await asyncio.gather(*(self.client.score(ids, positions) for ids, positions in sequences))
             rows = ScoredRows.cat(parts)
@@ -599,3 +583,54 @@ class ServedTeacher:
             self.client.http = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+class AlignedServedTeacher:
+    """A served teacher of another tokenizer: per batch the server scores the teacher's own tokens for
+    the same text (``align.TeacherSide``: its chat template; for a rollout, vLLM's ``prompt_logprobs``
+    of the teacher's tokenization of the student's sampled text), the actual token's log-prob (which
+    vLLM always gives) goes into each row's top-k, and the rows are projected onto the student's target
+    positions (``align.project``). The server is checked to tokenize as the teacher's tokenizer does."""
+
+    def __init__(self, served: ServedTeacher, side, student_rows: int):
+        import torch
+
+        from distill.teachers.align import vocabulary_map
+
+        self.served, self.side, self.student_rows = served, side, student_rows
+        self.vocab_map = torch.from_numpy(vocabulary_map(side.teacher, side.student, served.client.vocab_size))
+
+    @property
+    def counts(self):
+        """The student tokens taught so far by kind (``align.describe`` says it in a line)."""
+        return self.side.counts
+
+    @classmethod
+    def connect(cls, *, side, student_rows: int, base_url: str | list[str], model: str, top_k: int,
+                endpoint: Endpoint) -> "AlignedServedTeacher":
+        if top_k < 1:
+            raise DistillError("a served teacher of another tokenizer needs its top-k (--top-logprobs 1 or more): "
+                               "the sampled-token estimator compares log-probs of one token, and the two tokenizers' "
+                               "tokens differ")
+        tokenizer = side.teacher_tokenizer
+        served = ServedTeacher(base_url=base_url, model=model, top_k=top_k, tokenizer=tokenizer,
+                               student=side.teacher.name, vocab_size=len(tokenizer), role="teacher", endpoint=endpoint)
+        return cls(served, side, student_rows)
+
+    def scores(self, inputs: dict, mask, example_index=None, index=None):
+        import numpy as np
+        import torch
+
+        from distill.teachers.align import TeacherSide, project, with_realized
+
+        sequences = self.side.sequences(inputs, mask, example_index)
+        scored = self.served.submit_sequences([(s.ids, s.positions) for s in sequences]).result()
+        realized = torch.from_numpy(np.concatenate([s.realized for s in sequences]).astype(np.int64))
+        rows = with_realized(scored.ids, scored.logprobs, scored.log_tail, realized, scored.sampled)
+        plan = TeacherSide.plan(sequences, one_hot=example_index is not None, index=index)
+        device = mask.device
+        rows = type(rows)(*(x.to(device) for x in vars(rows).values()))
+        return project(rows, plan, self.vocab_map.to(device), self.student_rows)
+
+    def close(self) -> None:
+        self.served.close()

@@ -193,7 +193,8 @@ class KDTrainer(SFTTrainer):
         labels = inputs["labels"]
         used = {}
         # a served teacher (or an online one on a GPU) starts scoring now, while the student runs its forward pass
-        pending = self.teacher.submit(features, target_mask(labels)) if hasattr(self.teacher, "submit") else None
+        pending = self.teacher.submit(features, target_mask(labels), example_index) if hasattr(self.teacher, "submit") \
+            else None
 
         def teacher_scores(mask, index):
             started = time.perf_counter()
@@ -257,11 +258,14 @@ def teacher_nll(teacher, targets: torch.Tensor) -> float:
 
     Dense teacher: its cross-entropy, a chunk at a time. Sparse teacher (top-k + tail): the token's
     log-prob where it is in the top-k, else the whole tail's (a lower bound on its NLL). A teacher
-    known only by the sampled tokens' log-probs: those.
+    known only by the sampled tokens' log-probs: those. A teacher of another tokenizer: its NLL of the
+    same text in its own tokens.
     """
     with torch.no_grad():
         if getattr(teacher, "sampled", False):
             return float(-teacher.logprobs.float().sum())
+        if getattr(teacher, "aligned", False):
+            return float(teacher.nll)
         if not teacher.sparse:
             weight = teacher.weight[:teacher.vocab_size]
             _, (_, ce) = chunked_kd_loss(teacher.hidden, weight, targets.to(teacher.hidden.device), None,
