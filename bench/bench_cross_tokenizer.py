@@ -166,7 +166,10 @@ def gold_trainer_cls():
     from transformers import Trainer
 
     fields = {name: f.default for name, f in GOLDConfig.__dataclass_fields__.items()}
-    config = SimpleNamespace(**{**fields, "use_uld_loss": True, "use_extended_uld": True, "uld_use_hybrid_loss": True,
+    # hybrid (JSD on matched vocabulary) is off: in TRL 1.16 it asserted an index out of bounds on the
+    # GPU with these tokenizers (Qwen2 -> Llama 3); extended ULD (byte-offset spans) is GOLD's own path
+    config = SimpleNamespace(**{**fields, "use_uld_loss": True, "use_extended_uld": True,
+                                "uld_use_hybrid_loss": os.environ.get("GOLD_HYBRID") == "1",
                                 "uld_crossentropy_weight": 0.0, "uld_distillation_weight": 1.0, "beta": 0.5})
 
     class TRLGOLD(Trainer):
@@ -247,7 +250,7 @@ def main():
                             kd=settings, teacher=aligned))
         if gold is not None:
             gold_data, texts = gold_rows(examples, trace_file, toks["llama3"], length)
-            rows.append(run("TRL GOLD (ULD, extended + hybrid)", gold, llama(s_spec, args.device, torch.float32), gold_data,
+            rows.append(run("TRL GOLD (extended ULD)", gold, llama(s_spec, args.device, torch.float32), gold_data,
                             trl_arguments(cuda, 1, False), args.steps, teacher_model=teacher,
                             teacher_tokenizer=toks["qwen2"], texts=texts, processing_class=toks["llama3"]))
 

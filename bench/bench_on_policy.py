@@ -179,6 +179,9 @@ def rollout_row(engine: str, per_prompt: int, student, tok, prompts: list[list[i
             row["prefill_s"] += stats["prefill_s"]
             row["tokens"] += sum(len(r.completion) for r in out)
     except Exception as e:  # one engine failing leaves the other rows' numbers
+        import traceback
+
+        traceback.print_exc()
         return {"name": row["name"], "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     finally:
         del sampler

@@ -254,14 +254,15 @@ def _distill(config, examples, args, max_len, steps, attn, packing: bool, weight
     """distill's own path: its TrainingArguments, packing and collator under transformers' Trainer
     (``weights_dtype`` bf16: ``--weights-dtype bf16``, bf16 weights with fp32 masters in the optimizer)."""
     from distill.batching import Collator, ExampleDataset, pack_examples
+    from distill.config import make
     from distill.train.command import TrainConfig
     from distill.train.student import training_arguments
     from distill.train.trainers import SFTTrainer
 
-    cfg = TrainConfig(out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
-                      warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
-                      liger=args.liger, logging_steps=10**6, report_to="none", attn_implementation=attn,
-                      weights_dtype=weights_dtype)
+    cfg = make(TrainConfig, student="bench", out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
+               warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
+               liger=args.liger, logging_steps=10**6, report_to="none", attn_implementation=attn,
+               weights_dtype=weights_dtype)
     bf16 = args.device.startswith("cuda") or weights_dtype == "bf16"
     # the same random batch order as TRL's rows: distill's default length-grouped order makes a slice of
     # steps unrepresentative (one megabatch sorted longest first), so tokens/s would compare other batches

@@ -53,6 +53,11 @@ class SFTTrainer(Trainer):
         self.loss_settings = loss_settings or KDSettings(alpha=0.0, chunk_size=SFT_CHUNK_SIZE)
         if sharded_run() is None:  # FSDP2/ZeRO-3 gather each module's weights for that module's own call
             share_inputs(self.model)  # q/k/v and gate/up sum their input gradients in the GEMMs
+        if torch.cuda.is_available():
+            # SDPA picked flash attention in a checkpointed layer's forward pass and cuDNN's in its
+            # recomputation (an H100, torch 2.11, online KD with the teacher on its own stream), and
+            # checkpointing refuses outputs that differ in shape: flash (or efficient) for both
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

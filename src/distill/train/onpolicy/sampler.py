@@ -214,6 +214,7 @@ class StaticSampler:
     def generate(self, model, prompts: list[list[int]], seed: int) -> list[list[int]]:
         dtype = self.dtype or (torch.bfloat16 if model.device.type == "cuda" else model.dtype)
         self._shadow = refreshed_copy(model, self._shadow, dtype, ATTENTION)
+        self._cache_arg = _cache_kwarg(self._shadow)
         device = self._shadow.device
         width = max(len(p) for p in prompts)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
@@ -284,8 +285,8 @@ class StaticSampler:
         allowed = ((cols >= start) & (cols <= query)) | (cols == query)  # pad columns see themselves only
         prefilled = DynamicCache(config=self._shadow.config)
         logits = self._shadow(input_ids=ids.to(device), attention_mask=self._additive(allowed[:, None]),
-                              position_ids=(query.T - start[:, 0]).clamp(min=0), cache=prefilled, use_cache=True,
-                              logits_to_keep=1).logits[:, -1]
+                              position_ids=(query.T - start[:, 0]).clamp(min=0), **{self._cache_arg: prefilled},
+                              use_cache=True, logits_to_keep=1).logits[:, -1]
         rows = rows.to(device)
         self._cache.reset()
         for layer, prompt_layer in zip(self._cache.layers, prefilled.layers):
@@ -311,7 +312,7 @@ class StaticSampler:
         columns = self._columns[:window]
         allowed = (columns >= self._start[:, None]) & (columns <= column)
         logits = self._shadow(input_ids=self._tokens[:, None], attention_mask=self._additive(allowed[:, None, None]),
-                              position_ids=(column - self._start)[:, None], cache=self._cache,
+                              position_ids=(column - self._start)[:, None], **{self._cache_arg: self._cache},
                               use_cache=True).logits[:, -1]
         self._pick(logits, index)
 
@@ -386,3 +387,11 @@ class StaticSampler:
             self._prefill([[self.pad_id]], 1)
             for _ in range(warm_up):
                 self._replay(window)
+
+
+def _cache_kwarg(model) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` since transformers 5.2x,
+    ``past_key_values`` before (an unknown keyword would be swallowed, and the cache left empty)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
