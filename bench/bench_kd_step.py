@@ -131,7 +131,7 @@ def distill_arguments(cuda: bool, batch_size: int, liger: bool):
     from distill.train.command import TrainConfig
     from distill.train.student import training_arguments
 
-    cfg = make(TrainConfig, student="bench", out="/tmp/bench_kd_distill", max_steps=1, batch_size=batch_size, lr=1e-5,
+    cfg = make(TrainConfig, student="bench", traces="bench.jsonl", out="/tmp/bench_kd_distill", max_steps=1, batch_size=batch_size, lr=1e-5,
                warmup_ratio=0.0, gradient_checkpointing=True, liger=liger, logging_steps=10**6, report_to="none")
     return training_arguments(cfg, has_eval=False, use_bf16=cuda, grad_accum=1, save_strategy="no",
                               disable_tqdm=True, train_sampling_strategy="random")

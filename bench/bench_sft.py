@@ -259,7 +259,7 @@ def _distill(config, examples, args, max_len, steps, attn, packing: bool, weight
     from distill.train.student import training_arguments
     from distill.train.trainers import SFTTrainer
 
-    cfg = make(TrainConfig, student="bench", out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
+    cfg = make(TrainConfig, student="bench", traces="bench.jsonl", out="/tmp/bench_sft_distill", max_steps=steps, batch_size=args.batch_size, lr=1e-5,
                warmup_ratio=0.0, max_length=max_len, packing=packing, gradient_checkpointing=args.ckpt,
                liger=args.liger, logging_steps=10**6, report_to="none", attn_implementation=attn,
                weights_dtype=weights_dtype)

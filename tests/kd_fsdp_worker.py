@@ -113,7 +113,8 @@ def main(mode: str, student: str, teacher: str, traces: str, out: str, checkpoin
     import torch.distributed as dist
 
     from distill.config import make
-    from distill.train.command import TrainConfig, kd_settings
+    from distill.train.command import TrainConfig
+    from distill.train.fit import kd_settings
     from distill.distributed import output_rows
     from distill.rendering import n_targets
     from distill.train.student import prepare

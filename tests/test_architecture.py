@@ -3,8 +3,8 @@
 Every ``import`` counts, also those inside functions (a loop through a deferred import is still a
 loop a reader has to untangle). The layers, bottom up (README, "Where the code is"):
 
-- storage: errors, records, run records, locks, the logits store, the config machinery and the
-  option groups, the output guard, the console, the results schema, how processes share a run: the
+- storage: errors, records, run records, the logits store, the config machinery and the
+  option groups, the outputs' locks and guard, the console, the results schema, how processes share a run: the
   shared types and constants every stage reads;
 - rendering: prompts, chat rendering, models and tokenizers, grading, the KD maths, batching;
 - teachers: generation (API, local) and KD scoring (online, cached, served, API log-probs);
@@ -14,7 +14,7 @@ loop a reader has to untangle). The layers, bottom up (README, "Where the code i
 - cli on top, which reaches the stages by name.
 
 Inside ``train/``: the kernels and the on-policy package at the bottom, then the trainers, the
-student set-up, and the command on top.
+student set-up, the fitting, and the command on top.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: the layer of every top-level module or package of ``distill``
 LAYERS = {
-    "storage": {"errors", "paths", "records", "runinfo", "locks", "config", "options", "outputs", "console", "store",
+    "storage": {"errors", "paths", "records", "runinfo", "config", "options", "outputs", "console", "store",
                 "costs", "parallel", "distributed", "results"},
     "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching"},
     "teachers": {"teachers"},
@@ -34,7 +34,7 @@ LAYERS = {
     "cli": {"cli"},
 }
 ORDER = list(LAYERS)
-TRAIN_LAYERS = {"kernels": 0, "onpolicy": 0, "trainers": 1, "student": 2, "command": 3}
+TRAIN_LAYERS = {"kernels": 0, "onpolicy": 0, "trainers": 1, "student": 2, "fit": 3, "command": 4}
 
 
 def module_name(path: Path) -> str:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from distill.errors import DistillError
 from distill.train.kernels import attention
-from distill.train.command import run_training
+from distill.train.fit import run_training
 
 from test_train_sft import quick, traces  # noqa: F401  (traces: a fixture)
 

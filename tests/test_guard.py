@@ -13,7 +13,7 @@ import pytest
 
 from distill.cli import main
 from distill.errors import DistillError
-from distill.locks import exclusive, lock_path
+from distill.outputs import exclusive, lock_path
 from distill.records import read_jsonl
 
 from test_generate import (FaultServer, api_args, assert_complete, prompts_file, socket_port,  # noqa: F401
@@ -84,7 +84,7 @@ def test_a_lock_file_removed_under_a_starting_run_is_not_a_lock(tmp_path, monkey
     one and locks it, B's lock then succeeds on the removed file. B must see C, not write beside it."""
     import fcntl
 
-    from distill import locks
+    from distill import outputs as locks
 
     out = tmp_path / "traces.jsonl"
     real_flock, holder = fcntl.flock, []

@@ -46,9 +46,13 @@ def sample(leaf) -> object:
     return "x"
 
 
+#: what makes a command's every option apply (train: on-policy takes every group)
+APPLYING = {"TrainConfig": {"method": "on-policy", "teacher": "t", "traces": "t.jsonl"}}
+
+
 def required(cls) -> dict:
-    """Values for the options a command cannot be built without."""
-    return {leaf.key: sample(leaf) for leaf in leaves(cls) if leaf.required}
+    """Values for the options a command cannot be built without, and those that make every option apply."""
+    return {**{leaf.key: sample(leaf) for leaf in leaves(cls) if leaf.required}, **APPLYING.get(cls.__name__, {})}
 
 
 def former_names():
@@ -88,7 +92,8 @@ def test_a_recipe_with_the_old_and_the_new_name_of_one_option_fails_naming_both(
 
 
 def test_the_former_on_policy_share_becomes_the_on_policy_method(capsys):
-    cfg = build(config_class("train"), ("flags", {"method": "kd", "on_policy": "0.5", "student": "s", "out": "o"}))
+    cfg = build(config_class("train"), ("flags", {"method": "kd", "on_policy": "0.5", "student": "s", "out": "o",
+                                                  "teacher": "t", "traces": "t.jsonl"}))
     assert (cfg.method, cfg.on_policy.on_policy_fraction) == ("on-policy", 0.5)
     assert "'--on-policy' is now '--method on-policy --on-policy-fraction 0.5'" in capsys.readouterr().err
 

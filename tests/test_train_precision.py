@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.config import replace
-from distill.train.command import RUN_RECORD, run_training
+from distill.runinfo import RUN_RECORD
+from distill.train.fit import run_training
 from distill.train.kernels.optim import MasterWeightAdamW
 
 from test_train_sft import StopAt, losses, quick, traces  # noqa: F401  (traces: a fixture)

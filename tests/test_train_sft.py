@@ -12,7 +12,9 @@ from distill.cli import main
 from distill.errors import DistillError
 from distill.batching import Collator
 from distill.config import make, replace
-from distill.train.command import RUN_RECORD, TrainConfig, run_training
+from distill.runinfo import RUN_RECORD
+from distill.train.command import TrainConfig
+from distill.train.fit import run_training
 from distill.train.trainers import SFTTrainer
 
 from test_train_sft_data import make_trace, write_traces
@@ -192,7 +194,7 @@ def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(tmp_path, tiny_
 
 def test_resume_skips_a_checkpoint_killed_while_it_was_written(tmp_path):
     """A run killed mid-save leaves checkpoint-N without trainer_state.json: resume takes the one before."""
-    from distill.train.command import last_checkpoint
+    from distill.train.fit import last_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -34,7 +34,6 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
-from distill.paths import asset_dir
 
 # ---------------------------------------------------------------- declaring options
 
@@ -298,6 +297,8 @@ def build(cls, *layers: tuple[str, dict]):
         raise DistillError(f"missing {', '.join(missing)} (required)")
     cfg = _assemble(cls, by_key, values)
     object.__setattr__(cfg, "_given", dict(origin))
+    if hasattr(cfg, "validate"):  # what a command can check of its options before anything loads
+        cfg.validate()
     return cfg
 
 
@@ -381,24 +382,6 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise DistillError(f"{path}: expected a mapping of keys at the top level")
     return data
-
-
-def resolve_preset(kind: str, name_or_path: str) -> Path | None:
-    """Find a preset by name (``teachers/deepseek-reasoner.yaml`` by ``deepseek-reasoner``) or path.
-
-    Returns None when it is neither, so callers can treat the string as a model id/path.
-    """
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise DistillError(f"{p}: {kind} preset file not found")
-        return p
-    candidate = asset_dir(kind) / f"{name_or_path}.yaml"
-    return candidate if candidate.is_file() else None
-
-
-def list_presets(kind: str) -> list[str]:
-    return sorted(p.stem for p in asset_dir(kind).glob("*.yaml"))
 
 
 def config_section(path: str | Path, command: str) -> dict:

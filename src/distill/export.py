@@ -36,8 +36,7 @@ def export(cfg: ExportConfig) -> int:
     import pyarrow
 
     from distill.config import to_dict
-    from distill.locks import exclusive
-    from distill.outputs import claim, remove
+    from distill.outputs import claim, exclusive, remove
     from distill.records import read_traces, write_json
     from distill.runinfo import RUN_RECORD, run_record
 

@@ -23,12 +23,12 @@ from distill import parallel
 from distill.config import at_least, group, option, to_dict
 from distill.costs import estimated_cost
 from distill.errors import DistillError
-from distill.locks import exclusive
+from distill.outputs import exclusive, record_path
 from distill.models import load_preset
 from distill.options import Endpoint, Output, PromptFormat, PromptSet, Sampling, Teacher
 from distill.prompts import DEFAULT_TEMPLATE, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
-from distill.runinfo import record_path, run_record
+from distill.runinfo import run_record
 from distill.teachers.base import MAX_TOP_LOGPROBS, Completion
 from distill.teachers.endpoints import RequestFailed, endpoint_urls
 
@@ -154,8 +154,7 @@ def _settings(cfg: GenerateConfig, teacher: dict) -> dict:
 
 def _claim(cfg: GenerateConfig, out: Path, settings: dict) -> str:
     """May this run write ``out``: resume the traces there (same settings), start it, or refuse."""
-    from distill.outputs import claim
-    from distill.runinfo import read_record
+    from distill.outputs import claim, read_record
 
     answer = claim(out, "generate", kind="file", settings=settings, inputs=[cfg.prompts.path],
                    overwrite=cfg.output.overwrite, rerun="continue")

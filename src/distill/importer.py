@@ -238,8 +238,7 @@ def _hub_revision(name: str) -> str | None:
 
 def import_traces(cfg: ImportConfig) -> int:
     """``distill import``: read every row, write trace records, print what was found."""
-    from distill.locks import exclusive
-    from distill.outputs import claim
+    from distill.outputs import claim, exclusive
 
     with exclusive(cfg.output.out):
         claim(cfg.output.out, "import", kind="file", settings=_settings(cfg), inputs=[cfg.dataset],
@@ -259,7 +258,8 @@ def _import(cfg: ImportConfig) -> int:
     from distill.config import to_dict
     from distill.prompts import prompt_hash, rows
     from distill.records import trace_id, write_json, write_jsonl
-    from distill.runinfo import record_path, run_record
+    from distill.runinfo import run_record
+    from distill.outputs import record_path
 
     stream = _objects(rows(cfg.dataset, cfg.rows.split, cfg.subset))
     first = list(itertools.islice(stream, 5))

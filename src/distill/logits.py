@@ -53,7 +53,7 @@ class LogitsConfig:
 def cache_logits(cfg: LogitsConfig) -> int:
     """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
     from distill import parallel
-    from distill.locks import exclusive
+    from distill.outputs import exclusive
     from distill.store import PART_INDEX
     from distill.teachers.spec import resolve
 

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from distill.config import list_presets, load_yaml, resolve_preset
+from distill.config import load_yaml
 from distill.errors import DistillError
 from distill.paths import asset_dir
 
@@ -96,6 +96,24 @@ def shrink_layers(src: str | Path, out: str | Path, keep: str | list[int] = "eve
     load_tokenizer(src_path, require_chat_template=False).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def resolve_preset(kind: str, name_or_path: str) -> Path | None:
+    """Find a preset by name (``teachers/deepseek-reasoner.yaml`` by ``deepseek-reasoner``) or path.
+
+    Returns None when it is neither, so callers can treat the string as a model id/path.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise DistillError(f"{p}: {kind} preset file not found")
+        return p
+    candidate = asset_dir(kind) / f"{name_or_path}.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def list_presets(kind: str) -> list[str]:
+    return sorted(p.stem for p in asset_dir(kind).glob("*.yaml"))
 
 
 def load_preset(kind: str, name_or_path: str) -> dict:

@@ -167,9 +167,14 @@ class Rollouts:
 
     on_policy_fraction: float = option(1.0, help="share of batches on which the student samples (GKD's lambda); "
                                                  "the rest are the traces' (off-policy)", check=between(0, 1))
+    rollout_engine: Literal["auto", "graph", "hf"] = option(
+        "auto", help="'graph': each decoding step (sampling included) is one CUDA graph over the student's own "
+                     "modules and a static KV cache (eager on a CPU); 'hf': transformers' generate "
+                     "(--rollout-cache); auto: graph on a GPU for a full-attention, unsharded, full fine-tuned "
+                     "student, else hf")
     rollout_cache: Literal["auto", "dynamic", "static"] = option(
-        "auto", help="'static': sample from a bf16 copy of the student with a fixed KV cache compiled with CUDA "
-                     "graphs (GPU); auto: static on a GPU for full fine-tuning, else dynamic")
+        "auto", help="hf engine: 'static' samples from a bf16 copy of the student with a fixed KV cache compiled "
+                     "with CUDA graphs (GPU); auto: static on a GPU for full fine-tuning, else dynamic")
     rollout_log_steps: int = option(50, help="write a few rollouts to OUT/rollouts.jsonl every N steps (0: never)",
                                     check=at_least(0))
 

@@ -1,13 +1,19 @@
-"""Never lose a user's data: what a command may do with the output it is pointed at.
+"""Never lose a user's data: one writer per output, and what a command may do with the output it is pointed at.
 
-An output that holds anything distill did not write, or was written by a run with other settings,
-is never replaced, appended to or deleted without ``--overwrite`` (or ``--resume`` where continuing
-is meant); the refusal says what is there and which flag to pass. A command never writes to its
-own input. Each command states its output once, before any model loads (:func:`claim`):
+**One writer.** Two runs on one output (a second terminal, a job submitted twice) would both append,
+and pay for, every sample. :func:`exclusive` takes ``flock`` on ``OUTPUT.lock`` without waiting: the
+second run stops at once, naming the PID that holds it. The kernel drops the lock with its process,
+so a run killed with SIGKILL never blocks the next; the lock file is removed when the run ends.
+
+**No overwrite without asking.** An output that holds anything distill did not write, or was
+written by a run with other settings, is never replaced, appended to or deleted without
+``--overwrite`` (or ``--resume`` where continuing is meant); the refusal says what is there and which
+flag to pass. A command never writes to its own input. Each command states its output once, before
+any model loads (:func:`claim`, or :func:`claimed`: the lock and the claim together):
 
 - ``kind``: a file (traces, a dataset's JSONL) or a directory (a model, a cache, eval runs);
 - ``settings``: what makes two runs the same run (sampling, teacher, ...): kept in the run record
-  (``runinfo``) and compared with the record already there;
+  (``OUT/run.json`` or ``OUT.run.json``: :func:`record_path`) and compared with the record already there;
 - ``inputs``: the files it reads, which it may not write;
 - ``rerun``: whether a run with the same settings continues the one there (generate and logits
   resume by themselves; train with ``--resume``), replaces its result (verify, eval: same settings,
@@ -19,14 +25,17 @@ The answer is ``"new"`` (nothing there, or replaced with ``--overwrite``), ``"co
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
 from distill.errors import DistillError
-from distill.runinfo import read_record, record_path
+from distill.runinfo import FORMER_RUN_RECORD, RUN_RECORD
 
 Kind = Literal["file", "dir"]
 
@@ -133,3 +142,95 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def record_path(out: str | Path, kind: str) -> Path:
+    """Where the run record of the output ``out`` is: ``OUT/run.json`` for a directory (``kind``
+    "dir"), ``OUT.run.json`` beside a file."""
+    return Path(out) / RUN_RECORD if kind == "dir" else Path(f"{out}.{RUN_RECORD}")
+
+
+def read_record(out: str | Path, kind: str | None = None) -> dict | None:
+    """The run record of an output (a directory's former ``distill_run.json`` too), or None."""
+    out = Path(out)
+    kind = kind or ("dir" if out.is_dir() else "file")
+    paths = [record_path(out, kind)] + ([out / FORMER_RUN_RECORD] if kind == "dir" else [])
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+# ---------------------------------------------------------------- one writer per output
+
+
+def lock_path(output: str | Path) -> Path:
+    return Path(f"{str(output).rstrip('/')}.lock")
+
+
+@contextmanager
+def exclusive(output: str | Path):
+    """Hold the output's lock for the block; DistillError at once if another process holds it."""
+    path = lock_path(output)
+    made = [p for p in reversed(path.parents) if not p.exists()]  # a failed start leaves no empty folders
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise DistillError(f"{output}: {blocking} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DistillError(f"{output}: cannot create {path.parent} ({e.strerror})") from None
+    fd = _acquire(path, output)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held (see _acquire)
+        os.close(fd)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()  # only if the run left it empty
+            except OSError:
+                break
+
+
+def _acquire(path: Path, output) -> int:
+    """Lock the file at ``path``. A run that ends unlinks its lock file while holding it, so a run
+    that opened the file just before may then lock a file no longer there, while a third creates
+    and locks a new one: both would write. Only a lock on the file that is at ``path`` counts."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DistillError(f"{output}: cannot write beside it ({path}: {e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise DistillError(f"{output}: another distill run is writing it (PID {holder or 'unknown'}, lock "
+                               f"{path}); wait for it to finish or stop it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed under us: open the one there now
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (or a plain process): the one that takes the output's lock."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def claimed(out: str | Path, command: str, *, main: bool = True, **claim_options):
+    """Hold ``out``'s lock (rank 0 of a launch: ``main``) and claim it (:func:`claim`) for the block;
+    yields the claim's answer (None on the other ranks)."""
+    with exclusive(out) if main else nullcontext():
+        yield claim(out, command, **claim_options) if main else None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from distill.errors import DistillError
-from distill.locks import exclusive
+from distill.outputs import exclusive
 
 
 @dataclass(frozen=True)

@@ -75,26 +75,3 @@ def run_record(command: str, config: dict, data_files: dict[str, str | Path] | N
         "host": {"platform": platform.platform(), "machine": platform.machine()},
         **extra,
     }
-
-
-def record_path(out: str | Path, kind: str) -> Path:
-    """Where the run record of the output ``out`` is: ``OUT/run.json`` for a directory (``kind``
-    "dir"), ``OUT.run.json`` beside a file."""
-    return Path(out) / RUN_RECORD if kind == "dir" else Path(f"{out}.{RUN_RECORD}")
-
-
-def read_record(out: str | Path, kind: str | None = None) -> dict | None:
-    """The run record of an output (a directory's former ``distill_run.json`` too), or None."""
-    import json
-
-    out = Path(out)
-    kind = kind or ("dir" if out.is_dir() else "file")
-    paths = [record_path(out, kind)] + ([out / FORMER_RUN_RECORD] if kind == "dir" else [])
-    for path in paths:
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict):
-            return record
-    return None

@@ -132,10 +132,9 @@ def pass_rate_histogram(rates: Iterable[float]) -> dict[str, int]:
 def verify_file(cfg: VerifyConfig) -> int:
     """``distill verify``: grade every trace, filter, write the kept ones and a run record."""
     from distill.config import to_dict
-    from distill.locks import exclusive
-    from distill.outputs import claim
+    from distill.outputs import claim, exclusive, record_path
     from distill.records import iter_traces, write_json, write_jsonl
-    from distill.runinfo import record_path, run_record
+    from distill.runinfo import run_record
 
     source, out = cfg.traces.path, cfg.output.out
     numbered = list(iter_traces(source))

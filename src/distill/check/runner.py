@@ -53,7 +53,8 @@ def _stop_ids(path: str) -> list[int] | None:
 def resolve(kind: str, name: str) -> Model:
     """``kind``: "students" or "teachers". A preset that builds its model from another (``init_from``)
     and has not built it yet is read from the source, with the layers it will keep."""
-    from distill.config import load_yaml, resolve_preset
+    from distill.config import load_yaml
+    from distill.models import resolve_preset
     from distill.models import load_tokenizer, resolve_model
 
     preset_file = resolve_preset(kind, name)

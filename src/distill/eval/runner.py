@@ -21,10 +21,10 @@ from distill.config import at_least, group, option, to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
 from distill.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
-from distill.locks import exclusive
+from distill.outputs import exclusive, read_record
 from distill.options import Endpoint, Grading, Model, Output, PromptSet, Render, Sampling, Teacher
 from distill.records import read_jsonl, write_json, write_jsonl
-from distill.runinfo import RUN_RECORD, read_record, run_record, versions
+from distill.runinfo import RUN_RECORD, run_record, versions
 
 
 @dataclass

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from distill.config import resolve_preset
 from distill.errors import DistillError
 from distill.options import Teacher
 
@@ -42,7 +41,7 @@ class TeacherSpec:
 
 def resolve(teacher: Teacher) -> TeacherSpec | None:
     """The teacher the options name (None when they name none)."""
-    from distill.models import load_preset
+    from distill.models import load_preset, resolve_preset
 
     name, urls = teacher.name, tuple(teacher.url or ())
     if name == "self":

@@ -14,13 +14,31 @@ import random
 from pathlib import Path
 
 from distill.batching import Collator
-from distill.train.onpolicy.rollouts import RolloutEngine
+from distill.options import Rollouts, Sampling
+from distill.train.onpolicy.rollouts import RolloutEngine, RolloutSettings, prompt_ids, rollout_engine
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 LOGGED_PER_STEP = 4
 
 
 class OnPolicy:
+    @classmethod
+    def of(cls, rollouts: Rollouts, sampling: Sampling, model, tokenizer, examples: list[dict], batch_size: int,
+           log_dir: str) -> "OnPolicy":
+        """The schedule a run's options ask for, sampling the training prompts with the engine
+        ``rollouts.rollout_engine`` chooses for this student (``rollouts.rollout_engine``)."""
+        from distill.distributed import sharded_run
+
+        prompts = {ex["example_index"]: prompt_ids(ex) for ex in examples}
+        settings = RolloutSettings(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                   per_prompt=sampling.n, cache=rollouts.rollout_cache, top_k=sampling.top_k,
+                                   top_p=sampling.top_p)
+        engine = rollout_engine(tokenizer, settings, model, engine=rollouts.rollout_engine, sharded=sharded_run(),
+                                max_prompts=batch_size, prompt_tokens=max(map(len, prompts.values())))
+        print(f"train: on-policy rollouts sampled by {engine.name}", flush=True)
+        return cls(rollouts.on_policy_fraction, engine, prompts, tokenizer, log_dir=log_dir,
+                   log_steps=rollouts.rollout_log_steps)
+
     def __init__(self, fraction: float, engine: RolloutEngine, prompts: dict[int, list[int]], tokenizer,
                  log_dir: str | None = None, log_steps: int = 50):
         self.fraction, self.engine, self.prompts = fraction, engine, prompts

@@ -1,0 +1,216 @@
+"""Fitting a prepared student: the KD teacher and its loss, the on-policy schedule, the Trainer's run,
+the saved model and the run record.
+
+:func:`fit` is ``distill train`` after its options were checked, its output claimed and its student
+prepared (``command``, ``student``). :func:`run_training` resumes, trains, saves model + tokenizer +
+chat template and writes ``OUT/run.json`` whose ``summary`` (method, base_model, teacher,
+train_examples, eval_examples, tokens_seen, lora, wall_time_s, device, final_train_loss,
+final_eval_loss) and ``loss_curve`` eval and compare read, ``held_out`` (the traces' path and sha256
+and the prompt ids kept out of training), where eval measures fidelity, and ``distributed``
+(``distributed.describe``).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from distill.errors import DistillError
+from distill.records import write_json
+from distill.runinfo import RUN_RECORD
+
+
+def fit(cfg, setup) -> int:
+    """Train the prepared student: SFT, or with the teacher KD or on-policy distillation needs."""
+    made = teaching(cfg, setup) if cfg.teaches else None
+    try:
+        return run_training(cfg, setup, made)
+    finally:
+        if made is not None and hasattr(made["teacher"], "close"):  # a served teacher's connections, event loop
+            made["teacher"].close()
+
+
+def last_checkpoint(out: str) -> str | None:
+    """The newest *complete* checkpoint in ``out``: one whose trainer state was written, the Trainer's
+    last file. A run killed while saving leaves a ``checkpoint-N`` folder without it, which
+    transformers' own ``get_last_checkpoint`` would pick and then fail to resume from."""
+    done = [p for p in Path(out).glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def loss_curve(log_history: list[dict]) -> list[dict]:
+    """Trainer logs -> [{step, loss, eval_loss?, ...}], one entry per logged step, with the KD terms
+    and, on-policy, what the student wrote (``rollout_*``) and where the step's time went (``time_*``)."""
+    by_step: dict[int, dict] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if step is None or ("loss" not in entry and "eval_loss" not in entry):
+            continue
+        point = by_step.setdefault(step, {"step": step})
+        point.update({k: v for k, v in entry.items() if _curve_key(k)})
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _curve_key(key: str) -> bool:
+    return key.removeprefix("eval_") in ("loss", "kd_loss", "ce_loss") or key.startswith(("rollout_", "time_"))
+
+
+def _last(curve: list[dict], key: str) -> float | None:
+    values = [p[key] for p in curve if key in p]
+    return values[-1] if values else None
+
+
+def _set_stop_tokens(model, tokenizer) -> None:
+    """Make generation stop on the token the student was trained to end its turn with."""
+    from distill.rendering import end_of_turn_id
+
+    eot = end_of_turn_id(tokenizer)
+    for config in (model.config, model.generation_config):
+        eos = config.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if eot not in ids:
+            ids.insert(0, eot)
+        config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _save(trainer, setup, cfg) -> None:
+    """Model (or adapter, plus OUT/merged with --merge), tokenizer and chat template into OUT."""
+    out = cfg.output.out
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _set_stop_tokens(base, setup.tokenizer)
+    trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        setup.tokenizer.save_pretrained(out)
+        base.generation_config.save_pretrained(out)
+    if (cfg.lora.lora or cfg.lora.qlora) and cfg.lora.merge:
+        merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(Path(out) / "merged")
+            setup.tokenizer.save_pretrained(Path(out) / "merged")
+
+
+def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs) -> int:
+    """Train (``teaching``: the KD trainer's teacher, settings and on-policy schedule, from
+    :func:`teaching`; None: SFT), save, write the run record. ``trainer_kwargs`` go to the trainer
+    (e.g. ``callbacks``)."""
+    import torch
+
+    from distill.config import to_dict
+    from distill.distributed import describe
+    from distill.runinfo import run_record
+    from distill.train.student import prepare
+    from distill.train.trainers import KDTrainer, SaveAndStopOnSignal, SFTTrainer, readable_logs
+
+    out = cfg.output.out
+    setup = setup or prepare(cfg)
+    kd = {k: v for k, v in (teaching or {}).items() if k in ("kd", "teacher", "on_policy")}
+    trainer = (KDTrainer if teaching else SFTTrainer)(
+        model=setup.model, args=setup.args, train_dataset=setup.train_dataset, eval_dataset=setup.eval_dataset,
+        data_collator=setup.collator, processing_class=setup.tokenizer, **kd, **trainer_kwargs)
+    readable_logs(trainer)
+    checkpoint = last_checkpoint(out) if cfg.resume else None
+    if cfg.resume:
+        print(f"train: resuming from {checkpoint}" if checkpoint else
+              f"train: --resume: no checkpoint in {out} yet, starting fresh", flush=True)
+    started = time.time()
+    stopper = SaveAndStopOnSignal()
+    trainer.add_callback(stopper)
+    try:
+        with stopper:
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError:
+        raise DistillError(
+            f"CUDA out of memory (batch {cfg.schedule.batch_size} x max length {cfg.render.max_length}); lower "
+            "--batch-size (raise --global-batch-size accumulation instead), lower --max-length, keep "
+            "--gradient-checkpointing on, or train with --lora / several GPUs (configs/accelerate/)") from None
+    if stopper.received is not None:
+        print(f"train: {signal.Signals(stopper.received).name}: stopped after step {trainer.state.global_step}, "
+              f"checkpoint saved in {out}; rerun with --resume to continue", file=sys.stderr, flush=True)
+        return 128 + stopper.received
+    wall = time.time() - started
+    if setup.eval_dataset is not None and trainer.state.global_step % cfg.schedule.eval_steps:
+        trainer.evaluate()  # the final eval loss, unless the last step just logged one
+    curve = loss_curve(trainer.state.log_history)
+    summary = {
+        "method": cfg.method,
+        "base_model": setup.student.get("model"),
+        "student_preset": setup.student.get("name"),
+        "teacher": setup.stats.get("teacher"),
+        "train_examples": setup.stats.get("train_examples"),
+        "eval_examples": setup.stats.get("eval_examples"),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "lora": bool(cfg.lora.lora or cfg.lora.qlora),
+        "global_step": trainer.state.global_step,
+        "wall_time_s": round(wall, 2),
+        "device": _device(trainer),
+        "final_train_loss": _last(curve, "loss"),
+        "final_eval_loss": _last(curve, "eval_loss"),
+    }
+    _save(trainer, setup, cfg)
+    if trainer.is_world_process_zero():
+        data = {name: path for name, path in (("traces", cfg.traces.path), ("prompts", cfg.prompts.path))
+                if path and Path(path).is_file()}
+        record = run_record(f"train --method {cfg.method}", to_dict(cfg), data, status="complete",
+                            settings=cfg.same_run, summary=summary, data_stats=setup.stats, loss_curve=curve,
+                            distributed=describe(trainer, (teaching or {}).get("placement")),
+                            **(teaching or {}).get("record", {}))
+        if "traces" in record["data"]:  # the prompts not trained on: eval scores fidelity on them
+            held_out = setup.eval_dataset.examples if setup.eval_dataset is not None else []
+            record["held_out"] = {**record["data"]["traces"], "eval_fraction": cfg.schedule.eval_fraction,
+                                  "seed": cfg.sampling.seed, "prompt_ids": sorted({ex["prompt_id"] for ex in held_out})}
+        write_json(Path(out) / RUN_RECORD, record)
+        print(f"train: saved {'adapter' if summary['lora'] else 'model'} to {out} "
+              f"({summary['global_step']} steps, {summary['tokens_seen']} tokens, "
+              f"final loss {summary['final_train_loss']}, eval loss {summary['final_eval_loss']})", flush=True)
+    return 0
+
+
+def _device(trainer) -> dict:
+    """What trained: GPUs (type, count across processes) or CPU threads, for GPU/CPU-hours."""
+    import torch
+
+    kind = trainer.args.device.type
+    if kind == "cuda":
+        return {"type": kind, "count": trainer.args.world_size, "name": torch.cuda.get_device_name()}
+    threads = torch.get_num_threads() if kind == "cpu" else 1
+    return {"type": kind, "count": trainer.args.world_size * threads}
+
+
+def kd_settings(cfg):
+    from distill.kd_losses import KDSettings
+
+    kd = cfg.kd
+    loss = kd.loss or ("rkl" if cfg.method == "on-policy" else "fkl")
+    return KDSettings(loss=loss, beta=kd.beta, temperature=kd.kd_temperature, alpha=kd.kd_weight,
+                      chunk_size=kd.chunk_size)
+
+
+def teaching(cfg, setup) -> dict:
+    """The KD trainer's teacher (``teachers.kd``: what ``--teacher`` names), its loss settings and the
+    on-policy schedule, with what the run record says of them and where the teacher lives."""
+    from distill.distributed import output_rows
+    from distill.teachers import kd as teachers
+    from distill.teachers.spec import resolve
+    from distill.train.onpolicy.schedule import OnPolicy
+
+    kd = kd_settings(cfg)
+    on_policy = cfg.method == "on-policy"
+    request = teachers.Request(cfg.teacher, cfg.endpoint, kd, on_policy=on_policy, device=cfg.parallel.teacher_device)
+    student = teachers.Student(cfg.student.name, setup.tokenizer, setup.examples, output_rows(setup.model),
+                               str(setup.args.device), setup.model.config._attn_implementation, cfg.traces.path)
+    built = teachers.build(resolve(cfg.teacher), request, student)
+    record = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
+                     "chunk_size": kd.chunk_size, **built.record}}
+    schedule = None
+    if on_policy:
+        schedule = OnPolicy.of(cfg.on_policy, cfg.sampling, setup.model, setup.tokenizer, setup.examples,
+                               cfg.schedule.batch_size, cfg.output.out)
+        record["kd"]["on_policy"] = {"fraction": cfg.on_policy.on_policy_fraction, "engine": schedule.engine.name,
+                                     **vars(cfg.sampling), "prompts": cfg.prompts.path or "the traces' prompts"}
+    return {"kd": kd, "teacher": built.teacher, "on_policy": schedule, "record": record, "placement": built.placement}
