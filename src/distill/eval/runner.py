@@ -286,19 +286,42 @@ def _default_run_name(cfg: EvalConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+#: The eval summary's columns, most important first: a narrow terminal drops them from the end.
+SUMMARY = ("task", "pass@1", "problems", "k", "cons@k", "finished", "pass@k", "boxed", "tokens")
+
+
+def _summary_rows(result: dict) -> list[dict[str, str]]:
+    rows = []
+    for task, entry in result["tasks"].items():
+        m = entry["metrics"]
+        rows.append({"task": task, "k": str(entry["k"]), "problems": str(entry["n_problems"]),
+                     "pass@1": f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}", "pass@k": f"{m['pass@k']:.3f}",
+                     "cons@k": f"{m['cons@k']:.3f}", "finished": f"{m['finished_rate']:.2f}",
+                     "boxed": f"{m['boxed_rate']:.2f}",
+                     "tokens": "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}"})
+    return rows
+
+
 def _print_summary(run_dir: Path, result: dict) -> None:
+    """The scores as a table that fits the terminal: every name whole, the least important columns
+    left out first (the whole table is results.json)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"distill eval: {result['label']}")
-    for col in ("task", "k", "problems", "pass@1", "pass@k", "cons@k", "finished", "boxed", "tokens"):
-        table.add_column(col)
-    for task, entry in result["tasks"].items():
-        m = entry["metrics"]
-        table.add_row(task, str(entry["k"]), str(entry["n_problems"]),
-                      f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}", f"{m['pass@k']:.3f}",
-                      f"{m['cons@k']:.3f}", f"{m['finished_rate']:.2f}", f"{m['boxed_rate']:.2f}",
-                      "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}")
     console = Console(stderr=True)
+    rows = _summary_rows(result)
+    columns = list(SUMMARY)
+
+    def width(cols) -> int:  # rich's box: a border and 3 characters a column
+        return 1 + sum(3 + max(len(c), *(len(r[c]) for r in rows)) for c in cols)
+
+    while len(columns) > 2 and width(columns) > console.width:
+        columns.pop()
+    table = Table(title=f"distill eval: {result['label']}")
+    for col in columns:
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
     console.print(table)
-    console.print(f"results: {run_dir / RESULTS_FILE}")
+    dropped = [c for c in SUMMARY if c not in columns]
+    console.print(f"results: {run_dir / RESULTS_FILE}" + (f" (also {', '.join(dropped)})" if dropped else ""))
