@@ -78,8 +78,9 @@ def test_quickstart_pipeline_end_to_end(repo, smollm2_gguf, tmp_path):
         options.update(CI_LIMITS.get(command, {}))
     ci = tmp_path / "quickstart-ci.yaml"
     ci.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "COLUMNS": "200"}  # the recipe's data/ is the checkout's
-    done = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(ci)], cwd=repo, env=env,
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # piped, compare prints the whole table
+    env["PYTHONPATH"] = str(repo / "src")
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(ci)], cwd=repo, env=env,  # data/ is the repo's
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     out, console = done.stdout, done.stdout + done.stderr
