@@ -12,6 +12,7 @@ the model it starts from), else said to be skipped, with why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -175,6 +176,7 @@ def check_train(cfg, earlier: Earlier, checks: Checks, stand_ins: dict[str, str]
 def _teacher(cfg, earlier: Earlier) -> tuple[str | None, list[str] | None, str | None, Verdict | None]:
     """(teacher, its URLs, its served name, a line about it) for run_checks. SFT's teacher is the one that
     wrote its traces (for the tokenizer line); a logits cache an earlier step writes is said so."""
+    from distill.teachers.kd import BUILDERS
     from distill.teachers.spec import resolve as teacher_spec
 
     if not cfg.teaches:  # SFT: the traces' teacher, for the tokenizer line (never asked anything)
@@ -189,10 +191,11 @@ def _teacher(cfg, earlier: Earlier) -> tuple[str | None, list[str] | None, str |
     if spec.kind == "cache":
         return None, None, None, ok("teacher", f"the logits cache {spec.name}: training checks its rows against "
                                                f"these traces' tokens when it opens it")
-    if spec.kind == "self":
-        return None, None, None, ok("teacher", "the student teaches itself: one tokenizer")
-    if spec.kind == "endpoint":
-        return spec.name, list(spec.urls), spec.model, None
+    if spec.kind not in BUILDERS:
+        return None, None, None, error("teacher", f"--teacher {spec.name}: a {spec.kind} teacher cannot teach by KD "
+                                                  f"yet, so distill train refuses it", "a local, served or cached teacher")
+    if spec.kind == "endpoint":  # the served check compares the server's tokenizer with the student's
+        return None, list(spec.urls), spec.model, None
     return spec.name, None, None, None
 
 
@@ -203,11 +206,13 @@ def sharding(cfg, checks: Checks) -> str:
     if cfg.parallel.fsdp:
         return "fsdp2"
     if cfg.parallel.deepspeed:
-        return "zero3"
+        ds = Path(cfg.parallel.deepspeed)
+        stage = (json.loads(ds.read_text()).get("zero_optimization") or {}).get("stage") if ds.is_file() else None
+        return "zero3" if stage == 3 else "none"
     from accelerate.commands.config import default_config_file
 
     path = Path(default_config_file)
-    launch = (load_yaml(path) if path.is_file() else {})
+    launch = load_yaml(path) if path.is_file() else {}
     if launch.get("distributed_type") == "FSDP":
         return "fsdp2"
     stage = (launch.get("deepspeed_config") or {}).get("zero_stage")
