@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,10 @@ from distill.results import load_results
 from test_compare import result, task, write
 from test_eval import aime, server  # noqa: F401  (the scripted eval server's fixtures)
 from test_train_sft_data import make_trace, write_traces
+
+sys.path.insert(0, str(Path(__file__).parent / "servers"))
+from llama_server import free_port  # noqa: E402
+from scoring_server import ScoringServer  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 IM_END, ENDOFTEXT = 151645, 151643
@@ -173,6 +178,32 @@ def test_a_failing_check_fails_the_command_and_stops_run_before_any_step(tmp_pat
     assert (tmp_path / "kept.jsonl").is_file()
 
 
+def test_teacher_faults_at_the_command_line(tmp_path, qwen, smollm2_dir, capsys):
+    """Another tokenizer under logit KD, an unreachable served teacher: FAIL; SFT and a working server: ok."""
+    from distill.models import load_tokenizer
+
+    traces = write_traces(tmp_path / "t.jsonl", [make_trace(i) for i in range(2)])
+    train = {"student": str(smollm2_dir), "traces": traces, "out": str(tmp_path / "s"), "max_length": 1024}
+    rc, out = check(recipe(tmp_path, [{"train": {**train, "method": "kd", "teacher": qwen["teacher"]}}]), capsys=capsys)
+    tokenizers = [line for line in out if "] tokenizers:" in line][0]
+    assert rc == 1 and tokenizers.startswith("[FAIL]") and "use different tokenizers" in tokenizers
+    rc, out = check(recipe(tmp_path, [{"train": {**train, "method": "sft"}}]), capsys=capsys)
+    assert rc == 0 and "[FAIL]" not in "\n".join(out)
+
+    served = {**train, "method": "kd", "teacher_url": f"http://127.0.0.1:{free_port()}/v1",
+              "teacher_model": "teacher-7b", "top_logprobs": 8}
+    rc, out = check(recipe(tmp_path, [{"train": served}]), capsys=capsys)
+    assert rc == 1 and [line for line in out if "] served:" in line][0].startswith("[FAIL] served: ")
+    assert "cannot reach the teacher server" in "\n".join(out)
+    server = ScoringServer(load_tokenizer(str(smollm2_dir)), model="teacher-7b", schedules=[[]]).start()
+    try:
+        rc, out = check(recipe(tmp_path, [{"train": {**served, "teacher_url": server.base_url}}]), capsys=capsys)
+    finally:
+        server.stop()
+    lines = [line for line in out if "] served:" in line]
+    assert rc == 0 and len(lines) == 3 and all(line.startswith("[  ok]") for line in lines), "\n".join(out)
+
+
 def test_memory_against_the_gpus_named_and_the_sharding_the_step_asks_for(tmp_path, stand_ins, capsys):
     student = str(stand_ins["Qwen/Qwen2.5-7B-Instruct"])
     train = {"student": student, "traces": str(tmp_path / "later.jsonl"), "out": str(tmp_path / "s"),
@@ -190,7 +221,8 @@ def test_memory_against_the_gpus_named_and_the_sharding_the_step_asks_for(tmp_pa
 
 
 def test_the_eval_step_is_held_against_the_protocol_of_the_numbers_cited(tmp_path, capsys):
-    evaluate = {"model": str(tmp_path / "s"), "tasks": ["distill_aime24", "distill_math500"], "out": str(tmp_path / "e")}
+    evaluate = {"model": str(tmp_path / "s"), "tasks": ["distill_aime24", "distill_math500"],
+                "out": str(tmp_path / "e")}
     loose = recipe(tmp_path, [{"eval": {**evaluate, "n": 4, "max_tokens": 8192}}])
     rc, out = check(loose, "--cites", "DeepSeek-R1-Distill-Qwen-1.5B", capsys=capsys)
     warned = lines_of(out, "step 1: eval (eval)")
@@ -270,7 +302,7 @@ def test_a_flag_still_sets_what_the_protocol_sets_with_a_note(capsys, monkeypatc
     assert "flags: --temperature 1.0 replaces protocol qwen3-thinking's 0.6" in err
     assert "flags: --n 4 replaces" not in err  # qwen3-thinking states k for AIME only: nothing whole-eval to replace
     again = config.replace(cfg, label="x")
-    assert again.task_sampling("distill_aime24") == aime  # rebuilt from what was set outright, the protocol still under it
+    assert again.task_sampling("distill_aime24") == aime  # rebuilt from what was set outright, the protocol under it
     assert make(EvalConfig, model="m").protocol is None and make(EvalConfig, model="m").task_sampling("x") == \
         make(EvalConfig, model="m").sampling
 
@@ -314,5 +346,5 @@ def test_compare_shows_each_rows_protocol_and_marks_rows_whose_protocols_differ(
     assert "in protocol 'open-r1' vs 'deepseek-r1'" in capsys.readouterr().err
     assert main(["compare", str(same[0]), str(other), str(changed), str(unnamed), "--force"]) == 0
     table = capsys.readouterr().out
-    assert "three ⚠ NOT COMPARABLE" in table and "four ⚠ NOT COMPARABLE" in table and "five ⚠ NOT COMPARABLE" in table
+    assert all(f"{label} ⚠ NOT COMPARABLE" in table for label in ("three", "four", "five"))
     assert "deepseek-r1 (changed: n)" in table and "protocol = the published evaluation protocol" in table

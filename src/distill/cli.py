@@ -130,7 +130,8 @@ def plan_recipe(recipe: str, pipeline_only: bool = False) -> list[Step]:
     if steps is None and not pipeline_only:
         steps = [{name: section} for name, section in data.items() if name in COMMANDS and name != "check"]
     if not isinstance(steps, list) or not steps:
-        raise DistillError(f"{recipe}: no 'pipeline:' list of steps")
+        raise DistillError(f"{recipe}: no 'pipeline:' list of steps" + ("" if pipeline_only else
+                                                                        " and no command section (train: ...)"))
     planned = []
     for i, step in enumerate(steps, 1):
         if not isinstance(step, dict) or len(step) != 1:
@@ -143,7 +144,8 @@ def plan_recipe(recipe: str, pipeline_only: bool = False) -> list[Step]:
             raise DistillError(f"{recipe}: pipeline step {i} ({name}): its options must be a mapping")
         options = dict(options or {})
         label = options.pop("step", name)
-        planned.append(Step(i, name, label, make_config(name, options, source=f"{recipe} [pipeline step {i}: {label}]")))
+        source = f"{recipe} [pipeline step {i}: {label}]"
+        planned.append(Step(i, name, label, make_config(name, options, source=source)))
     return planned
 
 
@@ -158,16 +160,16 @@ def run_pipeline(recipe: str, only: str | None = None, check: bool = False) -> i
         if check_recipe(recipe, planned, make_config("check", {"recipe": [recipe]}), only):
             print("distill run: a check failed (FAIL above); fix it, or run without --check", file=sys.stderr)
             return 1
-    for i, name, label, cfg in ((s.number, s.command, s.label, s.config) for s in planned):
-        if only and only not in (label, name):
+    for step in planned:
+        if only and only not in (step.label, step.command):
             continue
-        print(f"\n== step {i}/{len(planned)}: {label} ({name})", flush=True)
+        where = f"step {step.number}/{len(planned)}: {step.label}"
+        print(f"\n== {where} ({step.command})", flush=True)
         started = time.monotonic()
-        rc = execute(name, cfg)
-        print(f"== step {i}/{len(planned)}: {label} {'failed' if rc else 'done'} in {time.monotonic() - started:.0f} s",
-              flush=True)
+        rc = execute(step.command, step.config)
+        print(f"== {where} {'failed' if rc else 'done'} in {time.monotonic() - started:.0f} s", flush=True)
         if rc:
-            print(f"distill run: step '{label}' exited with {rc}; fix it and rerun (finished work is kept)",
+            print(f"distill run: step '{step.label}' exited with {rc}; fix it and rerun (finished work is kept)",
                   file=sys.stderr)
             return rc
     return 0

@@ -74,7 +74,8 @@ def parse_stand_ins(specs: list[str] | None) -> dict[str, str]:
     for spec in specs or []:
         name, sep, path = spec.partition("=")
         if not (sep and name.strip() and path.strip()):
-            raise DistillError(f"--stand-in '{spec}': say NAME=DIR (a hub model or preset, and a local model directory)")
+            raise DistillError(f"--stand-in '{spec}': say NAME=DIR (a hub model or preset, and a local model "
+                               f"directory)")
         if not Path(path.strip()).is_dir():
             raise DistillError(f"--stand-in {spec}: {path.strip()} is not a directory")
         out[name.strip()] = path.strip()
@@ -95,7 +96,8 @@ def reproduces(recipe: str) -> tuple[str | None, list[Verdict]]:
     if row is None:
         known = "; ".join(row.model for row in PUBLISHED)
         return None, [error("published", f"{recipe}: reproduces.model '{model}' has no published numbers in distill's "
-                                         f"table (known: {known})", "add its row to distill/protocols.py, with its source")]
+                                         f"table (known: {known})",
+                            "add its row to distill/protocols.py, with its source")]
     scores = section.get("scores") or {}
     wrong = [f"{bench} {scores.get(bench)} (published: {score})" for bench, score in row.scores.items()
              if scores.get(bench) != score]
@@ -186,14 +188,16 @@ def _teacher(cfg, earlier: Earlier) -> tuple[str | None, list[str] | None, str |
     writer = earlier.writer(options.name)
     if writer is not None and writer.command == "logits" and not Path(options.name, "index.json").is_file():
         return None, None, None, skipped("teacher", f"the logits cache {options.name} is written by step "
-                                                    f"{writer.number} ({writer.label}): its tokenizers are checked there")
+                                                    f"{writer.number} ({writer.label}): its tokenizers are checked "
+                                                    f"there")
     spec = teacher_spec(options)
     if spec.kind == "cache":
         return None, None, None, ok("teacher", f"the logits cache {spec.name}: training checks its rows against "
                                                f"these traces' tokens when it opens it")
     if spec.kind not in BUILDERS:
         return None, None, None, error("teacher", f"--teacher {spec.name}: a {spec.kind} teacher cannot teach by KD "
-                                                  f"yet, so distill train refuses it", "a local, served or cached teacher")
+                                                  f"yet, so distill train refuses it",
+                                       "a local, served or cached teacher")
     if spec.kind == "endpoint":  # the served check compares the server's tokenizer with the student's
         return None, list(spec.urls), spec.model, None
     return spec.name, None, None, None
