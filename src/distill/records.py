@@ -141,6 +141,15 @@ def iter_traces(path: str | Path) -> Iterator[tuple[int, dict]]:
         yield lineno, rec
 
 
+def check_traces(path: str | Path) -> int:
+    """How many traces a file holds, each checked (:func:`iter_traces`): read once before a model
+    loads, so a bad line or an empty file fails at once; none is an error too."""
+    count = sum(1 for _ in iter_traces(path))
+    if not count:
+        raise DistillError(f"{path}: no traces in it")
+    return count
+
+
 def read_traces(path: str | Path) -> list[dict]:
     """Every trace of a file, checked (:func:`iter_traces`)."""
     return [rec for _, rec in iter_traces(path)]

@@ -110,17 +110,20 @@ def train(cfg: TrainConfig) -> int:
     output claimed (an earlier run there is continued with --resume or replaced with --overwrite),
     the student prepared, then fitted (``fit``)."""
     from distill.outputs import claimed, is_main_process
+    from distill.records import check_traces
     from distill.train.fit import fit
     from distill.train.student import prepare
 
+    if cfg.traces.path:
+        check_traces(cfg.traces.path)  # before the student loads
     with claimed(cfg.output.out, "train", main=is_main_process(), kind="dir", settings=cfg.same_run,
                  overwrite=cfg.output.overwrite, rerun="continue" if cfg.resume else "refuse", hint="pass --resume",
-                 owned=TRAINER_FILES, inputs=[cfg.traces.path, cfg.prompts.path]):
+                 owned=TRAINER_FILES, marks=("checkpoint-*",), inputs=[cfg.traces.path, cfg.prompts.path]):
         setup = prepare(cfg)
         return fit(cfg, setup)
 
 
-#: What a training run writes into --out (a folder of only these is an earlier run's).
+#: What a training run writes into --out (a folder of only these, one a checkpoint, is an earlier run's).
 TRAINER_FILES = ("checkpoint-*", "runs", "*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.bin",
                  "rollouts.jsonl", "merged", "README.md", "*.lock")
 
