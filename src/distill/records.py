@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,17 +94,41 @@ def numbered_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[t
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DistillError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise DistillError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
+            rec = parse_json(text, path, lineno)
             if not isinstance(rec, dict):
                 raise DistillError(f"{path}:{lineno}: expected a JSON object")
             for key in required:
                 if key not in rec:
                     raise DistillError(f"{path}:{lineno}: missing field '{key}'")
             yield lineno, rec
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str, path: str | Path, line: int | None = None) -> Any:
+    """``json.loads`` whose every failure is one DistillError naming the file and line: bad syntax, an
+    integer past Python's 4,300 digits, nesting past its recursion limit, or a lone surrogate
+    (``"\\ud800"``: JSON reads it, but no command could write it back as UTF-8). ``line``: the
+    line ``text`` is (JSON Lines); else the error's own line in the file."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{path}:{line or e.lineno}: bad JSON: {e.msg}") from None
+    except ValueError as e:  # an integer of more digits than int() reads
+        raise DistillError(f"{path}:{line or 1}: bad JSON: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise DistillError(f"{path}:{line or 1}: bad JSON: nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):  # a pair is one character; a lone half is no text
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DistillError(f"{path}:{line or 1}: bad JSON: a \\u escape of half a surrogate pair, which "
+                               "is no character") from None
+    return value
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:

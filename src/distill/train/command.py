@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from distill.config import given, group, option, refuse_foreign
+from distill.config import coerce, given, group, option, refuse_foreign
 from distill.errors import DistillError
 from distill.options import (KD, LoRA, Checkpoints, Endpoint, Output, Parallel, Precision, PromptFormat, PromptSet,
                              Render, Rollouts, Sampling, Schedule, Student, Teacher, Traces)
@@ -29,8 +29,8 @@ Method = Literal["sft", "kd", "on-policy"]
 
 def _former_on_policy(value, options: dict, source: str) -> dict:
     """`--method on-policy --on-policy-fraction F` (0: `--method kd`)"""
-    fraction = float(value)
-    if fraction <= 0:
+    fraction = coerce(value, float, "on_policy", source)
+    if fraction is None or fraction <= 0:
         return {}
     if options.get("method", "kd") != "kd":
         raise DistillError(f"{source}: --on-policy is on-policy distillation: use --method on-policy")
