@@ -316,6 +316,20 @@ VALUES = [  # (command, extra flags, {input: new contents}, what the line names)
     ("compare", ["--csv", "mine"], {}, ["--csv mine", "directory"]),
     ("export", ["--name", "x", "--traces", "in/nosuch.jsonl"], {}, ["in/nosuch.jsonl"]),
     ("import", ["--format", "openr1"], {}, ["in/dataset.jsonl:1", "problem"]),
+    # traces that are JSON but no traces
+    ("verify", [], {"in/traces.jsonl": jsonl([make_trace(0), {**make_trace(1), "messages": "oops"}])},
+     ["in/traces.jsonl:2", "field 'messages'"]),
+    ("export", [], {"in/traces.jsonl": jsonl([make_trace(0), make_trace(1), make_trace(0)])},
+     ["in/traces.jsonl:3", "duplicate trace id 'p0#0'", "line 1"]),
+    ("train", [], {"in/traces.jsonl": jsonl([make_trace(0), {k: v for k, v in make_trace(1).items() if k != "answer"}])},
+     ["in/traces.jsonl:2", "'answer'"]),
+    ("logits", [], {"in/traces.jsonl": jsonl([make_trace(0)]) + '{"prompt_id": "p", "messages": [{"role": "user", '
+                                                                 '"content": "\\udc00"}], "answer": "x"}\n'},
+     ["in/traces.jsonl:2", "surrogate"]),
+    # a recipe's every step is checked before the first runs
+    ("run", [], {"recipe.yaml": "pipeline:\n  - verify: {traces: in/traces.jsonl, out: v.jsonl, keep: all}\n"
+                                "  - train: {student: s, traces: v.jsonl, out: m, lr: -1}\n"},
+     ["recipe.yaml [pipeline step 2: train]", "--lr must be > 0"]),
 ]
 
 
@@ -500,3 +514,110 @@ def test_a_folder_of_the_users_files_is_no_training_run(tmp_path, tiny_llama):
               tmp_path)
     assert_one_line(run, "train", "mine holds config.json, notes.txt, not written by distill", "--overwrite")
     assert snapshot(tmp_path) == before
+
+
+def test_export_without_traces_asks_for_them_by_the_names_it_takes(tmp_path):
+    make_workspace(tmp_path)
+    assert_one_line(cli(["export", "--out", "ds"], tmp_path), "export", "missing --traces")
+    assert cli(["export", "--traces", "in/traces.jsonl", "--out", "ds"], tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("command,other", [("verify", ["--keep", "correct"]), ("import", ["--limit", "2"]),
+                                           ("export", ["--name", "other"]), ("compare", None)])
+def test_the_same_run_again_rewrites_its_result_and_other_settings_are_refused(ctx, command, other):
+    cmd = COMMANDS[command]
+    out = "new/out" + (".jsonl" if cmd.kind == "file" else "")
+    args = cmd.argv(ctx, out)
+    assert cli(args, ctx.ws).returncode == 0
+    first = snapshot(ctx.ws)
+    assert cli(args, ctx.ws).returncode == 0
+    assert set(snapshot(ctx.ws)) == set(first)
+    if other is not None:  # compare has no settings: its table is its inputs'
+        assert_one_line(cli(args + other, ctx.ws), command, f"{out}", "written with other settings", "--overwrite")
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_comes_with_v(tmp_path, monkeypatch, capsys):
+    """A bug (injected here) still ends in one line, exit 2; -v shows where it came from."""
+    from distill import verify
+    from distill.cli import main
+
+    make_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(verify, "pass_rates", lambda records: 1 / 0)
+    args = ["verify", "--traces", "in/traces.jsonl", "--out", "v.jsonl", "--keep", "all", "--workers", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("distill verify: error: internal error: ZeroDivisionError: division by zero (rerun with -v for "
+                   "the traceback; please report it)")
+    assert main([*args, "--overwrite", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "in <lambda>" in err and err.strip().endswith("please report it)")
+
+
+def test_an_option_foreign_to_the_method_from_a_recipe_is_a_note(tmp_path):
+    """Steps may share settings through YAML anchors: from a recipe, a foreign option is a note, not an error."""
+    make_workspace(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(
+        "shared: &sampling {max_tokens: 64}\n"
+        "pipeline:\n"
+        "  - train: {student: nosuch, traces: in/traces.jsonl, out: m, <<: *sampling}\n")
+    run = cli(["run", "recipe.yaml"], tmp_path)
+    note, *rest = run.stderr.strip().splitlines()
+    assert note == ("distill: recipe.yaml [pipeline step 1: train]: 'max_tokens' is ignored (they apply to "
+                    "--method kd or on-policy)")
+    assert_one_line(subprocess.CompletedProcess(run.args, run.returncode, "", "\n".join(rest)), "run", "nosuch")
+
+
+def test_eval_says_nothing_of_git_outside_a_repository_and_reruns_only_the_same_evaluation(tmp_path, shared_data):
+    """lm-eval asks git for a commit; outside a repository git's 'fatal: not a git repository' is noise."""
+    sys.path.insert(0, str(Path(__file__).parent / "servers"))
+    from eval_server import EvalServer
+
+    first = json.loads((shared_data / "aime24.jsonl").read_text().splitlines()[0])
+    srv = EvalServer({"base_seed": 0, "model": "scripted", "max_model_len": 4096,
+                      "problems": {first["problem"]: [str(first["answer"])]}}).start()
+    args = ["eval", "--tasks", "distill_aime24", "--model-url", srv.base_url, "--n", "1", "--limit", "1", "--seed", "0",
+            "--data-dir", str(shared_data), "--out", "evals", "--run-name", "r"]
+    try:
+        run = cli(args, tmp_path)
+        again = cli(args, tmp_path)
+        other = cli([*args, "--temperature", "0.7"], tmp_path)
+    finally:
+        srv.stop()
+    assert run.returncode == 0 and again.returncode == 0, run.stderr + again.stderr
+    assert_one_line(other, "eval", "evals/r holds", "written with other settings (temperature: 0.6 -> 0.7)")
+    assert subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode != 0
+    assert "fatal" not in run.stderr and "git" not in run.stderr, run.stderr
+    assert sorted(p.name for p in (tmp_path / "evals" / "r").iterdir()) == ["generations.jsonl", "results.json",
+                                                                             "run.json"]
+
+
+def test_an_interrupted_whole_file_write_leaves_the_previous_version_and_no_temp_file(tmp_path):
+    """verify, import and eval write their outputs whole (temp file, then rename): Ctrl-C mid-way keeps the old."""
+    from distill.records import read_jsonl, write_jsonl
+
+    out = tmp_path / "kept.jsonl"
+    write_jsonl(out, [{"n": 1}])
+
+    def interrupted():
+        yield {"n": 2}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(out, interrupted())
+    assert read_jsonl(out) == [{"n": 1}] and sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl"]
+
+
+def test_redact_drops_secrets_by_exact_key_and_by_value_and_keeps_every_setting():
+    from distill.runinfo import redact
+
+    hf = "hf_" + "x" * 24
+    record = {"api_key": "anything", "api_key_env": "OPENAI_API_KEY", "max_tokens": 64, "rollout_max_tokens": 8,
+              "top_logprobs": 5, "token": "abc", "HF_TOKEN": hf, "tokenizer_sha": "0123abcd",
+              "headers": [{"Authorization": "Bearer abcdefgh12345"}, "see Bearer abcdefgh12345"],
+              "system": f"use {hf} or sk-{'k' * 20}", "empty": {"password": ""}}
+    assert redact(record) == {
+        "api_key": "<redacted>", "api_key_env": "OPENAI_API_KEY", "max_tokens": 64, "rollout_max_tokens": 8,
+        "top_logprobs": 5, "token": "<redacted>", "HF_TOKEN": "<redacted>", "tokenizer_sha": "0123abcd",
+        "headers": [{"Authorization": "<redacted>"}, "see Bearer <redacted>"],
+        "system": "use <redacted> or <redacted>", "empty": {"password": ""}}

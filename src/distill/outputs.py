@@ -202,7 +202,8 @@ def exclusive(output: str | Path):
         os.close(fd)
         for folder in reversed(made):
             try:
-                folder.rmdir()  # only if the run left it empty (a file output: not a folder, kept)
+                if folder.exists():  # an output never written is no reason to keep the folders above it
+                    folder.rmdir()  # only if the run left it empty (a file output is no folder: kept)
             except OSError:
                 break
 

@@ -282,10 +282,14 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 @contextmanager
 def _no_partial_file(tmp: Path):
-    """A write that fails (full disk, file-size limit) removes its temp file and says so in one line."""
+    """A write that fails (full disk, file-size limit) or is interrupted (Ctrl-C, SIGTERM) removes its
+    temp file; a failure says so in one line."""
     try:
         yield
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DistillError(f"{tmp.with_suffix('')}: cannot write ({e.strerror}); the previous version is kept: "
                            f"free space and rerun") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
