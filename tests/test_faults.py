@@ -621,3 +621,32 @@ def test_redact_drops_secrets_by_exact_key_and_by_value_and_keeps_every_setting(
         "top_logprobs": 5, "token": "<redacted>", "HF_TOKEN": "<redacted>", "tokenizer_sha": "0123abcd",
         "headers": [{"Authorization": "<redacted>"}, "see Bearer <redacted>"],
         "system": "use <redacted> or <redacted>", "empty": {"password": ""}}
+
+
+def test_a_shipped_preset_finds_its_files_from_any_folder(tmp_path, monkeypatch, smollm2_gguf):
+    """The quickstart's presets name ./paths of the repository, wherever distill runs from."""
+    from distill.models import load_preset
+
+    monkeypatch.chdir(tmp_path)
+    assert load_preset("teachers", "smollm2-135m-instruct")["model"] == str(smollm2_gguf)
+
+
+def test_a_file_without_its_final_newline_loses_no_record_and_a_torn_last_line_is_cut(tmp_path):
+    """Editors and '\\n'.join(...) leave the last line without its newline: that record is read (and an
+    append to the file keeps it); a line cut mid-way by a crash is skipped, then cut by the next append."""
+    from distill.records import JsonlAppender, read_jsonl, read_traces
+
+    make_workspace(tmp_path)
+    traces = tmp_path / "in" / "traces.jsonl"
+    traces.write_text(traces.read_text().rstrip("\n"))
+    assert len(read_traces(traces)) == 3
+    assert cli(["verify", "--traces", "in/traces.jsonl", "--out", "v.jsonl", "--keep", "all", "--workers", "1"],
+               tmp_path).returncode == 0
+    assert len(read_jsonl(tmp_path / "v.jsonl")) == 3
+    for text, kept in (('{"n": 1}\n{"n": 2}', [1, 2]), ('{"n": 1}\n{"n": 2, "cut', [1])):
+        path = tmp_path / "appended.jsonl"
+        path.write_text(text)
+        assert [r["n"] for r in read_jsonl(path)] == kept
+        with JsonlAppender(path) as out:
+            out.write({"n": 3})
+        assert [r["n"] for r in read_jsonl(path)] == [*kept, 3]

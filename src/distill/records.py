@@ -74,7 +74,8 @@ def trace_id(prompt_id: str, sample: int) -> str:
 def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]:
     """Yield records, failing with 'file:line: ...' on bad JSON or a missing required field.
 
-    A final line without a newline is a torn write and is skipped (it is cut by the next append).
+    A final line without a newline is read when it is whole JSON (a file written without a final
+    newline); else it is a torn write and is skipped (it is cut by the next append).
     """
     return (rec for _, rec in numbered_jsonl(path, required))
 
@@ -89,10 +90,10 @@ def numbered_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[t
     required = tuple(required)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                return
             if not raw.strip():
                 continue
+            if not raw.endswith(b"\n") and not _whole(raw):
+                return  # a torn write
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -180,23 +181,34 @@ def read_traces(path: str | Path) -> list[dict]:
     return [rec for _, rec in iter_traces(path)]
 
 
+def _whole(tail: bytes) -> bool:
+    """Whether a last line without its newline is whole JSON (a file written without a final newline)
+    rather than a write cut short: a cut line of a JSON object never parses."""
+    try:
+        json.loads(tail)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _cut_torn_tail(fd: int) -> None:
-    """If the file does not end in a newline, truncate back to the last complete line."""
+    """If the file does not end in a newline: a last line that is whole JSON gets its newline, a torn
+    one is truncated back to the last complete line."""
     size = os.fstat(fd).st_size
-    if size == 0:
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return
-    if os.pread(fd, 1, size - 1) == b"\n":
-        return
-    pos, chunk = size, 65536
+    tail, pos, chunk = 0, size, 65536
     while pos > 0:
         start = max(0, pos - chunk)
-        buf = os.pread(fd, pos - start, start)
-        nl = buf.rfind(b"\n")
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
         if nl >= 0:
-            os.ftruncate(fd, start + nl + 1)
-            return
+            tail = start + nl + 1
+            break
         pos = start
-    os.ftruncate(fd, 0)
+    if _whole(os.pread(fd, size - tail, tail)):
+        os.write(fd, b"\n")  # the file is opened O_APPEND
+    else:
+        os.ftruncate(fd, tail)
 
 
 class JsonlAppender:
