@@ -6,8 +6,9 @@ compares the workspace's tree, contents hashed, before and after. The faults: an
 missing, empty, not UTF-8 or torn (a record cut mid-way); an output that is a directory where a
 file is meant or the reverse, that holds someone else's files, that cannot be written, that lies
 under a file, or that is the command's own input; each out-of-range value the issue found; and
-SIGINT / SIGTERM to a running ``generate``. Every case fails before a model loads, so the table
-stays fast; the data-loss cases of the issue follow as regression tests of their own.
+SIGINT / SIGTERM to a running ``generate``. Every case but one (a failure after a teacher loaded)
+fails before a model loads, so the table stays fast. The data-loss cases of the issue follow as
+regression tests of their own.
 """
 
 from __future__ import annotations
@@ -199,14 +200,14 @@ def test_a_bad_input_fails_in_one_line_naming_it_and_changes_nothing(ctx, comman
 # ---------------------------------------------------------------- output faults
 
 
-def _read_only(ctx, folder: Path) -> list[str]:
+def _read_only(folder: Path, private_mounts: bool) -> list[str]:
     """Make ``folder`` unwritable to the command: chmod for a user; for root (whom chmod does not stop)
     a read-only bind mount in a mount namespace of the command's own. Returns the wrapper to run in."""
     folder.mkdir()
     if os.geteuid() != 0:
         folder.chmod(0o555)
         return []
-    if not ctx.private_mounts:
+    if not private_mounts:
         pytest.skip("running as root without mount namespaces: nothing makes a folder read-only to root")
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" "{folder}" && exec "$@"',
@@ -227,9 +228,9 @@ OUTPUT_FAULTS = ["directory-for-a-file", "file-for-a-directory", "foreign", "unw
                  "own-input"]
 
 
-def place_output(ctx, cmd: Command, fault: str) -> tuple[str, list[str], list[str]]:
+def place_output(ctx, cmd: Command, fault: str, private_mounts: bool) -> tuple[str, list[str], list[str]]:
     """(--out, the wrapper to run in, what the error line must name) for an output fault."""
-    ws, wrap = ctx.ws, []
+    wrap = []
     if fault == "directory-for-a-file":
         out = "mine"
         named = ["mine", "is a directory"]
@@ -240,7 +241,7 @@ def place_output(ctx, cmd: Command, fault: str) -> tuple[str, list[str], list[st
         out = "mine/notes.txt" if cmd.kind == "file" else "mine"
         named = [out, "--overwrite"]
     elif fault == "unwritable":
-        wrap = _read_only(ctx, ws / "locked")
+        wrap = _read_only(ctx.ws / "locked", private_mounts)
         out = "locked/out"
         named = ["locked"]
     elif fault == "under-a-file":
@@ -260,17 +261,14 @@ def test_an_output_that_cannot_or_may_not_be_written_is_refused_and_left_as_it_w
     if (fault == "directory-for-a-file" and cmd.kind == "dir") or (fault == "file-for-a-directory"
                                                                    and cmd.kind == "file"):
         pytest.skip(f"{command} writes a {cmd.kind}")
-    if command == "eval" and fault == "own-input":
-        pytest.skip("eval reads no input it could write: its run folder is new under --out")
-    ctx.private_mounts = private_mounts
-    out, wrap, named = place_output(ctx, cmd, fault)
+    out, wrap, named = place_output(ctx, cmd, fault, private_mounts)
     args = cmd.argv(ctx, out)
     before = snapshot(ctx.ws)
     assert_one_line(cli(args, ctx.ws, wrap), command, *named)
     assert snapshot(ctx.ws) == before
 
 
-# ---------------------------------------------------------------- values out of range, options foreign to the method
+# ---------------------------------------------------------------- values out of range, inputs that parse but are wrong
 
 
 def _results(**metrics) -> str:
@@ -321,8 +319,11 @@ VALUES = [  # (command, extra flags, {input: new contents}, what the line names)
      ["in/traces.jsonl:2", "field 'messages'"]),
     ("export", [], {"in/traces.jsonl": jsonl([make_trace(0), make_trace(1), make_trace(0)])},
      ["in/traces.jsonl:3", "duplicate trace id 'p0#0'", "line 1"]),
-    ("train", [], {"in/traces.jsonl": jsonl([make_trace(0), {k: v for k, v in make_trace(1).items() if k != "answer"}])},
-     ["in/traces.jsonl:2", "'answer'"]),
+    ("train", [], {"in/traces.jsonl": jsonl([make_trace(0), {**make_trace(1), "answer": None}])},
+     ["in/traces.jsonl:2", "field 'answer'"]),
+    ("verify", [], {"in/traces.jsonl": jsonl([make_trace(0), {k: v for k, v in make_trace(1).items()
+                                                              if k != "answer"}])},
+     ["in/traces.jsonl:2", "missing field 'answer'"]),
     ("logits", [], {"in/traces.jsonl": jsonl([make_trace(0)]) + '{"prompt_id": "p", "messages": [{"role": "user", '
                                                                  '"content": "\\udc00"}], "answer": "x"}\n'},
      ["in/traces.jsonl:2", "surrogate"]),
@@ -378,7 +379,8 @@ def test_a_signal_stops_generate_with_its_work_saved_and_its_record_saying_so(tm
     srv = FaultServer(schedules=[[]], latency=0.2).start()
     ws = tmp_path / "ws"
     make_workspace(ws)
-    (ws / "in" / "prompts.jsonl").write_text(jsonl([{"question": f"What is {i} times 7?", "gold": str(7 * i)} for i in range(12)]))
+    rows = [{"question": f"What is {i} times 7?", "gold": str(7 * i)} for i in range(12)]
+    (ws / "in" / "prompts.jsonl").write_text(jsonl(rows))
     ctx = SimpleNamespace(ws=ws, url=srv.base_url, served=srv.model)
     out = ws / "new" / "out.jsonl"
     args = COMMANDS["generate"].argv(ctx, "new/out.jsonl") + ["--n", "2", "--concurrency", "2"]
@@ -430,9 +432,9 @@ def test_verify_onto_its_own_input_is_refused_and_the_input_kept(tmp_path):
     traces = tmp_path / "in" / "traces.jsonl"
     (tmp_path / "link.jsonl").symlink_to(traces)
     before = snapshot(tmp_path)
-    for out in ("in/traces.jsonl", "link.jsonl"):
-        assert_one_line(cli(["verify", "--traces", "in/traces.jsonl", "--out", out, "--keep", "all"], tmp_path),
-                        "verify", f"--out {out} is also this command's input")
+    for out, overwrite in (("in/traces.jsonl", []), ("link.jsonl", []), ("in/traces.jsonl", ["--overwrite"])):
+        args = ["verify", "--traces", "in/traces.jsonl", "--out", out, "--keep", "all", *overwrite]
+        assert_one_line(cli(args, tmp_path), "verify", f"--out {out} is also this command's input")
     assert snapshot(tmp_path) == before
 
 
@@ -650,3 +652,30 @@ def test_a_file_without_its_final_newline_loses_no_record_and_a_torn_last_line_i
         with JsonlAppender(path) as out:
             out.write({"n": 3})
         assert [r["n"] for r in read_jsonl(path)] == [*kept, 3]
+
+
+def _a_valid_value(leaf):
+    """A value of the option's type inside its range (its default where it has one)."""
+    import typing
+
+    if leaf.default not in (None, [], ""):
+        return leaf.default
+    if typing.get_origin(leaf.type) is typing.Literal:
+        return typing.get_args(leaf.type)[0]
+    return {bool: True, int: 1, float: 0.5, str: "x"}.get(leaf.type, ["x"])
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_every_option_foreign_to_the_method_fails_from_flags_naming_it(method):
+    from distill.config import build, leaves
+    from distill.errors import DistillError
+    from distill.train.command import NOT_FOR, TrainConfig
+
+    sections, why = NOT_FOR[method]
+    foreign = [leaf for leaf in leaves(TrainConfig) if leaf.path[0] in sections and leaf.key != "seed"]
+    assert len(foreign) > 10
+    for leaf in foreign:
+        options = {"method": method, "student": "s", "traces": "t.jsonl", "out": "o", leaf.key: _a_valid_value(leaf)}
+        with pytest.raises(DistillError) as refused:
+            build(TrainConfig, ("flags", options))
+        assert str(refused.value) == f"{leaf.flag}: {why}; leave it out"
