@@ -244,7 +244,7 @@ def _flatten(cls, source: str, mapping: dict, by_key: dict[str, Leaf]) -> dict[s
 
     def put(given: str, key: str, value: Any) -> None:
         if key in flat:
-            raise DistillError(f"{source}: '{flat[key][0]}' and '{given}' are the same option ('{key}'): keep one")
+            raise DistillError(f"{source}: {flat[key][0]!r} and {given!r} are the same option ('{key}'): keep one")
         flat[key] = (given, value)
 
     for raw, value in (mapping or {}).items():
@@ -256,7 +256,7 @@ def _flatten(cls, source: str, mapping: dict, by_key: dict[str, Leaf]) -> dict[s
                 sub_name = str(sub).replace("-", "_")
                 key = inner.get(sub_name) or (sub_name if sub_name in inner.values() else None)
                 if key is None:
-                    raise DistillError(f"{source}: section '{name}': unknown option '{sub}' "
+                    raise DistillError(f"{source}: section '{name}': unknown option {str(sub)!r} "
                                        f"(known: {', '.join(sorted(inner))}; {group_cls.__doc__.split(':')[0]})")
                 put(f"{name}.{sub}", key, sub_value)
         elif name in renamed:
@@ -268,7 +268,7 @@ def _flatten(cls, source: str, mapping: dict, by_key: dict[str, Leaf]) -> dict[s
             put(str(raw), name, value)
         else:
             known = ", ".join(sorted(by_key))
-            raise DistillError(f"{source}: unknown option '{raw}' (known: {known})")
+            raise DistillError(f"{source}: unknown option {str(raw)!r} (known: {known})")
     out = {key: value for key, (given, value) in flat.items()}
     for name, value in later:
         new = reshaped[name](value, out, source)

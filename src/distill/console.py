@@ -61,7 +61,11 @@ def progress(description: str, total: int, unit: str = ""):
             per_s = done / max(time.monotonic() - started, 1e-9)
             bar.update(task, completed=done, rate=f"{per_s:,.1f} {unit}/s".strip())
 
-        yield advance
+        try:
+            yield advance
+        except Exception:
+            bar.live.transient = True  # a step that fails leaves no bar: its error is the line to read
+            raise
 
 
 @contextmanager

@@ -51,8 +51,8 @@ def export(cfg: ExportConfig) -> int:
     settings = {"traces": [str(Path(t).resolve()) for t in cfg.traces], "name": cfg.name}
     tmp = out.with_name(out.name + ".tmp")
     with exclusive(out):
-        claim(out, "export", kind="dir", settings=settings, inputs=cfg.traces, overwrite=cfg.output.overwrite,
-              owned=("data", "README.md", RUN_RECORD))
+        # its record is written with its files: a folder without one is not an export (no owned=)
+        claim(out, "export", kind="dir", settings=settings, inputs=cfg.traces, overwrite=cfg.output.overwrite)
         remove(tmp)  # a killed export's
         try:
             (tmp / DATA_FILE).parent.mkdir(parents=True)

@@ -54,9 +54,11 @@ def cache_logits(cfg: LogitsConfig) -> int:
     """Run the teacher over the traces once; write top-k log-probs per target token, resumably."""
     from distill import parallel
     from distill.outputs import exclusive
+    from distill.records import check_traces
     from distill.store import PART_INDEX
     from distill.teachers.spec import resolve
 
+    check_traces(cfg.traces.path)  # before a teacher loads
     spec = resolve(cfg.teacher)
     if spec is not None and spec.kind in ("cache", "self"):
         raise DistillError(f"--teacher {spec.name}: 'distill logits' needs a model to score the traces (a local "
@@ -73,7 +75,8 @@ def cache_logits(cfg: LogitsConfig) -> int:
         from distill.outputs import claim
 
         return claim(out, "logits", kind="dir", inputs=[cfg.traces.path], overwrite=cfg.output.overwrite,
-                     rerun="continue", owned=("index.json", "index.part-*.json", "shard-*.safetensors", RUN_RECORD))
+                     rerun="continue", owned=("index.json", "index.part-*.json", "shard-*.safetensors", RUN_RECORD),
+                     marks=("shard-*.safetensors",))
 
     if spec is not None and spec.kind == "local":
         with parallel.exclusive_launch(launch, out, Path(out) / PART_INDEX.format(rank=launch.rank), claim=claim):

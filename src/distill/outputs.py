@@ -35,22 +35,25 @@ from pathlib import Path
 from typing import Literal
 
 from distill.errors import DistillError
-from distill.runinfo import FORMER_RUN_RECORD, RUN_RECORD
+from distill.runinfo import FORMER_RUN_RECORD, RUN_RECORD, redact
 
 Kind = Literal["file", "dir"]
 
 
 def claim(out: str | Path, command: str, *, kind: Kind, settings: dict | None = None, inputs=(),
           overwrite: bool = False, rerun: Literal["continue", "replace", "refuse"] = "replace", owned=(),
-          hint: str = "") -> str:
+          marks=(), hint: str = "") -> str:
     """May ``command`` write ``out``? "new", "continue" or "replace"; else DistillError in one line.
 
     ``rerun``: what a run with the same settings does with the earlier one's output: continue it,
     replace it, or (train without --resume) neither unless --overwrite; ``hint``: the flag that
     continues instead (``--resume``), named in the refusal.
 
-    ``owned``: name patterns of what the command itself writes inside a directory output (a directory
-    holding only those, or a run record of this command, is distill's)."""
+    A directory output is distill's when it holds a run record of this command, or, for a run that
+    ended before writing its record (killed mid-way), when something in it matches ``marks`` (name
+    patterns of what only this command makes: ``checkpoint-*``, ``shard-*.safetensors``) and every
+    name in it matches ``owned`` (what the command writes there). A folder of the user's own files
+    named like some of those (``README.md``, ``notes.txt``, ``data``) is not."""
     out = Path(out)
     _check_place(out, kind)
     for path in inputs:
@@ -61,10 +64,10 @@ def claim(out: str | Path, command: str, *, kind: Kind, settings: dict | None = 
             raise DistillError(f"--out {out} holds this command's input ({path}); write to another directory")
     if not _present(out):
         return "new"
-    what, record = _what_is_there(out, kind, owned, command)
+    what, record = _what_is_there(out, kind, owned, marks, command)
     if record is None or (record.get("command") or "").split()[:1] != command.split()[:1]:
         return _replace_or_refuse(out, overwrite, what)
-    differ = _differences(record.get("settings"), settings or {})
+    differ = _differences(record.get("settings"), redact(settings or {}))  # as the record keeps them
     if differ:
         return _replace_or_refuse(out, overwrite, f"{what}, written with other settings ({differ})")
     if overwrite or rerun == "refuse":
@@ -96,13 +99,13 @@ def _present(out: Path) -> bool:
     return out.exists() and out.stat().st_size > 0 or record_path(out, "file").exists()
 
 
-def _what_is_there(out: Path, kind: Kind, owned, command: str) -> tuple[str, dict | None]:
+def _what_is_there(out: Path, kind: Kind, owned, marks, command: str) -> tuple[str, dict | None]:
     """(what to call it in a refusal, its run record or None when distill did not write it)."""
     record = read_record(out, kind)
     if kind == "dir":
         names = sorted(p.name for p in out.iterdir())
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        if record is None and owned and all(any(fnmatch(n, pattern) for pattern in owned) for n in names):
+        if record is None and _matching(names, marks, any) and _matching(names, owned, all):
             record = {"command": command, "settings": None}  # its own files, from a run that left no record
         what = f"{out} holds {shown}"
     else:
@@ -110,6 +113,10 @@ def _what_is_there(out: Path, kind: Kind, owned, command: str) -> tuple[str, dic
     if record is None:
         return f"{what}, not written by distill", None
     return f"{what}, from 'distill {record.get('command') or 'an earlier run'}'", record
+
+
+def _matching(names: list[str], patterns, quantifier) -> bool:
+    return bool(patterns) and quantifier(any(fnmatch(n, p) for p in patterns) for n in names)
 
 
 def _differences(before: dict | None, now: dict) -> str:
@@ -176,7 +183,8 @@ def lock_path(output: str | Path) -> Path:
 def exclusive(output: str | Path):
     """Hold the output's lock for the block; DistillError at once if another process holds it."""
     path = lock_path(output)
-    made = [p for p in reversed(path.parents) if not p.exists()]  # a failed start leaves no empty folders
+    # a failed start leaves no empty folders: neither the output's nor those above it
+    made = [p for p in (*reversed(path.parents), Path(output)) if not p.exists()]
     blocking = next((p for p in path.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise DistillError(f"{output}: {blocking} is a file, not a folder")
@@ -194,7 +202,8 @@ def exclusive(output: str | Path):
         os.close(fd)
         for folder in reversed(made):
             try:
-                folder.rmdir()  # only if the run left it empty
+                if folder.exists():  # an output never written is no reason to keep the folders above it
+                    folder.rmdir()  # only if the run left it empty (a file output is no folder: kept)
             except OSError:
                 break
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from distill.errors import DistillError, where
 from distill.options import PromptFormat, PromptSet
-from distill.records import iter_jsonl
+from distill.records import iter_jsonl, parse_json
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -121,11 +121,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
                 try:
-                    yield f"{path}:{lineno}", json.loads(raw.decode("utf-8"))
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DistillError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-                except json.JSONDecodeError as e:
-                    raise DistillError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
+                yield f"{path}:{lineno}", parse_json(text, path, lineno)
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -135,12 +134,12 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as e:
         raise DistillError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # a .json file that is really JSON Lines
-            yield from _jsonl_rows(path)
-            return
-        raise DistillError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+        data = parse_json(text, path)
+    except DistillError as e:
+        if not str(e).endswith("bad JSON: Extra data"):
+            raise
+        yield from _jsonl_rows(path)  # a .json file that is really JSON Lines
+        return
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

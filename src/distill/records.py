@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,7 +74,8 @@ def trace_id(prompt_id: str, sample: int) -> str:
 def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]:
     """Yield records, failing with 'file:line: ...' on bad JSON or a missing required field.
 
-    A final line without a newline is a torn write and is skipped (it is cut by the next append).
+    A final line without a newline is read when it is whole JSON (a file written without a final
+    newline); else it is a torn write and is skipped (it is cut by the next append).
     """
     return (rec for _, rec in numbered_jsonl(path, required))
 
@@ -88,22 +90,46 @@ def numbered_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[t
     required = tuple(required)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                return
             if not raw.strip():
                 continue
+            if not raw.endswith(b"\n") and not _whole(raw):
+                return  # a torn write
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DistillError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise DistillError(f"{path}:{lineno}: bad JSON: {e.msg}") from None
+            rec = parse_json(text, path, lineno)
             if not isinstance(rec, dict):
                 raise DistillError(f"{path}:{lineno}: expected a JSON object")
             for key in required:
                 if key not in rec:
                     raise DistillError(f"{path}:{lineno}: missing field '{key}'")
             yield lineno, rec
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_json(text: str, path: str | Path, line: int | None = None) -> Any:
+    """``json.loads`` whose every failure is one DistillError naming the file and line: bad syntax, an
+    integer past Python's 4,300 digits, nesting past its recursion limit, or a lone surrogate
+    (``"\\ud800"``: JSON reads it, but no command could write it back as UTF-8). ``line``: the
+    line ``text`` is (JSON Lines); else the error's own line in the file."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{path}:{line or e.lineno}: bad JSON: {e.msg}") from None
+    except ValueError as e:  # an integer of more digits than int() reads
+        raise DistillError(f"{path}:{line or 1}: bad JSON: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise DistillError(f"{path}:{line or 1}: bad JSON: nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):  # a pair is one character; a lone half is no text
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DistillError(f"{path}:{line or 1}: bad JSON: a \\u escape of half a surrogate pair, which "
+                               "is no character") from None
+    return value
 
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
@@ -141,28 +167,48 @@ def iter_traces(path: str | Path) -> Iterator[tuple[int, dict]]:
         yield lineno, rec
 
 
+def check_traces(path: str | Path) -> int:
+    """How many traces a file holds, each checked (:func:`iter_traces`): read once before a model
+    loads, so a bad line or an empty file fails at once; none is an error too."""
+    count = sum(1 for _ in iter_traces(path))
+    if not count:
+        raise DistillError(f"{path}: no traces in it")
+    return count
+
+
 def read_traces(path: str | Path) -> list[dict]:
     """Every trace of a file, checked (:func:`iter_traces`)."""
     return [rec for _, rec in iter_traces(path)]
 
 
+def _whole(tail: bytes) -> bool:
+    """Whether a last line without its newline is whole JSON (a file written without a final newline)
+    rather than a write cut short: a cut line of a JSON object never parses."""
+    try:
+        json.loads(tail)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _cut_torn_tail(fd: int) -> None:
-    """If the file does not end in a newline, truncate back to the last complete line."""
+    """If the file does not end in a newline: a last line that is whole JSON gets its newline, a torn
+    one is truncated back to the last complete line."""
     size = os.fstat(fd).st_size
-    if size == 0:
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return
-    if os.pread(fd, 1, size - 1) == b"\n":
-        return
-    pos, chunk = size, 65536
+    tail, pos, chunk = 0, size, 65536
     while pos > 0:
         start = max(0, pos - chunk)
-        buf = os.pread(fd, pos - start, start)
-        nl = buf.rfind(b"\n")
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
         if nl >= 0:
-            os.ftruncate(fd, start + nl + 1)
-            return
+            tail = start + nl + 1
+            break
         pos = start
-    os.ftruncate(fd, 0)
+    if _whole(os.pread(fd, size - tail, tail)):
+        os.write(fd, b"\n")  # the file is opened O_APPEND
+    else:
+        os.ftruncate(fd, tail)
 
 
 class JsonlAppender:
@@ -248,10 +294,14 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 @contextmanager
 def _no_partial_file(tmp: Path):
-    """A write that fails (full disk, file-size limit) removes its temp file and says so in one line."""
+    """A write that fails (full disk, file-size limit) or is interrupted (Ctrl-C, SIGTERM) removes its
+    temp file; a failure says so in one line."""
     try:
         yield
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DistillError(f"{tmp.with_suffix('')}: cannot write ({e.strerror}); the previous version is kept: "
                            f"free space and rerun") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -241,9 +241,9 @@ def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float 
             examples.append({"id": trace.get("id") or trace_id(trace["prompt_id"], trace.get("sample", 0)),
                              "prompt_id": str(trace["prompt_id"]), "example_index": index, **ex,
                              **({"trace": trace} if keep_trace else {})})
-    if not examples:
-        raise DistillError(f"{path}: no training examples left ({_describe(stats)}); "
-                           "check the file, or raise --max-length / use --overlong truncate")
+        if not examples:  # inside the bar's block: a step that fails leaves no bar
+            raise DistillError(f"{path}: no training examples left ({_describe(stats)}); "
+                               "check the file, or raise --max-length / use --overlong truncate")
     held_out = _split_prompts([e["prompt_id"] for e in examples], eval_fraction, seed)
     train = [e for e in examples if e["prompt_id"] not in held_out]
     evals = [e for e in examples if e["prompt_id"] in held_out]

@@ -627,10 +627,16 @@ def _write_files(rows: list[Row], cfg: CompareConfig) -> list[Path]:
     from distill.records import write_json
     from distill.runinfo import RUN_RECORD, run_record
 
+    former = [(flag, path, write) for flag, path, write in (("--csv", cfg.csv, write_csv),
+                                                             ("--html", cfg.html, write_html)) if path]
+    for flag, path, _ in former:  # before anything is written
+        if Path(path).is_dir():
+            raise DistillError(f"{flag} {path} is a directory; give a file (or use --out DIR)")
     targets: list[Path] = []
     if cfg.output.out:
         out = Path(cfg.output.out)
-        claim(out, "compare", kind="dir", overwrite=cfg.output.overwrite, owned=(*COMPARE_FILES, "run.json"))
+        claim(out, "compare", kind="dir", overwrite=cfg.output.overwrite, owned=(*COMPARE_FILES, "run.json"),
+              marks=COMPARE_FILES)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(to_markdown(rows))
         write_csv(rows, out / "compare.csv")
@@ -638,11 +644,8 @@ def _write_files(rows: list[Row], cfg: CompareConfig) -> list[Path]:
         write_json(out / RUN_RECORD, run_record("compare", to_dict(cfg), status="complete",
                                                 summary={"rows": [str(row.path) for row in rows]}))
         targets += [out / name for name in COMPARE_FILES]
-    for flag, path, write in (("--csv", cfg.csv, write_csv), ("--html", cfg.html, write_html)):
-        if path:
-            if Path(path).is_dir():
-                raise DistillError(f"{flag} {path} is a directory; give a file (or use --out DIR)")
-            print(f"distill: '{flag} FILE' is now '--out DIR' (the old option still works)", file=sys.stderr)
-            write(rows, path)
-            targets.append(Path(path))
+    for flag, path, write in former:
+        print(f"distill: '{flag} FILE' is now '--out DIR' (the old option still works)", file=sys.stderr)
+        write(rows, path)
+        targets.append(Path(path))
     return targets

@@ -42,10 +42,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.records import parse_json
 
 SCHEMA_VERSION = 2
 #: versions :func:`load_results` reads (each later one only adds fields)
@@ -62,11 +62,9 @@ def load_results(path: str | Path) -> dict:
     if not path.is_file():
         raise DistillError(f"{path}: results file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError:
         raise DistillError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise DistillError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version is None:
         raise DistillError(f"{path}: not a distill eval results file (no 'schema_version'"

@@ -73,5 +73,5 @@ def run_record(command: str, config: dict, data_files: dict[str, str | Path] | N
         "data": {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in (data_files or {}).items()},
         "versions": versions(),
         "host": {"platform": platform.platform(), "machine": platform.machine()},
-        **extra,
+        **redact(extra),  # settings, summaries: a key may hide in any text a user gave (a system prompt, a URL)
     }

@@ -139,6 +139,8 @@ def verify_file(cfg: VerifyConfig) -> int:
     source, out = cfg.traces.path, cfg.output.out
     numbered = list(iter_traces(source))
     records = [r for _, r in numbered]
+    if not records:
+        raise DistillError(f"{source}: no traces to verify")
     if cfg.keep == "correct":
         for line, r in numbered:
             if r.get("reference") is None:

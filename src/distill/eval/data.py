@@ -13,7 +13,7 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.options import Sampling
 from distill.paths import asset_dir
-from distill.records import iter_jsonl
+from distill.records import numbered_jsonl
 from distill.runinfo import sha256_file
 
 
@@ -50,11 +50,15 @@ def load_task_config(name: str) -> dict:
 
 def check_local_file(path: Path) -> None:
     """Every row needs a problem (``problem`` or ``question``) and an ``answer``: say which one lacks it."""
-    for line, row in enumerate(iter_jsonl(path), 1):
+    rows = 0
+    for line, row in numbered_jsonl(path):
         if "answer" not in row:
             raise DistillError(f"{path}:{line}: missing field 'answer'")
         if row.get("problem") is None and row.get("question") is None:
             raise DistillError(f"{path}:{line}: missing field 'problem' (or 'question')")
+        rows += 1
+    if not rows:
+        raise DistillError(f"{path}: no problems in it")
 
 
 def task_spec(name: str, sampling: Sampling, data_dir: str | None) -> TaskSpec:

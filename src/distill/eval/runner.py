@@ -85,7 +85,7 @@ def run_eval(cfg: EvalConfig) -> int:
     run_dir = Path(cfg.output.out) / (cfg.run_name or _default_run_name(cfg))
     with exclusive(run_dir):
         claim(run_dir, "eval", kind="dir", settings=_settings(cfg), overwrite=cfg.output.overwrite,
-              owned=(RESULTS_FILE, GENERATIONS_FILE, RUN_RECORD), inputs=[cfg.model.name, cfg.fidelity_traces])
+              owned=(RESULTS_FILE, GENERATIONS_FILE, RUN_RECORD), marks=(GENERATIONS_FILE,), inputs=[cfg.model.name, cfg.fidelity_traces, cfg.data_dir])
         return _run(cfg, specs, run_dir)
 
 

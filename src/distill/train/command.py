@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from distill.config import given, group, option, refuse_foreign
+from distill.config import coerce, given, group, option, refuse_foreign
 from distill.errors import DistillError
 from distill.options import (KD, LoRA, Checkpoints, Endpoint, Output, Parallel, Precision, PromptFormat, PromptSet,
                              Render, Rollouts, Sampling, Schedule, Student, Teacher, Traces)
@@ -29,8 +29,8 @@ Method = Literal["sft", "kd", "on-policy"]
 
 def _former_on_policy(value, options: dict, source: str) -> dict:
     """`--method on-policy --on-policy-fraction F` (0: `--method kd`)"""
-    fraction = float(value)
-    if fraction <= 0:
+    fraction = coerce(value, float, "on_policy", source)
+    if fraction is None or fraction <= 0:
         return {}
     if options.get("method", "kd") != "kd":
         raise DistillError(f"{source}: --on-policy is on-policy distillation: use --method on-policy")
@@ -110,17 +110,20 @@ def train(cfg: TrainConfig) -> int:
     output claimed (an earlier run there is continued with --resume or replaced with --overwrite),
     the student prepared, then fitted (``fit``)."""
     from distill.outputs import claimed, is_main_process
+    from distill.records import check_traces
     from distill.train.fit import fit
     from distill.train.student import prepare
 
+    if cfg.traces.path:
+        check_traces(cfg.traces.path)  # before the student loads
     with claimed(cfg.output.out, "train", main=is_main_process(), kind="dir", settings=cfg.same_run,
                  overwrite=cfg.output.overwrite, rerun="continue" if cfg.resume else "refuse", hint="pass --resume",
-                 owned=TRAINER_FILES, inputs=[cfg.traces.path, cfg.prompts.path]):
+                 owned=TRAINER_FILES, marks=("checkpoint-*",), inputs=[cfg.traces.path, cfg.prompts.path]):
         setup = prepare(cfg)
         return fit(cfg, setup)
 
 
-#: What a training run writes into --out (a folder of only these is an earlier run's).
+#: What a training run writes into --out (a folder of only these, one a checkpoint, is an earlier run's).
 TRAINER_FILES = ("checkpoint-*", "runs", "*.safetensors", "*.json", "*.jinja", "*.txt", "*.model", "*.bin",
                  "rollouts.jsonl", "merged", "README.md", "*.lock")
 
