@@ -119,7 +119,8 @@ def cache_local_logits(cfg: LogitsConfig, spec, launch) -> int:
     if own:
         tokenizer = teacher_tok
         header = _header(options, tokenizer, teacher=name, rendered_for=name, tokens="teacher",
-                         teacher_vocab="tokenizer", vocab_size=vocab_size, top_k=top_k, temperature=cfg.kd.kd_temperature)
+                         teacher_vocab="tokenizer", vocab_size=vocab_size, top_k=top_k,
+                         temperature=cfg.kd.kd_temperature)
     else:
         header = _header(options, tokenizer, teacher=name, rendered_for=student or name, vocab_size=vocab_size,
                          top_k=top_k, temperature=cfg.kd.kd_temperature)
@@ -254,8 +255,8 @@ def cache_api_strings(cfg: LogitsConfig) -> int:
         raise DistillError(f"{cfg.traces.path}: no traces to cache (every one is marked correct: false)")
     teacher = teacher_name(traces[0][1])
     header = {"teacher": teacher, "source": "api top_logprobs", "tokens": "teacher", "teacher_vocab": "strings",
-              "tokenizer_sha": "strings", "vocab_size": STRINGS_ROWS, "top_k": min(cfg.teacher.top_logprobs, traces[0][2]),
-              "temperature": 1.0}
+              "tokenizer_sha": "strings", "vocab_size": STRINGS_ROWS,
+              "top_k": min(cfg.teacher.top_logprobs, traces[0][2]), "temperature": 1.0}
     writer = CacheWriter(out, header)
     strings = TeacherStrings(teacher_vocabulary(out) if writer.done else None)  # a rerun numbers tokens as before
     todo = [(name, trace) for name, trace, _ in traces if name not in writer.done]
@@ -310,8 +311,8 @@ def cache_served_logits(cfg: LogitsConfig, spec) -> int:
     _at_temperature_one(cfg, "served")
     teacher_tok = served_tokenizer(spec, cfg.teacher.tokenizer)
     if not cfg.student.name and teacher_tok is None:
-        raise DistillError("a served teacher needs --student (whose tokenizer and chat rendering the cache follows), "
-                           "or --teacher-tokenizer (a cache of the teacher's own tokens, for students of any tokenizer)")
+        raise DistillError("a served teacher needs --student (whose tokenizer and chat rendering the cache follows), or "
+                           "--teacher-tokenizer (a cache of the teacher's own tokens, for students of any tokenizer)")
     started = time.time()
     k = cfg.teacher.top_logprobs
     preset = model_preset("students", cfg.student.name) if cfg.student.name else {}

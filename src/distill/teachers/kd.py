@@ -112,9 +112,10 @@ def _side(spec: TeacherSpec, student: Student):
     return TeacherSide(student.examples, student.tokenizer, student.teacher_tokenizer, student.name, spec.name)
 
 
-def _cross(teacher_tokenizer) -> dict:
-    return {"tokenizers": "cross", "teacher_tokenizer": f"{teacher_tokenizer.name_or_path} "
-                                                       f"({type(teacher_tokenizer).__name__}, {len(teacher_tokenizer)} tokens)"}
+def _cross(tokenizer) -> dict:
+    """The run record of a teacher of another tokenizer: which one."""
+    return {"tokenizers": "cross",
+            "teacher_tokenizer": f"{tokenizer.name_or_path} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"}
 
 
 def _cached(spec: TeacherSpec, request: Request, student: Student) -> Built:
