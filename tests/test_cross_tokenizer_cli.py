@@ -121,9 +121,9 @@ def test_a_served_teacher_of_another_tokenizer_scores_its_own_tokens_in_train_an
               "--retry-backoff", "0.05"]
     short = ["--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0", "--no-gradient-checkpointing", *QUIET]
     try:
-        out = work / "served"
+        out = work / "served"  # packed rows: the teacher's side is found per sequence
         assert main(["train", "--method", "kd", "--teacher", str(teacher_dir), *served, "--student", str(student_dir),
-                     "--traces", traces, "--out", str(out), *short]) == 0
+                     "--traces", traces, "--out", str(out), "--packing", *short]) == 0
         assert_aligned(kd_record(out), "served")
         assert all(any(full[:len(ids)] == ids and 2 * len(ids) > len(full) for ids in server.scored)
                    for full in teacher_ids)  # each trace in the teacher's own template and tokens (to its last row)
@@ -167,6 +167,21 @@ def test_on_policy_across_tokenizers_through_the_cli(setting, teacher_dir):
     before = teacher_nll_per_byte_of_samples(setting, online, load_model(str(student_dir), "cpu"), prompts, engine)
     after = teacher_nll_per_byte_of_samples(setting, online, trained(out), prompts, engine)
     assert after < 0.7 * before, (before, after)
+
+
+def test_on_policy_from_prompts_alone_reads_the_rollouts_in_the_teachers_tokens(setting, teacher_dir):
+    """``--prompts`` (no traces): each prompt is rendered in both templates, and the student's rollouts are
+    the only text the teacher reads."""
+    _, _, _, student_dir, work, _ = setting
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": f"What is {i} + {i}?"}) + "\n" for i in range(4)))
+    out = work / "prompts-on-policy"
+    assert main(["train", "--method", "on-policy", "--teacher", str(teacher_dir), "--student", str(student_dir),
+                 "--prompts", str(prompts), "--out", str(out), "--max-tokens", "6", "--max-steps", "1",
+                 "--batch-size", "4", "--no-gradient-checkpointing", *QUIET]) == 0
+    kd = kd_record(out)
+    assert kd["tokenizers"] == "cross" and kd["on_policy"]["prompts"] == str(prompts)
+    assert 0 < sum(kd["alignment"][kind] for kind in ("one_to_one", "many_to_one", "one_to_many", "unmapped")) <= 4 * 6
 
 
 # ---------------------------------------------------------------- bad input: one line, nothing written

@@ -153,9 +153,9 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
         "final_eval_loss": _last(curve, "eval_loss"),
     }
     _save(trainer, setup, cfg)
-    if teaching:
-        _aligned(teaching)
     if trainer.is_world_process_zero():
+        if teaching:
+            _aligned(teaching)
         data = {name: path for name, path in (("traces", cfg.traces.path), ("prompts", cfg.prompts.path))
                 if path and Path(path).is_file()}
         record = run_record(f"train --method {cfg.method}", to_dict(cfg), data, status="complete",
@@ -175,7 +175,7 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
 
 def _aligned(teaching: dict) -> None:
     """A teacher of another tokenizer: how the text aligned, in the log and the run record's ``kd.alignment``,
-    at the end (on-policy, the rollouts this process aligned are counted in)."""
+    at the end (on-policy, the rollouts are counted in: those of the first process, in a launch of several)."""
     from distill.teachers.align import describe
     from distill.teachers.kd import alignment
 
