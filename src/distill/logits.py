@@ -115,15 +115,11 @@ def cache_local_logits(cfg: LogitsConfig, spec, launch) -> int:
     model = load_model(teacher_path, device=launch.device).eval()
     rows = model.get_output_embeddings().weight.shape[0]
     vocab_size = rows if own else min(rows, vocab_rows(render_preset["model"]))
-    top_k = min(cfg.teacher.top_logprobs, vocab_size)
-    if own:
-        tokenizer = teacher_tok
-        header = _header(options, tokenizer, teacher=name, rendered_for=name, tokens="teacher",
-                         teacher_vocab="tokenizer", vocab_size=vocab_size, top_k=top_k,
-                         temperature=cfg.kd.kd_temperature)
-    else:
-        header = _header(options, tokenizer, teacher=name, rendered_for=student or name, vocab_size=vocab_size,
-                         top_k=top_k, temperature=cfg.kd.kd_temperature)
+    tokenizer = teacher_tok if own else tokenizer
+    header = _header(options, tokenizer, teacher=name, rendered_for=name if own else student or name,
+                     vocab_size=vocab_size, top_k=min(cfg.teacher.top_logprobs, vocab_size),
+                     temperature=cfg.kd.kd_temperature, **({"tokens": "teacher", "teacher_vocab": "tokenizer"}
+                                                           if own else {}))
     if launch.main:
         merge_parts(out)  # what the ranks of a killed data-parallel launch finished
     launch.barrier()
@@ -144,11 +140,12 @@ def cache_local_logits(cfg: LogitsConfig, spec, launch) -> int:
             by_length = sorted(todo[first:first + cfg.shard_size], key=lambda e: len(e["input_ids"]))
             for b in range(0, len(by_length), cfg.batch_size):
                 batch = by_length[b:b + cfg.batch_size]
-                for e, rows in zip(batch, teacher_top_k(model, batch, header["top_k"], cfg.kd.kd_temperature,
-                                                        vocab_size, cfg.kd.chunk_size, realized=own)):
-                    entries.append({"id": e["id"], "sha": token_sha(e["input_ids"]), "ids": rows[0],
-                                    "logprobs": rows[1], "log_tail": rows[2], **({"targets": rows[3]} if own else {})})
-                    advance(int(rows[0].shape[0]))
+                for e, (ids, lps, tail, *realized) in zip(batch, teacher_top_k(
+                        model, batch, header["top_k"], cfg.kd.kd_temperature, vocab_size, cfg.kd.chunk_size,
+                        realized=own)):
+                    entries.append({"id": e["id"], "sha": token_sha(e["input_ids"]), "ids": ids, "logprobs": lps,
+                                    "log_tail": tail, **({"targets": realized[0]} if own else {})})
+                    advance(int(ids.shape[0]))
             writer.add_shard(entries)
     launch.barrier()
     if not launch.main:
@@ -240,7 +237,7 @@ def cache_api_strings(cfg: LogitsConfig) -> int:
 
     _at_temperature_one(cfg, "API")
     started, out = time.time(), cfg.output.out
-    traces = []  # (id, trace) of those training may use (``correct: false`` ones it skips)
+    traces = []  # (id, trace, its K) of those training may use (it skips ``correct: false`` ones)
     for line, trace in iter_traces(cfg.traces.path):
         if trace.get("correct") is False:
             continue
