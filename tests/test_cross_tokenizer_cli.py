@@ -228,6 +228,9 @@ def test_a_teacher_of_another_tokenizer_without_a_chat_template_is_refused(setti
                  "--student", str(student_dir), "--traces", traces, "--out", str(out), "--max-steps", "1", *QUIET]) == 2
     line = error_line(capsys, "train")
     assert "--teacher-tokenizer" in line and "served teacher" in line
+    assert main(["logits", "--teacher", str(teacher_dir), "--teacher-tokenizer", str(teacher_dir), "--student",
+                 str(student_dir), "--traces", traces, "--out", str(out)]) == 2
+    assert "served teacher" in error_line(capsys, "logits")
     assert not out.exists()
 
 

@@ -70,6 +70,9 @@ def cache_logits(cfg: LogitsConfig) -> int:
                            f"model or --teacher-url), not {'a logits cache' if spec.kind == 'cache' else 'the student'}")
     if cfg.teacher.top_logprobs < 1:
         raise DistillError(f"--top-logprobs: a cache keeps at least 1 per token, got {cfg.teacher.top_logprobs}")
+    if cfg.teacher.tokenizer and (spec is None or spec.kind != "endpoint"):
+        raise DistillError("--teacher-tokenizer names a served teacher's tokenizer (--teacher-url); a local teacher "
+                           "has its own, and API traces carry their tokens' bytes")
     out = cfg.output.out
     launch = parallel.launch()
     if launch.parallel and (spec is None or spec.kind != "local"):
