@@ -110,12 +110,16 @@ def test_padded_rows_of_one_tokenizer_warn_and_equal_rows_pass(qwen_like, qwen2_
     assert [v.level for v in same_rows] == ["ok"]
 
 
-def test_other_tokenizers_allow_sft_only(smollm2_tok, qwen2_tok):
+def test_other_tokenizers_allow_aligned_kd_with_the_teachers_template(smollm2_tok, qwen2_tok):
     qwen2 = qwen2_tok
     kd = check_tokenizers(smollm2_tok, qwen2, student="smollm2", teacher="qwen2", student_rows=49152,
                           teacher_rows=151936, logit_kd=True)
-    assert [v.level for v in kd] == ["error"] and "different tokenizers" in kd[0].message
-    assert "--method sft" in kd[0].fix
+    assert [v.level for v in kd] == ["ok"] and "different tokenizers" in kd[0].message and "aligned" in kd[0].message
+    untemplated = copy.deepcopy(qwen2)
+    untemplated.chat_template = None
+    kd = check_tokenizers(smollm2_tok, untemplated, student="smollm2", teacher="qwen2", student_rows=49152,
+                          teacher_rows=151936, logit_kd=True)
+    assert [v.level for v in kd] == ["error"] and "no chat template" in kd[0].message and "--method sft" in kd[0].fix
     sft = check_tokenizers(smollm2_tok, qwen2, student="smollm2", teacher="qwen2", student_rows=49152,
                            teacher_rows=151936, logit_kd=False)
     assert [v.level for v in sft] == ["ok"] and "SFT" in sft[0].message
@@ -127,7 +131,7 @@ def test_renamed_special_tokens_are_one_family_but_not_one_tokenizer(qwen2_tok):
     teacher.add_special_tokens({"additional_special_tokens": ["<｜begin▁of▁sentence｜>"]})
     found = check_tokenizers(student, teacher, student="qwen2", teacher="r1-distill-like", student_rows=151936,
                              teacher_rows=151936, logit_kd=True)
-    assert [v.level for v in found] == ["error"] and "one tokenizer family" in found[0].message
+    assert [v.level for v in found] == ["ok"] and "one tokenizer family" in found[0].message
 
 
 def test_an_api_teacher_is_fine_for_sft_and_refused_for_kd(smollm2_dir):

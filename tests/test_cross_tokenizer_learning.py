@@ -227,19 +227,13 @@ def deepseek_response(teacher, t_tok, trace: dict, k: int = 5) -> dict:
             "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "total_tokens": len(prompt) + len(ids)}}
 
 
-def test_api_top_logprobs_in_the_teachers_strings_teach_a_student_of_another_tokenizer(setting):
-    """DeepSeek-shaped replies (token strings with bytes, fragments of non-ASCII characters among them) read
-    as ``distill generate --top-logprobs`` reads them, become a cache in the teacher's token strings, and
-    that cache trains a Llama 3 student."""
+def deepseek_traces(teacher, t_tok) -> list[dict]:
+    """The KD traces (with some non-ASCII text) as ``distill generate --top-logprobs 5`` writes them from
+    DeepSeek-shaped replies: token strings with bytes, fragments of non-ASCII characters among them."""
     import httpx
 
-    from distill.store import STRINGS_ROWS, CacheWriter, save_teacher_strings, token_sha
     from distill.teachers.api import ApiTeacher
-    from distill.teachers.api_mapping import TeacherStrings, teacher_string_rows
-    from distill.teachers.sources import AlignedCachedTeacher, CachedTeacher
-    from collections import Counter
 
-    teacher, t_tok, s_tok, _, work, measure = setting
     api = ApiTeacher(base_url="http://127.0.0.1:9/v1", model="deepseek-chat", api_key="-", api_key_env=None,
                      sampling=Sampling(temperature=1.0, top_p=1.0, max_tokens=64), endpoint=Endpoint(), top_logprobs=5)
     traces = [dict(trace, answer=trace["answer"] + " Café 東京 ✓") for trace in KD]
@@ -248,6 +242,19 @@ def test_api_top_logprobs_in_the_teachers_strings_teach_a_student_of_another_tok
         trace.update(reasoning=completion.reasoning, answer=completion.answer, top_logprobs=completion.top_logprobs,
                      finish_reason=completion.finish_reason, teacher={"name": "deepseek-chat", "model": "deepseek-chat"})
     assert any("bytes" in e for t in traces for e in t["top_logprobs"])  # fragments of 東京 are printed lossily
+    return traces
+
+
+def test_api_top_logprobs_in_the_teachers_strings_teach_a_student_of_another_tokenizer(setting):
+    """DeepSeek-shaped replies read as ``distill generate --top-logprobs`` reads them, become a cache in the
+    teacher's token strings, and that cache trains a Llama 3 student."""
+    from distill.store import STRINGS_ROWS, CacheWriter, save_teacher_strings, token_sha
+    from distill.teachers.api_mapping import TeacherStrings, teacher_string_rows
+    from distill.teachers.sources import AlignedCachedTeacher, CachedTeacher
+    from collections import Counter
+
+    teacher, t_tok, s_tok, _, work, measure = setting
+    traces = deepseek_traces(teacher, t_tok)
     path = write_traces(work / "api.jsonl", traces)
 
     strings, counts, entries = TeacherStrings(), Counter(), []

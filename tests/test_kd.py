@@ -75,6 +75,7 @@ def test_kd_gets_closer_to_the_teacher_than_sft_in_the_same_steps(tmp_path, trac
     assert kd < 0.95 * sft and kd < 0.95 * before, (before, sft, kd)
     record = json.loads((tmp_path / "kd" / "run.json").read_text())
     assert record["kd"]["mode"] == "online" and record["kd"]["loss"] == "fkl"
+    assert record["kd"]["tokenizers"] == "same" and "alignment" not in record["kd"]  # the exact path, as before
     assert record["distributed"] == {"kind": "one process", "world_size": 1, "sharded": "nothing", "teacher": "cpu"}
     assert record["loss_curve"]
 
@@ -128,7 +129,10 @@ def test_offline_kd_refuses_a_cache_made_from_other_tokens(tmp_path, shared_data
     assert "is not in the logits cache" in capsys.readouterr().err
 
 
-def test_kd_refuses_other_tokenizers_and_teachers_without_logprobs(tmp_path, traces, tiny_llama, tiny_qwen2, capsys):
+def test_kd_aligns_other_tokenizers_and_refuses_teachers_without_logprobs(tmp_path, traces, tiny_llama, tiny_qwen2,
+                                                                         capsys):
+    """One token more in the teacher's vocabulary makes it another tokenizer: KD takes the aligned path
+    (tests/test_cross_tokenizer_cli.py has the real pairs), every student token one teacher token."""
     from transformers import AutoTokenizer
 
     other = tmp_path / "other-tokenizer"
@@ -138,15 +142,17 @@ def test_kd_refuses_other_tokenizers_and_teachers_without_logprobs(tmp_path, tra
     for name in os.listdir(tiny_llama):
         if not (other / name).exists():
             os.symlink(tiny_llama / name, other / name)
-    train = ["train", "--method", "kd", "--student", str(tiny_qwen2), "--traces", str(traces),
-             "--out", str(tmp_path / "out"), "--max-steps", "1", *QUIET]
-    assert main([*train, "--teacher", str(other)]) == 2
-    err = capsys.readouterr().err
-    assert "different tokenizers" in err and str(other) in err and str(tiny_qwen2) in err
+    train = ["train", "--method", "kd", "--student", str(tiny_qwen2), "--traces", str(traces), "--max-steps", "1",
+             "--max-length", "96", "--overlong", "truncate", *QUIET]
+    assert main([*train, "--teacher", str(other), "--out", str(tmp_path / "aligned")]) == 0
+    kd = json.loads((tmp_path / "aligned" / "run.json").read_text())["kd"]
+    counts = kd["alignment"]
+    assert kd["tokenizers"] == "cross" and counts["one_to_one"] > 0
+    assert counts["many_to_one"] == counts["one_to_many"] == counts["unmapped"] == 0
 
     preset = tmp_path / "reasoner.yaml"
     preset.write_text("kind: api\nmodel: deepseek-reasoner\nbase_url: https://api.deepseek.com\nlogprobs: false\n")
-    assert main([*train, "--teacher", str(preset)]) == 2
+    assert main([*train, "--teacher", str(preset), "--out", str(tmp_path / "out")]) == 2
     assert "--method sft" in capsys.readouterr().err
     assert main(["logits", "--teacher", str(preset), "--traces", str(traces), "--out", str(tmp_path / "l")]) == 2
     assert "--method sft" in capsys.readouterr().err

@@ -249,7 +249,9 @@ def test_refusals(tmp_path, traces, student, capsys, extra, message, monkeypatch
     assert message in capsys.readouterr().err
 
 
-def test_a_teacher_of_another_tokenizer_is_refused(tmp_path, traces, student, capsys):
+def test_a_teacher_of_another_tokenizer_reads_the_rollouts_in_its_own_tokens(tmp_path, traces, student):
+    """One token more in the teacher's vocabulary makes it another tokenizer: the run takes the aligned path
+    (tests/test_cross_tokenizer_cli.py has the real pairs), and every student token is one teacher token."""
     other = tmp_path / "other"
     tok = AutoTokenizer.from_pretrained(student)
     tok.add_tokens(["<extra_token>"])
@@ -257,8 +259,11 @@ def test_a_teacher_of_another_tokenizer_is_refused(tmp_path, traces, student, ca
     for name in os.listdir(student):
         if not (other / name).exists():
             os.symlink(student / name, other / name)
-    assert main(on_policy_args(student, traces, other, tmp_path / "o", "--max-steps", "1")) == 2
-    assert "different tokenizers" in capsys.readouterr().err
+    assert main(on_policy_args(student, traces, other, tmp_path / "o", "--max-steps", "1")) == 0
+    kd = json.loads((tmp_path / "o" / "run.json").read_text())["kd"]
+    counts = kd["alignment"]
+    assert kd["tokenizers"] == "cross" and counts["one_to_one"] > 0
+    assert counts["many_to_one"] == counts["one_to_many"] == counts["unmapped"] == 0
 
 
 def test_prompts_file_trains_fully_on_policy_without_traces(tmp_path, teacher, student):

@@ -34,8 +34,13 @@ class Teacher:
     model: str | None = option(None, help="the teacher's model name on the server (default: the preset's, else "
                                           "--teacher)", aliases=("model",))
     top_logprobs: int | None = option(None, flag="top_logprobs", help="the teacher's top log-probs kept per token (API traces: at most 20; "
-                                                 "0 for a served teacher: only the sampled token's)",
+                                                 "0 for a served teacher: only the sampled token's; train's "
+                                                 "default: 20 from a server, 128 from a local teacher of "
+                                                 "another tokenizer, all from one of the student's)",
                                       check=at_least(0), aliases=("teacher_top_k",))
+    tokenizer: str | None = option(None, help="the served teacher's tokenizer (a directory or hub id; default: "
+                                              "--teacher's, where it loads without a server, else the student's); "
+                                              "another tokenizer than the student's makes KD align the two")
 
 
 @dataclass
@@ -159,6 +164,8 @@ class KD:
                                    "KL); skew: the skew", check=between(0, 1))
     chunk_size: int = option(1024, help="tokens per loss (or top-k) chunk: memory stays flat in sequence length",
                              check=at_least(1), aliases=("kd_chunk_size",))
+    uld_weight: float = option(1.0, help="a teacher of another tokenizer: weight of the ULD term on the student "
+                                         "tokens no whole teacher tokens make up", check=at_least(0))
 
 
 @dataclass

@@ -191,6 +191,14 @@ def _split_prompts(prompt_ids: list[str], eval_fraction: float, seed: int) -> se
     return set(random.Random(seed).sample(unique, n_eval))
 
 
+def check_teacher_template(teacher_tokenizer) -> None:
+    """A teacher of another tokenizer renders each conversation in its own chat template: refuse one without."""
+    if teacher_tokenizer is not None and not teacher_tokenizer.chat_template:
+        raise DistillError(f"{teacher_tokenizer.name_or_path}: the teacher's tokenizer has no chat template; a teacher "
+                           "of another tokenizer renders each conversation in its own template (use its -Instruct "
+                           "model, or add a template to its tokenizer)")
+
+
 def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float = 0.0, seed: int = 0,
                   keep_trace: bool = False, teacher_tokenizer=None) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Read a traces file once, render and tokenize each trace, apply the length policy, split off eval.
@@ -207,11 +215,7 @@ def load_examples(path, tokenizer, options: RenderOptions, eval_fraction: float 
     from distill.console import progress
     from distill.records import iter_traces, trace_id
 
-    if teacher_tokenizer is not None and not teacher_tokenizer.chat_template:
-        raise DistillError(f"{teacher_tokenizer.name_or_path}: the teacher's tokenizer has no chat template; a teacher "
-                           "of another tokenizer renders each conversation in its own template (use its -Instruct "
-                           "model, or add a template to its tokenizer)")
-
+    check_teacher_template(teacher_tokenizer)
     stats = {"traces": 0, "skipped_incorrect": 0, "overlong": 0, "overlong_policy": options.overlong,
              "skipped_no_target": 0, "max_length": options.max_length, "think_style": options.think_style,
              "teacher": None}

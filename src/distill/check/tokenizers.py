@@ -1,7 +1,9 @@
 """Teacher and student tokenizers: the same, the same family with other row counts, or different.
 
-Logit KD compares distributions token by token, so distill's KD needs one tokenizer on both sides
-(``teachers.sources.check_same_tokenizer``); SFT trains on the traces' text and takes any teacher.
+Logit KD compares distributions token by token: with one tokenizer on both sides exactly; with two,
+distill aligns the two tokenizations of the same text (``teachers.align``: exact where a student
+token is whole teacher tokens, ULD elsewhere), which needs the teacher's chat template. SFT trains on
+the traces' text and takes any teacher.
 Two models of one tokenizer may still differ in output rows: Qwen2.5 pads its embedding to 151,936
 rows up to 3B and to 152,064 from 7B on, which breaks trainers that compare whole rows (TRL
 #2215, #3028; TRL now refuses it at start, TRL #6252). distill cuts both sides to the shared rows
@@ -47,11 +49,14 @@ def check_tokenizers(student_tok, teacher_tok, *, student: str, teacher: str, st
     else:
         what = (f"student '{student}' ({type(student_tok).__name__}, {len(a):,} tokens) and teacher '{teacher}' "
                 f"({type(teacher_tok).__name__}, {len(b):,}) use different tokenizers ({share:.0%} of ids agree)")
+    if logit_kd and not teacher_tok.chat_template:
+        return [error(CHECK, f"{what}, and the teacher's has no chat template: logit KD across tokenizers renders "
+                             f"each conversation in the teacher's own template",
+                      "use the teacher's -Instruct model (or add a chat template to its tokenizer), or --method sft")]
     if logit_kd:
-        return [error(CHECK, f"{what}: logit KD needs one tokenizer, so distill refuses it",
-                      "train on the teacher's traces with --method sft (cross-tokenizer KD is not in distill yet), "
-                      "or pick a student of the teacher's tokenizer")]
-    return [ok(CHECK, f"{what}: SFT on the teacher's traces applies (logit KD would not)")]
+        return [ok(CHECK, f"{what}: logit KD runs aligned across the two (exact where a student token is whole "
+                          f"teacher tokens, ULD elsewhere; README 'Teacher and student with different tokenizers')")]
+    return [ok(CHECK, f"{what}: SFT on the teacher's traces applies (logit KD would align the two)")]
 
 
 def _rows(tokens: int, student_rows: int | None, teacher_rows: int | None, student: str, teacher: str,

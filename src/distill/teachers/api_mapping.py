@@ -76,7 +76,8 @@ def _decoder_kind(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "sentencepiece" if hasattr(tokenizer, "sp_model") else "decode"
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    # the decoder alone: the whole tokenizer as JSON takes over a second for a 150k vocabulary
+    decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
     kinds = {d.get("type") for d in decoder.get("decoders") or [decoder]}
     if "ByteLevel" in kinds:
         return "byte_level"
@@ -184,8 +185,8 @@ def _mapped_alternatives(tops: list[dict], vocab: StudentVocab, teacher: str) ->
                 raise Refusal(
                     f"teacher {teacher} {what} {_shown(alt)!r} at generated position {pos} is not one token of "
                     f"{vocab.describe}: the teacher's tokenizer differs from the student's, so its log-probs "
-                    f"cannot be mapped exactly; use a student of the teacher's tokenizer, or train on these "
-                    f"traces with 'distill train --method sft'")
+                    f"cannot be mapped onto it; leave out --student (a cache in the teacher's own tokens, which "
+                    f"'distill train' aligns to a student of any tokenizer)")
             if what == "sampled token":
                 sampled.append(sid)
                 continue
@@ -365,7 +366,7 @@ def teacher_string_rows(trace: dict, strings: TeacherStrings, top_k: int, univer
     them (in place of the k-th where it is not); lossy alternatives stay in the tail; padded with ids from
     the top of the ``universe`` (no token) at ``FLOOR``. Refuses bytes that are not UTF-8 text."""
     tops = trace["top_logprobs"]
-    _check_utf8(tops)
+    check_utf8(tops)
     rows: list[tuple[dict[int, float], int]] = []
     for entry in tops:
         sampled, kept = strings.id(entry), {}
@@ -399,7 +400,7 @@ def _is_sampled(alternative: dict, entry: dict) -> bool:
             and abs(float(alternative["logprob"]) - float(entry["logprob"])) < 1e-6)
 
 
-def _check_utf8(tops: list[dict]) -> None:
+def check_utf8(tops: list[dict]) -> None:
     """The sampled tokens' bytes must make UTF-8 text (unless some were printed lossily: bytes unknown)."""
     pieces = [TeacherStrings.raw(entry) for entry in tops]
     if any(p is None for p in pieces):

@@ -5,6 +5,12 @@ One builder per kind of teacher, in :data:`BUILDERS` (a local model, a served on
 the student as its own teacher) is one more entry, not another branch in the trainer. Each builder
 returns a :class:`Built`: the object the KD trainer asks for scores (``sources.Teacher``), what the
 run record says of it, and where it lives.
+
+A teacher of another tokenizer than the student's (:func:`teacher_tokenizer`: by vocabulary, not by
+name) is built aligned (``sources.AlignedOnlineTeacher``, ``served.AlignedServedTeacher``,
+``sources.AlignedCachedTeacher``; ``teachers.align``); with the student's tokenizer, as before, bit
+for bit. The run record's ``kd.tokenizers`` says which (``same`` or ``cross``), and
+:func:`alignment` how the text aligned.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class Student:
     device: str
     attention: str | None = None
     traces: str | None = None
+    teacher_tokenizer: Any = None  # the teacher's, where it is another (the examples carry its tokens too)
 
 
 @dataclass
@@ -51,11 +58,64 @@ class Request:
     device: str | None = None
 
 
+#: --top-logprobs where it is not given: a server's usual limit (vLLM's default --max-logprobs is 20);
+#: a local teacher of another tokenizer, whose rows are mapped a top-k at a time (the bench's default)
+SERVED_TOP_K, ALIGNED_TOP_K = 20, 128
+
+
 def build(spec: TeacherSpec, request: Request, student: Student) -> Built:
     """The teacher ``spec`` names, by its kind's builder."""
+    from distill.teachers.align import describe
+
     if spec.kind not in BUILDERS:
         raise DistillError(f"--teacher {spec.name}: a {spec.kind} teacher cannot teach by KD yet")
-    return BUILDERS[spec.kind](spec, request, student)
+    built = BUILDERS[spec.kind](spec, request, student)
+    counts = alignment(built.teacher)
+    if counts is not None:
+        print(f"kd: teacher '{spec.name}' has another tokenizer than student '{student.name}': its text is aligned "
+              f"to the student's (teachers/align.py); {describe(counts)}", flush=True)
+    return built
+
+
+def teacher_tokenizer(spec: TeacherSpec | None, options: Teacher, student_tokenizer):
+    """The teacher's tokenizer where it is another than the student's (``sources.same_tokenizer``), else
+    None. Then each example is rendered for both (``rendering.load_examples(..., teacher_tokenizer=)``)
+    and the teacher is built aligned. A local teacher's is its model's; a served one's is
+    ``--teacher-tokenizer`` or one found without the server (``sources.served_tokenizer``), else the
+    student's is taken; a logits cache holds its own vocabulary (aligned when it is opened)."""
+    from distill.teachers.sources import same_tokenizer, served_tokenizer, teacher_tokenizer as local_tokenizer
+
+    if options.tokenizer and (spec is None or spec.kind != "endpoint"):
+        raise DistillError(f"--teacher-tokenizer {options.tokenizer}: it names a served teacher's tokenizer "
+                           f"(--teacher-url); a local teacher or a logits cache has its own")
+    if spec is None or spec.kind not in ("local", "endpoint"):
+        return None
+    tokenizer = local_tokenizer(spec.name) if spec.kind == "local" else served_tokenizer(spec, options.tokenizer)
+    return None if tokenizer is None or same_tokenizer(student_tokenizer, tokenizer) else tokenizer
+
+
+def alignment(teacher) -> dict | None:
+    """How the text aligned so far, for a teacher of another tokenizer (``align.Alignment.counts``: the
+    student tokens by kind, the bytes found in the teacher's text); None for one of the student's."""
+    from distill.teachers.align import KINDS
+
+    counts = getattr(teacher, "counts", None)
+    if counts is None:
+        return None
+    return {name: int(counts.get(name, 0)) for name in (*KINDS.values(), "matched_bytes", "bytes")}
+
+
+def _side(spec: TeacherSpec, student: Student):
+    """The teacher's side of the student's examples (its tokens, aligned once each)."""
+    from distill.teachers.align import TeacherSide
+
+    return TeacherSide(student.examples, student.tokenizer, student.teacher_tokenizer, student.name, spec.name)
+
+
+def _cross(tokenizer) -> dict:
+    """The run record of a teacher of another tokenizer: which one."""
+    return {"tokenizers": "cross",
+            "teacher_tokenizer": f"{tokenizer.name_or_path} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"}
 
 
 def _cached(spec: TeacherSpec, request: Request, student: Student) -> Built:
@@ -68,14 +128,15 @@ def _cached(spec: TeacherSpec, request: Request, student: Student) -> Built:
                                  traces=student.traces, kd_temperature=request.kd.temperature,
                                  student_rows=student.rows)
     header = teacher.cache.header
-    return Built(teacher, {"mode": "offline", "teacher": header["teacher"], "cache": spec.model, "cache_header": header},
-                 f"none in the run: its logits cache {spec.model}")
+    tokenizers = "same" if alignment(teacher) is None else "cross"
+    return Built(teacher, {"mode": "offline", "teacher": header["teacher"], "cache": spec.model, "cache_header": header,
+                           "tokenizers": tokenizers}, f"none in the run: its logits cache {spec.model}")
 
 
 def _served(spec: TeacherSpec, request: Request, student: Student) -> Built:
-    from distill.teachers.served import ServedTeacher
+    from distill.teachers.served import AlignedServedTeacher, ServedTeacher
 
-    top_k = request.options.top_logprobs
+    top_k = request.options.top_logprobs if request.options.top_logprobs is not None else SERVED_TOP_K
     if not spec.scores_tokens:
         raise DistillError(f"teacher '{spec.name}' ({spec.where}) gives no log-probs (logprobs: false): train on "
                            f"its traces with --method sft")
@@ -84,24 +145,41 @@ def _served(spec: TeacherSpec, request: Request, student: Student) -> Built:
                            f"temperature 1 and cannot be re-tempered; leave --kd-temperature at 1")
     if top_k == 0 and not request.on_policy:
         raise DistillError("--top-logprobs 0 (sampled tokens only) is an on-policy estimator: use --method on-policy")
-    teacher = ServedTeacher(base_url=list(spec.urls), model=spec.model, top_k=top_k, tokenizer=student.tokenizer,
-                            student=student.name, vocab_size=student.rows, endpoint=request.endpoint)
-    where = teacher.client.base_url
-    return Built(teacher, {"mode": "served", "teacher": f"{spec.model} at {where}", "top_k": top_k},
+    if student.teacher_tokenizer is None:
+        teacher = ServedTeacher(base_url=list(spec.urls), model=spec.model, top_k=top_k, tokenizer=student.tokenizer,
+                                student=student.name, vocab_size=student.rows, endpoint=request.endpoint)
+        where, tokenizers = teacher.client.base_url, {"tokenizers": "same"}
+    else:
+        teacher = AlignedServedTeacher.connect(side=_side(spec, student), student_rows=student.rows,
+                                               base_url=list(spec.urls), model=spec.model, top_k=top_k,
+                                               endpoint=request.endpoint)
+        where, tokenizers = teacher.served.client.base_url, _cross(student.teacher_tokenizer)
+    return Built(teacher, {"mode": "served", "teacher": f"{spec.model} at {where}", "top_k": top_k, **tokenizers},
                  f"served at {where}")
 
 
 def _online(spec: TeacherSpec, request: Request, student: Student) -> Built:
     from distill.distributed import sharded_run
-    from distill.teachers.sources import OnlineTeacher
+    from distill.teachers.sources import AlignedOnlineTeacher, OnlineTeacher, local_teacher_path
 
     sharded = sharded_run()  # the student's device (the Trainer moves it there), or sharded like it
     if request.device and sharded == "ZeRO-3":
         raise DistillError("--teacher-device: under ZeRO-3 transformers loads every model partitioned, so the "
                            "online teacher is sharded with the student (drop --teacher-device, or use FSDP2)")
-    teacher = OnlineTeacher.load(spec.name, student.tokenizer, student.name, request.device or student.device,
-                                 student.rows, shard=None if request.device else sharded, attn=student.attention)
-    return Built(teacher, {"mode": "online", "teacher": spec.name}, teacher.placement)
+    device, shard = request.device or student.device, None if request.device else sharded
+    if student.teacher_tokenizer is None:
+        teacher = OnlineTeacher.load(spec.name, student.tokenizer, student.name, device, student.rows, shard=shard,
+                                     attn=student.attention)
+        return Built(teacher, {"mode": "online", "teacher": spec.name, "tokenizers": "same"}, teacher.placement)
+    top_k = request.options.top_logprobs if request.options.top_logprobs is not None else ALIGNED_TOP_K
+    if top_k < 1:
+        raise DistillError("--top-logprobs 0: a teacher of another tokenizer is mapped onto the student's vocabulary "
+                           f"a top-k at a time; give 1 or more (default {ALIGNED_TOP_K})")
+    side = _side(spec, student)  # its forward pass runs on padded batches of its own tokens: its own attention
+    online = OnlineTeacher.from_path(local_teacher_path(spec.name), device, student.rows, shard)
+    teacher = AlignedOnlineTeacher(online, side, student.rows, top_k, request.kd.temperature, request.kd.chunk_size)
+    return Built(teacher, {"mode": "online", "teacher": spec.name, "top_k": top_k,
+                           **_cross(student.teacher_tokenizer)}, teacher.placement)
 
 
 #: kind of teacher (``TeacherSpec.kind``) -> its builder

@@ -361,8 +361,9 @@ class ServedClient:
         mine = f"id {ours[at]} {self.vocab.text([ours[at]])!r}" if at < len(ours) else "no more tokens"
         server = f"id {theirs[at]}" if at < len(theirs) else "no more tokens"
         after = f" (after {self.vocab.text(ours[max(0, at - 4):at])!r})" if at else ""
-        advice = ("KD needs the teacher's tokenizer (use a student of the teacher's family, or --method sft)"
-                  if self.role == "student" else "give the served model's own tokenizer as the teacher's")
+        advice = ("for a teacher of another tokenizer name it with --teacher-tokenizer (a directory or hub id), and "
+                  "KD aligns the two" if self.role == "student" else
+                  "give the served model's own tokenizer as the teacher's (--teacher-tokenizer)")
         return (f"{self.base_url}: the served model '{self.model}' tokenizes differently from {self.role} "
                 f"'{self.student}': at token {at} of a probe text the server has {server} where the {self.role} has "
                 f"{mine}{after}; {advice}")

@@ -20,6 +20,7 @@ as ``rendering.target_index`` gives them, on the training device), as ``kd_losse
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -75,8 +76,8 @@ def local_teacher_path(name: str) -> str:
         raise DistillError(
             f"teacher '{name}' ({where_}) is an API model: online KD and 'distill logits --teacher' need a local "
             f"model; capture its top_logprobs with 'distill generate --top-logprobs K' and run 'distill logits "
-            f"--traces THOSE.jsonl --student STUDENT --out DIR' without --teacher (the teacher's tokens must be the "
-            f"student's), then train with --teacher-logits DIR"
+            f"--traces THOSE.jsonl --out DIR' without --teacher (a cache in the teacher's own tokens, for a student "
+            f"of any tokenizer), then train with --teacher DIR"
         )
     if not preset.get("model"):
         raise DistillError(f"{where_}: teacher preset has no 'model'")
@@ -98,13 +99,40 @@ def teacher_tokenizer(name: str):
     return load_tokenizer(local_teacher_path(name), require_chat_template=False)
 
 
+def served_tokenizer(spec, named: str | None):
+    """The tokenizer of a served teacher (``spec``: an endpoint): ``named`` (``--teacher-tokenizer``), else
+    the served model's or ``--teacher``'s where it loads without the server (a directory, a .gguf file, the
+    Hugging Face cache); None where neither does (the student's is taken for it)."""
+    from distill.models import load_tokenizer
+
+    if named:
+        return load_tokenizer(named, require_chat_template=False)
+    for name in dict.fromkeys(filter(None, (spec.model, spec.name))):
+        if _loads_locally(name):
+            return load_tokenizer(name, require_chat_template=False)
+    return None
+
+
+def _loads_locally(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name).is_dir() or (name.endswith(".gguf") and Path(name).is_file()):
+        return True
+    try:
+        return isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str)
+    except ValueError:  # not a hub id either (huggingface_hub's HFValidationError)
+        return False
+
+
 def check_same_tokenizer(student_tok, student_name: str, teacher_tok, teacher_name: str) -> None:
-    """KD compares distributions token by token: the two vocabularies must be the same."""
+    """For what compares the two distributions token by token (fidelity): one vocabulary on both sides.
+    Training aligns a teacher of another tokenizer instead (``teachers.align``)."""
     if not same_tokenizer(student_tok, teacher_tok):
         raise DistillError(
             f"student '{student_name}' ({type(student_tok).__name__}, {len(student_tok)} tokens) and teacher "
             f"'{teacher_name}' ({type(teacher_tok).__name__}, {len(teacher_tok)} tokens) use different tokenizers; "
-            f"logit distillation needs the same tokenizer family (use --method sft across families)"
+            f"comparing their distributions token by token needs one tokenizer ('distill train --method kd' "
+            f"aligns a teacher of another tokenizer by itself)"
         )
 
 
@@ -251,8 +279,9 @@ class CachedTeacher:
         if not same:
             raise DistillError(
                 f"{directory}: cache was made with teacher '{header['teacher']}' whose tokenizer differs from "
-                f"student '{student}' ({type(tokenizer).__name__}, {len(tokenizer)} tokens); KD needs the same "
-                f"tokenizer, or a cache of the teacher's own tokens (any student)")
+                f"student '{student}' ({type(tokenizer).__name__}, {len(tokenizer)} tokens), and it holds rows in the "
+                f"student's ids; re-run 'distill logits' with this --student (a student of another tokenizer than the "
+                f"teacher's gets a cache of the teacher's own tokens, which serves any student)")
         if header["vocab_size"] > student_rows:
             raise DistillError(f"{directory}: teacher vocabulary ({header['vocab_size']}) is larger than the "
                                f"student's output rows ({student_rows})")

@@ -47,7 +47,7 @@ class TrainConfig:
     format: PromptFormat = group(PromptFormat)
     render: Render = group(Render)
     schedule: Schedule = group(Schedule)
-    teacher: Teacher = group(Teacher, top_logprobs=20)
+    teacher: Teacher = group(Teacher)
     endpoint: Endpoint = group(Endpoint, concurrency=8)
     kd: KD = group(KD)
     on_policy: Rollouts = group(Rollouts)

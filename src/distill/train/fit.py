@@ -154,6 +154,8 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
     }
     _save(trainer, setup, cfg)
     if trainer.is_world_process_zero():
+        if teaching:
+            _aligned(teaching)
         data = {name: path for name, path in (("traces", cfg.traces.path), ("prompts", cfg.prompts.path))
                 if path and Path(path).is_file()}
         record = run_record(f"train --method {cfg.method}", to_dict(cfg), data, status="complete",
@@ -169,6 +171,18 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
               f"({summary['global_step']} steps, {summary['tokens_seen']} tokens, "
               f"final loss {summary['final_train_loss']}, eval loss {summary['final_eval_loss']})", flush=True)
     return 0
+
+
+def _aligned(teaching: dict) -> None:
+    """A teacher of another tokenizer: how the text aligned, in the log and the run record's ``kd.alignment``,
+    at the end (on-policy, the rollouts are counted in: those of the first process, in a launch of several)."""
+    from distill.teachers.align import describe
+    from distill.teachers.kd import alignment
+
+    counts = alignment(teaching["teacher"])
+    if counts is not None:
+        teaching["record"]["kd"]["alignment"] = counts
+        print(f"train: {describe(counts)}", flush=True)
 
 
 def _device(trainer) -> dict:
@@ -188,7 +202,7 @@ def kd_settings(cfg):
     kd = cfg.kd
     loss = kd.loss or ("rkl" if cfg.method == "on-policy" else "fkl")
     return KDSettings(loss=loss, beta=kd.beta, temperature=kd.kd_temperature, alpha=kd.kd_weight,
-                      chunk_size=kd.chunk_size)
+                      chunk_size=kd.chunk_size, uld_weight=kd.uld_weight)
 
 
 def teaching(cfg, setup) -> dict:
@@ -203,10 +217,13 @@ def teaching(cfg, setup) -> dict:
     on_policy = cfg.method == "on-policy"
     request = teachers.Request(cfg.teacher, cfg.endpoint, kd, on_policy=on_policy, device=cfg.parallel.teacher_device)
     student = teachers.Student(cfg.student.name, setup.tokenizer, setup.examples, output_rows(setup.model),
-                               str(setup.args.device), setup.model.config._attn_implementation, cfg.traces.path)
+                               str(setup.args.device), setup.model.config._attn_implementation, cfg.traces.path,
+                               setup.teacher_tokenizer)
     built = teachers.build(resolve(cfg.teacher), request, student)
     record = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                      "chunk_size": kd.chunk_size, **built.record}}
+    if built.record.get("tokenizers") == "cross":
+        record["kd"]["uld_weight"] = kd.uld_weight
     schedule = None
     if on_policy:
         schedule = OnPolicy.of(cfg.on_policy, cfg.sampling, setup.model, setup.tokenizer, setup.examples,

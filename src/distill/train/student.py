@@ -26,6 +26,7 @@ class TrainSetup:
     stats: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)  # the student preset (``model`` = resolved path)
     examples: list = field(default_factory=list)  # train + eval examples, unpacked (KD checks cached logits per example)
+    teacher_tokenizer: Any = None  # a KD teacher's of another tokenizer (``teachers.kd.teacher_tokenizer``)
 
 
 def gradient_accumulation(schedule: Schedule, world_size: int) -> int:
@@ -187,20 +188,24 @@ def training_arguments(cfg, *, has_eval: bool, use_bf16: bool, grad_accum: int, 
 
 
 def prepare(cfg) -> TrainSetup:
-    """Resolve the student, tokenize the traces, load the model, and build ``TrainingArguments``."""
+    """Resolve the student, tokenize the traces (for a KD teacher of another tokenizer, in its tokens too),
+    load the model, and build ``TrainingArguments``."""
     from distill.batching import Collator, ExampleDataset, pack_examples
     from distill.models import load_tokenizer, model_preset
     from distill.rendering import RenderOptions, describe_stats, load_examples
+    from distill.teachers.kd import teacher_tokenizer
+    from distill.teachers.spec import resolve
 
     preset = model_preset("students", cfg.student.name)
     tokenizer = load_tokenizer(preset["model"])
+    teacher_tok = teacher_tokenizer(resolve(cfg.teacher), cfg.teacher, tokenizer) if cfg.teaches else None
     render, sched = cfg.render, cfg.schedule
     if cfg.prompts.path:
-        train, evals, stats = prompt_examples(cfg.prompts, cfg.format, tokenizer)
+        train, evals, stats = prompt_examples(cfg.prompts, cfg.format, tokenizer, teacher_tok)
         print(f"data: {len(train)} prompts (on-policy)", flush=True)
     else:
         train, evals, stats = load_examples(cfg.traces.path, tokenizer, RenderOptions.of(render, preset),
-                                            sched.eval_fraction, cfg.sampling.seed)
+                                            sched.eval_fraction, cfg.sampling.seed, teacher_tokenizer=teacher_tok)
         print(describe_stats(stats), flush=True)
     examples = train + evals
     if stats.get("overlong"):
@@ -218,20 +223,26 @@ def prepare(cfg) -> TrainSetup:
     collator = Collator(tokenizer.pad_token_id, packing=sched.packing)
     return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
                       eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
-                      args=args, stats=stats, student=preset, examples=examples)
+                      args=args, stats=stats, student=preset, examples=examples, teacher_tokenizer=teacher_tok)
 
 
-def prompt_examples(prompt_set: PromptSet, prompt_format: PromptFormat, tokenizer) -> tuple[list[dict], list[dict], dict]:
+def prompt_examples(prompt_set: PromptSet, prompt_format: PromptFormat, tokenizer,
+                    teacher_tokenizer=None) -> tuple[list[dict], list[dict], dict]:
     """``--prompts``: each prompt rendered with the generation prompt, nothing to train on yet
-    (on-policy batches replace it by the student's rollouts)."""
+    (on-policy batches replace it by the student's rollouts); with ``teacher_tokenizer`` (a teacher of
+    another tokenizer) also in the teacher's template and tokens, where its reading of a rollout starts."""
     from distill.prompts import load_prompts
-    from distill.rendering import IGNORE_INDEX, render_prompt
+    from distill.rendering import IGNORE_INDEX, check_teacher_template, render_prompt
 
+    check_teacher_template(teacher_tokenizer)
     examples = []
     for index, p in enumerate(load_prompts(prompt_set, prompt_format)):
         ids = render_prompt(p.messages, tokenizer)
         examples.append({"id": p.id, "prompt_id": p.id, "example_index": index, "input_ids": ids,
                          "labels": [IGNORE_INDEX] * len(ids)})
+        if teacher_tokenizer is not None:
+            teacher_ids = render_prompt(p.messages, teacher_tokenizer)
+            examples[-1].update(teacher_input_ids=teacher_ids, teacher_labels=[IGNORE_INDEX] * len(teacher_ids))
     lengths = [len(e["input_ids"]) for e in examples]
     stats = {"prompts": len(examples), "train_examples": len(examples), "eval_examples": 0,
              "train_tokens": sum(lengths), "longest": max(lengths), "teacher": None}
