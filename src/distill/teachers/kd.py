@@ -1,6 +1,7 @@
 """The KD teacher a training run needs, built from what ``--teacher`` names (``spec.TeacherSpec``).
 
-One builder per kind of teacher, in :data:`BUILDERS` (a local model, a served one, a logits cache):
+One builder per kind of teacher, in :data:`BUILDERS` (a local model, a served one, a logits cache,
+several routed by a field of each example, the student itself shown privileged context):
 ``build`` picks the builder by the spec's kind, so a new kind of teacher (several routed teachers,
 the student as its own teacher) is one more entry, not another branch in the trainer. Each builder
 returns a :class:`Built`: the object the KD trainer asks for scores (``sources.Teacher``), what the
@@ -20,8 +21,9 @@ from distill.teachers.spec import TeacherSpec
 
 @dataclass
 class Student:
-    """What a teacher is built against: the student's tokenizer, its examples and output rows, and
-    where and how its forward pass runs."""
+    """What a teacher is built against: the student's tokenizer, its examples and output rows, where
+    and how its forward pass runs, the model itself (the self-teacher's start) and where each example
+    came from (``origins.Origin`` by ``example_index``: what routing and the self-teacher's context read)."""
 
     name: str
     tokenizer: Any
@@ -30,6 +32,22 @@ class Student:
     device: str
     attention: str | None = None
     traces: str | None = None
+    model: Any = None
+    origins: dict | None = None
+    _frozen: Any = field(default=None, repr=False)
+
+    def frozen(self):
+        """The starting student, frozen (``frozen.FrozenStudent``), made once: the self-teacher and the
+        anchor share it."""
+        from distill.distributed import sharded_run
+        from distill.teachers.frozen import FrozenStudent
+
+        if self._frozen is None:
+            if sharded_run():
+                raise DistillError(f"--teacher self and --anchor-weight read the starting student whole; under "
+                                   f"{sharded_run()} it is sharded: train on one GPU per process (DDP) or with --lora")
+            self._frozen = FrozenStudent(self.model)
+        return self._frozen
 
 
 @dataclass
@@ -104,7 +122,33 @@ def _online(spec: TeacherSpec, request: Request, student: Student) -> Built:
     return Built(teacher, {"mode": "online", "teacher": spec.name}, teacher.placement)
 
 
+def _routed(spec: TeacherSpec, request: Request, student: Student) -> Built:
+    from distill.teachers.routed import RoutedTeacher, prompt_routes, routes
+
+    field, default = request.options.route_field, request.options.route_default  # checked by TrainConfig.validate
+    by_example = routes(student.examples, student.origins, field, list(spec.members), default)
+    by_prompt = prompt_routes(student.examples, by_example, student.origins) if request.on_policy else {}
+    built = {name: build(member, request, student) for name, member in spec.members.items()}
+    examples = {name: sum(route == name for route in by_example.values()) for name in spec.members}
+    record = {"mode": "routed", "route_field": field, "route_default": default,
+              "teachers": {name: {**b.record, "examples": examples[name]} for name, b in built.items()}}
+    return Built(RoutedTeacher({name: b.teacher for name, b in built.items()}, by_example, by_prompt), record,
+                 "; ".join(f"{name}: {b.placement}" for name, b in built.items()))
+
+
+def _self(spec: TeacherSpec, request: Request, student: Student) -> Built:
+    from distill.teachers.frozen import SelfTeacher
+
+    options = request.options  # TrainConfig.validate saw to --teacher-context
+    frozen = student.frozen()
+    teacher = SelfTeacher.build(frozen, student.tokenizer, student.examples, student.origins, options.context,
+                                options.context_template)
+    return Built(teacher, {"mode": "self", "teacher": "self", "context": options.context,
+                           "context_template": options.context_template, "frozen": frozen.placement},
+                 frozen.placement)
+
+
 #: kind of teacher (``TeacherSpec.kind``) -> its builder
 BUILDERS: dict[str, Callable[[TeacherSpec, Request, Student], Built]] = {
-    "local": _online, "endpoint": _served, "cache": _cached,
+    "local": _online, "endpoint": _served, "cache": _cached, "routed": _routed, "self": _self,
 }
