@@ -4,8 +4,8 @@ Every ``import`` counts, also those inside functions (a loop through a deferred 
 loop a reader has to untangle). The layers, bottom up (README, "Where the code is"):
 
 - storage: errors, records, run records, the logits store, the config machinery and the
-  option groups, the outputs' locks and guard, the console, the results schema, how processes share a run: the
-  shared types and constants every stage reads;
+  option groups, the outputs' locks and guard, the console, the results schema, the published eval
+  protocols, how processes share a run: the shared types and constants every stage reads;
 - rendering: prompts, chat rendering, models and tokenizers, grading, the KD maths, batching;
 - teachers: generation (API, local) and KD scoring (online, cached, served, API log-probs);
 - stages: one module or package per command (generate, import, verify, logits, train, eval,
@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: the layer of every top-level module or package of ``distill``
 LAYERS = {
     "storage": {"errors", "paths", "records", "runinfo", "config", "options", "outputs", "console", "store",
-                "costs", "parallel", "distributed", "results"},
+                "costs", "parallel", "distributed", "results", "protocols"},
     "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching",
                   "degeneracy", "origins"},
     "teachers": {"teachers"},

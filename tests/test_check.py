@@ -337,14 +337,19 @@ def test_a_plan_that_does_not_fit_names_the_change_that_does():
 
 
 def test_eval_settings_against_the_published_protocol():
-    tasks = ["distill_aime24", "distill_math500"]
-    same = check_protocol("deepseek-r1", tasks=tasks, temperature=0.6, top_p=0.95, max_tokens=32768,
-                          samples={"distill_aime24": 64, "distill_math500": 64})
+    from distill.options import Sampling
+
+    def tasks(**settings):
+        return {task: Sampling(**settings) for task in ("distill_aime24", "distill_math500")}
+
+    same = check_protocol("deepseek-r1", tasks(temperature=0.6, top_p=0.95, max_tokens=32768, n=64))
     assert [v.level for v in same] == ["ok"] and "2501.12948" in same[0].message
-    other = check_protocol("DeepSeek-R1-Distill-Qwen-1.5B", tasks=tasks, temperature=1.0, top_p=0.95,
-                           max_tokens=8192, samples={"distill_aime24": 4})
-    fixes = [v.fix for v in other]
+    other = check_protocol("DeepSeek-R1-Distill-Qwen-1.5B", tasks(temperature=1.0, top_p=0.95, max_tokens=8192, n=4))
     assert all(v.level == "warning" for v in other)
-    assert fixes == ["--temperature 0.6", "--max-tokens 32768", "--k 64", "--max-tokens 32768"]
-    unknown = check_protocol("gpt-5", tasks=tasks, temperature=0.6, top_p=0.95, max_tokens=32768)
+    assert [v.fix.split(" (or")[0] for v in other] == ["--temperature 0.6", "--max-tokens 32768", "--n 64",
+                                                       "--max-tokens 32768", "--n 64"]
+    assert all(v.fix.endswith("(or --protocol deepseek-r1: all of its settings)") for v in other)
+    qwen3 = check_protocol("qwen3-thinking", tasks(temperature=0.6, top_p=0.95, max_tokens=32768, n=64))
+    assert [v.fix.split(" (or")[0] for v in qwen3] == ["--top-k 20", "--max-tokens 38912"]  # AIME's longer budget
+    unknown = check_protocol("gpt-5", tasks())
     assert [v.level for v in unknown] == ["error"]

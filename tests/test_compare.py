@@ -261,3 +261,15 @@ def test_rows_scored_on_other_held_out_traces_are_not_comparable(zero_runs, caps
     assert main(["compare", *map(str, zero_runs.values())]) == 2
     err = capsys.readouterr().err
     assert "not comparable: 'KD'" in err and "fidelity examples '000000000000…' vs 'eeeeeeeeeeee…'" in err
+
+
+def test_on_an_80_column_terminal_the_table_fits_and_the_files_keep_it_whole(three_runs, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["compare", str(three_runs), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert max(map(len, table)) <= 80
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["teacher", "student-sft", "student-kd"]
+    assert "distill_gsm8k pass@1" in table[0] and "more columns in" in out
+    assert (tmp_path / "cmp" / "compare.md").read_text().startswith(EXPECTED.split("\n\n")[0])

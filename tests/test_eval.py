@@ -202,3 +202,19 @@ def test_model_without_chat_template(capsys, tiny_llama, shared_data, tmp_path, 
     assert run_eval("--tasks", "distill_aime24", "--model", model, "--data-dir", shared_data,
                     "--out", tmp_path / "eval") == 2
     assert "no chat template" in error_line(capsys)
+
+
+def test_the_summary_fits_80_columns_with_every_name_whole(tmp_path, monkeypatch, capsys):
+    from distill.eval.runner import _print_summary
+
+    monkeypatch.setenv("COLUMNS", "80")
+    metrics = {"pass@1": 0.4321, "pass@1_stderr": 0.0123, "pass@k": 0.61, "cons@k": 0.55, "finished_rate": 0.97,
+               "boxed_rate": 0.93, "mean_gen_tokens": 3456.0}
+    tasks = ("distill_aime24", "distill_aime25", "distill_amc23", "distill_math500", "distill_gsm8k")
+    result = {"label": "a rather long model label for a student", "tasks": {
+        t: {"k": 64, "n_problems": 500, "metrics": metrics} for t in tasks}}
+    _print_summary(tmp_path, result)
+    err = capsys.readouterr().err
+    assert max(len(line) for line in err.splitlines()) <= 80
+    assert all(t in err for t in tasks) and "pass@1" in err and "0.432 ± 0.012" in err
+    assert "…" not in err  # nothing cut short

@@ -13,6 +13,7 @@ import time
 import typing
 
 from distill import __version__, console, parallel
+from distill.check.command import CheckConfig, Step
 from distill.config import build, config_section, leaves, load_yaml
 from distill.errors import DistillError
 
@@ -34,6 +35,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "table of evaluated students side by side (Markdown, CSV, HTML)"),
     "export": ("distill.export", "ExportConfig", "export",
                "write traces as a datasets directory (parquet + dataset card) to share or push to the hub"),
+    "check": ("distill.cli", "CheckConfig", "check_recipes",
+              "before the GPU hours: every check of a recipe that needs no training (tokenizers, template, Base "
+              "student, served teacher, memory, eval protocol), one line each"),
 }
 
 
@@ -98,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. distill run configs/quickstart.yaml")
     p.add_argument("recipe", metavar="FILE.yaml")
     p.add_argument("--only", metavar="STEP", help="run only the steps whose name or command is STEP")
+    p.add_argument("--check", action="store_true",
+                   help="run distill check on the recipe first; stop if any check fails")
     return parser
 
 
@@ -116,41 +122,64 @@ def execute(name: str, cfg) -> int:
     return getattr(importlib.import_module(module), func)(cfg) or 0
 
 
-def run_pipeline(recipe: str, only: str | None = None) -> int:
+def plan_recipe(recipe: str, pipeline_only: bool = False) -> list[Step]:
+    """Every step of a recipe's ``pipeline:`` with its config built (options checked, nothing loaded);
+    without ``pipeline_only``, a recipe of command sections (``train:``) is one step per section."""
     data = load_yaml(recipe)
     steps = data.get("pipeline")
+    if steps is None and not pipeline_only:
+        steps = [{name: section} for name, section in data.items() if name in COMMANDS and name != "check"]
     if not isinstance(steps, list) or not steps:
-        raise DistillError(f"{recipe}: no 'pipeline:' list of steps")
+        raise DistillError(f"{recipe}: no 'pipeline:' list of steps" + ("" if pipeline_only else
+                                                                        " and no command section (train: ...)"))
     planned = []
     for i, step in enumerate(steps, 1):
         if not isinstance(step, dict) or len(step) != 1:
             raise DistillError(f"{recipe}: pipeline step {i} must be one 'command: {{options}}' mapping")
         (name, options), = step.items()
-        if name not in COMMANDS:
+        if name not in COMMANDS or name == "check":
             raise DistillError(f"{recipe}: pipeline step {i}: unknown command '{name}' "
-                               f"(known: {', '.join(COMMANDS)})")
+                               f"(known: {', '.join(c for c in COMMANDS if c != 'check')})")
         if options is not None and not isinstance(options, dict):
             raise DistillError(f"{recipe}: pipeline step {i} ({name}): its options must be a mapping")
         options = dict(options or {})
         label = options.pop("step", name)
-        # every step's options are checked before the first step runs
-        planned.append((i, name, label, make_config(name, options, source=f"{recipe} [pipeline step {i}: {label}]")))
-    if only and not any(only in (label, name) for _, name, label, _ in planned):
+        source = f"{recipe} [pipeline step {i}: {label}]"
+        planned.append(Step(i, name, label, make_config(name, options, source=source)))
+    return planned
+
+
+def run_pipeline(recipe: str, only: str | None = None, check: bool = False) -> int:
+    planned = plan_recipe(recipe, pipeline_only=True)  # every step's options are checked before the first runs
+    if only and not any(only in (step.label, step.command) for step in planned):
         raise DistillError(f"{recipe}: --only {only}: no such step (steps: "
-                           f"{', '.join(label for _, _, label, _ in planned)})")
-    for i, name, label, cfg in planned:
-        if only and only not in (label, name):
+                           f"{', '.join(step.label for step in planned)})")
+    if check:
+        from distill.check.recipe import check_recipe
+
+        if check_recipe(recipe, planned, make_config("check", {"recipe": [recipe]}), only):
+            print("distill run: a check failed (FAIL above); fix it, or run without --check", file=sys.stderr)
+            return 1
+    for step in planned:
+        if only and only not in (step.label, step.command):
             continue
-        print(f"\n== step {i}/{len(steps)}: {label} ({name})", flush=True)
+        where = f"step {step.number}/{len(planned)}: {step.label}"
+        print(f"\n== {where} ({step.command})", flush=True)
         started = time.monotonic()
-        rc = execute(name, cfg)
-        print(f"== step {i}/{len(steps)}: {label} {'failed' if rc else 'done'} in {time.monotonic() - started:.0f} s",
-              flush=True)
+        rc = execute(step.command, step.config)
+        print(f"== {where} {'failed' if rc else 'done'} in {time.monotonic() - started:.0f} s", flush=True)
         if rc:
-            print(f"distill run: step '{label}' exited with {rc}; fix it and rerun (finished work is kept)",
+            print(f"distill run: step '{step.label}' exited with {rc}; fix it and rerun (finished work is kept)",
                   file=sys.stderr)
             return rc
     return 0
+
+
+def check_recipes(cfg: CheckConfig) -> int:
+    """``distill check``: each recipe's steps built as ``distill run`` builds them, then checked."""
+    from distill.check.recipe import check_recipe
+
+    return max(check_recipe(recipe, plan_recipe(recipe), cfg) for recipe in cfg.recipe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     console.quiet(args.verbose)
     try:
         if args.command == "run":
-            code = run_pipeline(args.recipe, args.only)
+            code = run_pipeline(args.recipe, args.only, args.check)
         else:
             options = {k: v for k, v in vars(args).items()
                        if k not in ("command", "config", "verbose") and v is not None}

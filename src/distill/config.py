@@ -14,6 +14,10 @@ dataclasses, torchtune's recipe + config split). Every option is declared once, 
   sets an option under both names fails with one line naming both;
 - ``required``, ``positional``, ``metavar``; fixed choices are ``Literal`` types.
 
+A command's ``PRESETS`` names options whose value stands for a set of other options' values
+(``eval --protocol deepseek-r1``): those are laid under the layer that names it, so flags and the
+recipe still set any of them, each with a note (:func:`build`).
+
 A recipe section sets the same options by the same flag names (``max_tokens: 64``) or nested by
 group (``sampling: {max_tokens: 64}``); a group whose flag is its prefix takes a plain value as
 that option (``teacher: qwen2.5-7b``) and a mapping as the group (``teacher: {name: .., url: ..}``).
@@ -283,8 +287,10 @@ def build(cls, *layers: tuple[str, dict]):
     by_key = {leaf.key: leaf for leaf in leaves(cls)}
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    for source, mapping in layers:
-        for key, value in _flatten(cls, source, mapping, by_key).items():
+    flat = [(source, _flatten(cls, source, mapping, by_key)) for source, mapping in layers]
+    flat, presets = _with_presets(cls, flat, by_key)
+    for source, options in flat:
+        for key, value in options.items():
             leaf = by_key[key]
             value = coerce(value, leaf.type, key, source)
             problem = leaf.meta["check"] and _range_error(leaf.meta["check"], value)
@@ -297,9 +303,35 @@ def build(cls, *layers: tuple[str, dict]):
         raise DistillError(f"missing {', '.join(missing)} (required)")
     cfg = _assemble(cls, by_key, values)
     object.__setattr__(cfg, "_given", dict(origin))
+    object.__setattr__(cfg, "_presets", presets)
     if hasattr(cfg, "validate"):  # what a command can check of its options before anything loads
         cfg.validate()
     return cfg
+
+
+def _with_presets(cls, layers: list[tuple[str, dict]], by_key: dict[str, Leaf]) -> tuple[list, set[str]]:
+    """The layers with each preset laid in, and the presets' sources.
+
+    ``cls.PRESETS`` maps an option whose value stands for other options' values (``--protocol
+    deepseek-r1``: its temperature, top-p, budget and k) to ``f(value) -> {key: value}``. Those values
+    go just under the layer that names it, so that layer and the ones above still set any of them,
+    each with a note that it replaces the preset's."""
+    out, sources = list(layers), set()
+    for key, expand in getattr(cls, "PRESETS", {}).items():
+        naming = [i for i, (_, options) in enumerate(out) if options.get(key) is not None]
+        if not naming:
+            continue
+        i = naming[-1]
+        source = out[i][0]
+        value = coerce(out[i][1][key], by_key[key].type, key, source)
+        preset, label = expand(value), f"{key} {value}"
+        for above, options in out[i:]:
+            for k, v in options.items():
+                if k in preset and coerce(v, by_key[k].type, k, above) != preset[k]:
+                    _note_once(f"{above}: {_shown(k, above)} {v} replaces {label}'s {preset[k]}")
+        out.insert(i, (label, preset))
+        sources.add(label)
+    return out, sources
 
 
 def _range_error(check: Range, value) -> str | None:
@@ -332,7 +364,7 @@ def make(cls, **options):
 def replace(cfg, **options):
     """``cfg`` with some options changed (by flag name), checked again."""
     by_key = {leaf.key: leaf for leaf in leaves(type(cfg))}
-    kept = {key: _value(cfg, by_key[key]) for key in given(cfg)}
+    kept = {key: _value(cfg, by_key[key]) for key in given(cfg) if outright(cfg, key)}
     return build(type(cfg), ("python", {**kept, **options}))
 
 
@@ -344,6 +376,13 @@ def _value(cfg, leaf: Leaf):
 def given(cfg) -> dict[str, str]:
     """The options a user set for this config (flag keys), each with where it was set."""
     return getattr(cfg, "_given", {})
+
+
+def outright(cfg, key: str) -> bool:
+    """Whether an option was set itself (by a flag, a recipe or Python), not left at its default or set
+    by a preset (``PRESETS``)."""
+    origin = given(cfg).get(key)
+    return origin is not None and origin not in getattr(cfg, "_presets", set())
 
 
 def refuse_foreign(cfg, foreign: dict[str, str]) -> None:

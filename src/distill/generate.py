@@ -24,7 +24,6 @@ from distill.config import at_least, group, option, to_dict
 from distill.costs import estimated_cost
 from distill.errors import DistillError
 from distill.outputs import exclusive, record_path
-from distill.models import load_preset
 from distill.options import Endpoint, Output, PromptFormat, PromptSet, Sampling, Teacher
 from distill.prompts import DEFAULT_TEMPLATE, Prompt, load_prompts
 from distill.records import JsonlAppender, iter_jsonl, read_jsonl, trace_id, write_json, write_jsonl
@@ -247,21 +246,21 @@ def _check(cfg: GenerateConfig) -> None:
 
 
 def _teacher_settings(cfg: GenerateConfig) -> dict:
-    """The preset with flag overrides; decides api vs local and reads the key from its variable."""
-    preset = load_preset("teachers", cfg.teacher.name)
-    source = preset.get("preset_file", cfg.teacher.name)
-    model = cfg.teacher.model or preset.get("model")
-    if not model:
-        raise DistillError(f"{source}: field 'model' missing")
-    base_url = endpoint_urls(cfg.teacher.url or preset.get("base_url") or [], "--teacher-url" if cfg.teacher.url else source)
-    kind = preset.get("kind") or ("api" if base_url else "local")
-    if kind not in ("api", "local"):
-        raise DistillError(f"{source}: field 'kind' must be api or local, got {kind!r}")
-    if kind == "api" and not base_url:
-        raise DistillError(f"{source}: field 'base_url' missing (or pass --base-url)")
+    """What ``--teacher`` names (``teachers.spec``: a local model or one behind an endpoint), with the
+    API key read from its variable."""
+    from distill.teachers.spec import resolve
+
+    spec = resolve(cfg.teacher)
+    if spec is None or spec.kind in ("cache", "self"):
+        raise DistillError("generate needs a teacher that writes: --teacher (a preset or a local model) or "
+                           "--teacher-url with the served model's name")
+    preset, kind = spec.preset, "api" if spec.kind == "endpoint" else "local"
+    if not spec.model:
+        raise DistillError(f"{spec.where}: field 'model' missing")
+    base_url = endpoint_urls(list(spec.urls), "--teacher-url" if cfg.teacher.url else spec.where) if spec.urls else None
     top_logprobs = cfg.teacher.top_logprobs or None
-    if top_logprobs and preset.get("logprobs") is False:
-        _console().print(f"[yellow]warning:[/] teacher {preset.get('name', model)} gives no log-probs; "
+    if top_logprobs and not spec.scores_tokens:
+        _console().print(f"[yellow]warning:[/] teacher {preset.get('name', spec.model)} gives no log-probs; "
                          f"top_logprobs will be null")
         top_logprobs = None
     key_env = cfg.endpoint.api_key_env or preset.get("api_key_env")
@@ -269,10 +268,9 @@ def _teacher_settings(cfg: GenerateConfig) -> dict:
     if kind == "api" and key_env:
         api_key = os.environ.get(key_env, "")
         if not api_key:
-            raise DistillError(f"environment variable {key_env} is not set (the API key for {source})")
-    return {"kind": kind, "name": preset.get("name", model), "model": model,
-            "base_url": base_url if kind == "api" else None, "api_key_env": key_env,
-            "api_key": api_key, "top_logprobs": top_logprobs, "price": preset.get("price")}
+            raise DistillError(f"environment variable {key_env} is not set (the API key for {spec.where})")
+    return {"kind": kind, "name": preset.get("name", spec.name), "model": spec.model, "base_url": base_url,
+            "api_key_env": key_env, "api_key": api_key, "top_logprobs": top_logprobs, "price": preset.get("price")}
 
 
 def _part(out: Path, rank: int) -> Path:

@@ -116,11 +116,12 @@ def list_presets(kind: str) -> list[str]:
     return sorted(p.stem for p in asset_dir(kind).glob("*.yaml"))
 
 
-def load_preset(kind: str, name_or_path: str) -> dict:
+def load_preset(kind: str, name_or_path: str, build: bool = True) -> dict:
     """A teacher/student preset as a dict; a bare model path/id becomes ``{'model': it}``.
 
     A preset with ``init_from`` (and optional ``keep_layers``) describes a model made from another
-    by :func:`shrink_layers`; it is built into ``model`` the first time the preset is loaded.
+    by :func:`shrink_layers`; it is built into ``model`` the first time the preset is loaded (with
+    ``build``; ``distill check`` reads it without building anything).
     """
     preset = resolve_preset(kind, name_or_path)
     if preset is None:
@@ -136,7 +137,7 @@ def load_preset(kind: str, name_or_path: str) -> dict:
         for key in ("model", "init_from"):
             if isinstance(data.get(key), str) and data[key].startswith("."):
                 data[key] = str(asset_dir(kind).parent / data[key])
-    if data.get("init_from"):
+    if data.get("init_from") and build:
         if not data.get("model"):
             raise DistillError(f"{preset}: 'init_from' needs 'model', the directory to build the model in")
         data["model"] = str(shrink_layers(data["init_from"], data["model"], data.get("keep_layers", "every_other")))

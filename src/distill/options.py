@@ -282,3 +282,22 @@ class Checkpoints:
     save_total_limit: int | None = option(2, help="keep only the newest N checkpoints", check=at_least(1))
     logging_steps: int = option(10, help="log every N steps", check=at_least(1))
     report_to: str = option("tensorboard", help="tensorboard|none|wandb")
+
+
+@dataclass
+class Checks:
+    """Checks: what 'distill check' holds a recipe against (GPUs, published numbers, local stand-ins)."""
+
+    gpus: str | None = option(None, help="GPUs to check memory against: COUNTxCARD (8xH100, 4xA100-80GB) or COUNTxSIZE "
+                                         "(1x24GiB) (default: this machine's)")
+    sharding: Literal["none", "fsdp2", "zero3"] | None = option(
+        None, help="how training shards the student over the GPUs (default: the train step's --fsdp or --deepspeed, "
+                   "else accelerate's default config, else none)")
+    cites: str | None = option(None, help="the published protocol or model whose numbers the eval is compared with "
+                                          "(deepseek-r1, open-r1, qwen3-thinking, thinking-machines, "
+                                          "DeepSeek-R1-Distill-Qwen-1.5B, ...; default: the recipe's 'reproduces:')")
+    trace_sample: int = option(5000, help="traces rendered per train step (the file's first)", check=at_least(1))
+    prompt_tokens: int = option(512, help="on-policy: prompt tokens per rollout in the memory estimate",
+                                check=at_least(1))
+    stand_in: list[str] | None = option(None, help="NAME=DIR,...: check the local model DIR in place of the hub model "
+                                                   "or preset NAME (an offline machine, CI)")

@@ -93,6 +93,10 @@ class Row:
     def task(self, name: str) -> dict | None:
         return self.result["tasks"].get(name)
 
+    @property
+    def protocol(self) -> str:
+        return protocol_name(self.result) or MISSING
+
 
 def _short_name(name_or_path: str) -> str:
     """A model path's last component; ids like ``org/model`` and preset names stay readable."""
@@ -193,6 +197,7 @@ def _find_base(row: Row, base: str, taken: set[Path]) -> Row | None:
 def settings(result: dict) -> dict[str, Any]:
     """The settings that must match for scores to be comparable, as ``name -> value``."""
     out = {key: result["generation"].get(key) for key in GENERATION_SETTINGS}
+    out["protocol"] = protocol_name(result)
     for name, task in result["tasks"].items():
         out[f"{name} k"] = task.get("k")
         out[f"{name} max_gen_tokens"] = task.get("max_gen_tokens")  # the budget after clamping to the context
@@ -205,6 +210,15 @@ def settings(result: dict) -> dict[str, Any]:
         if fidelity.get("teacher"):
             out["fidelity teacher"] = fidelity["teacher"]["name"]
     return out
+
+
+def protocol_name(result: dict) -> str | None:
+    """The published protocol a result was evaluated under (``eval --protocol``), and what departed from it."""
+    protocol = result.get("protocol")
+    if not protocol:
+        return None
+    changed = sorted({setting for task in protocol["changed"].values() for setting in task})
+    return protocol["name"] + (f" (changed: {', '.join(changed)})" if changed else "")
 
 
 def _show(value: Any) -> str:
@@ -329,6 +343,7 @@ def columns(rows: list[Row]) -> list[tuple[str, Callable[[Row], str]]]:
     """(header, cell) per column. The fidelity and compute columns show only where some row has a value."""
     fixed = [("model", lambda row: f"{row.label} {MARKER}" if row.differences else row.label),
              ("method", lambda row: row.method), ("teacher", lambda row: row.teacher),
+             *([("protocol", lambda row: row.protocol)] if any(row.protocol != MISSING for row in rows) else []),
              ("train examples", lambda row: _count(row.training.get("train_examples"))),
              ("train tokens", lambda row: _count(row.training.get("tokens_seen")))]
     for t in task_names(rows):
@@ -358,6 +373,9 @@ def notes(rows: list[Row]) -> list[str]:
                      "per token: NLL = the model's negative log-likelihood of the teacher's tokens, KL = "
                      "KL(teacher || model) in nats, top-1 agree = % of tokens where model and teacher rank the same "
                      "token first; closer to the teacher = lower NLL and KL, higher agreement.")
+    if any(row.protocol != MISSING for row in rows):
+        lines.append("protocol = the published evaluation protocol a row sampled under (eval --protocol; changed: "
+                     "what its flags set otherwise): a row compares with a paper's numbers only under its protocol.")
     if any(row.is_base for row in rows):
         lines.append("base = the untrained model the students started from.")
     if {"train time", "teacher tokens"} & {h for h, _ in columns(rows)}:
@@ -388,8 +406,8 @@ def to_markdown(rows: list[Row]) -> str:
 
 
 #: Which columns a narrow terminal drops first: the last of these patterns first (cells kept whole).
-PRIORITY = ("model", "pass@1", "KL to teacher", "own NLL", "NLL/token", "method", "top-1 agree", "degenerate",
-            "teacher", "finished", "cons@", "train time", "-hours", "train examples", "train tokens",
+PRIORITY = ("model", "pass@1", "protocol", "KL to teacher", "own NLL", "NLL/token", "method", "top-1 agree",
+            "degenerate", "teacher", "finished", "cons@", "train time", "-hours", "train examples", "train tokens",
             "teacher tokens", "teacher cost")
 
 

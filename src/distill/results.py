@@ -23,6 +23,8 @@
                       "metrics": {"pass@1", "pass@1_stderr", "pass@k", "cons@k", "cons@k_stderr",
                                   "finished_rate", "boxed_rate", "mean_gen_tokens", "timeouts"},
                       "per_problem": [{"doc_id", "n", "correct", "cons_correct"}]}},
+     "protocol": {"name": str, "source": str,          # only with `eval --protocol` (distill.protocols)
+                  "changed": {TASK: {setting: value}}},  # where the run departed from it
      "fidelity": {                      # only with `eval --fidelity` (distill.eval.fidelity)
          "traces": {"path": str, "sha256": str}, "held_out_from": str|null,   # the run whose split
          "prompts": int, "examples": int, "examples_sha256": str, "target_tokens": int,

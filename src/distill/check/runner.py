@@ -8,13 +8,14 @@ turns the checks that need it into ``skipped`` lines that say why.
 
 from __future__ import annotations
 
+import functools
 import json
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from distill.check.base_student import check_base_student
 from distill.check.memory import Plan, Shape, check_memory, find_shape, parse_gpus, present_gpus
-from distill.check.protocol import check_protocol
 from distill.check.served import check_served
 from distill.check.templates import check_rendering
 from distill.check.tokenizers import check_tokenizers
@@ -37,6 +38,7 @@ class Model:
     shape_source: str = ""
     stop_ids: list[int] | None = None
     missing: str = ""
+    api: bool = False                 # served by an API: no local weights, no tokenizer
 
 
 def _stop_ids(path: str) -> list[int] | None:
@@ -50,34 +52,74 @@ def _stop_ids(path: str) -> list[int] | None:
     return None
 
 
-def resolve(kind: str, name: str) -> Model:
+def resolve(kind: str, name: str, stand_ins: dict[str, str] | None = None) -> Model:
     """``kind``: "students" or "teachers". A preset that builds its model from another (``init_from``)
-    and has not built it yet is read from the source, with the layers it will keep."""
-    from distill.config import load_yaml
-    from distill.models import resolve_preset
-    from distill.models import load_tokenizer, resolve_model
+    and has not built it yet is read from the source, with the layers it will keep; a stand-in (by the
+    preset's name or its model's) is read in place of the model."""
+    from distill.models import load_preset, resolve_model
 
-    preset_file = resolve_preset(kind, name)
-    preset = load_yaml(preset_file) if preset_file else {"model": name}
+    preset = load_preset(kind, name, build=False)
     model = Model(name, preset)
     if preset.get("kind", "local") != "local" or not preset.get("model"):
         model.missing = model.shape_source = f"'{name}' is an API model ({preset.get('base_url', 'no local weights')})"
+        model.api = True
         return model
-    path, keep = str(preset["model"]), None
-    if preset.get("init_from") and not Path(path, "config.json").is_file():
-        path, keep = str(preset["init_from"]), preset.get("keep_layers", "every_other")
+    source, keep = str(preset["model"]), None
+    if preset.get("init_from") and not Path(source, "config.json").is_file():
+        source, keep = str(preset["init_from"]), preset.get("keep_layers", "every_other")
+    stand_in = (stand_ins or {}).get(name) or (stand_ins or {}).get(source)
     try:
-        model.path = resolve_model(path)
-        model.tokenizer = load_tokenizer(model.path, require_chat_template=False)
+        model.path = resolve_model(stand_in or _at_hand(source))
+        model.tokenizer = _tokenizer(model.path)
     except DistillError as e:
         model.missing = str(e)
-    model.shape, model.shape_source = find_shape(model.path or path)
-    if model.shape is not None and keep is not None:
+    local = model.path if model.path and Path(model.path, "config.json").is_file() else None
+    model.shape, model.shape_source = find_shape(local or source)
+    if model.shape is not None and keep is not None and not stand_in:
         kept = len(range(0, model.shape.layers, 2)) if keep == "every_other" else len(keep)
         model.shape = replace(model.shape, layers=kept)
-    if model.path and Path(model.path).is_dir():
-        model.stop_ids = _stop_ids(model.path)
+    if local:
+        model.stop_ids = _stop_ids(local)
     return model
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer(path: str):
+    """A model's tokenizer, read once per process (a recipe's steps share their models)."""
+    from distill.models import load_tokenizer
+
+    return load_tokenizer(path, require_chat_template=False)
+
+
+def _at_hand(model: str) -> str:
+    """A local model as it is; a hub id as transformers would fetch it (tokenizer and config only), or
+    from the hub cache when the hub cannot be reached (transformers would retry for a minute first)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(model).exists() or model.count("/") != 1 or _hub_reachable():
+        return model
+    cached = try_to_load_from_cache(model, "tokenizer_config.json")
+    if not isinstance(cached, str):
+        raise DistillError(f"'{model}' is a hub model that is not in the local cache, and the hub cannot be reached "
+                           f"from here (download it, or check with --stand-in {model}=DIR)")
+    return str(Path(cached).parent)
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a connection within 3 s (and is not switched off)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | list[str] | None = None,
@@ -89,20 +131,18 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
                grad_accum: int = 1, gradient_checkpointing: bool = True, liger: bool = False,
                kd_chunk_size: int = 1024, prompt_tokens: int = 512, rollout_max_tokens: int = 1024,
                rollouts_per_prompt: int = 1, rollout_cache: str = "auto", gpus: str | None = None,
-               cites: str | None = None, eval_tasks: list[str] | None = None, eval_temperature: float = 0.6,
-               eval_top_p: float = 0.95, eval_max_tokens: int = 32768,
-               eval_samples: dict[str, int] | None = None) -> list[Verdict]:
+               stand_ins: dict[str, str] | None = None) -> list[Verdict]:
     """All checks these settings allow, in the order a run meets them.
 
     The training parameters mean what ``distill train``'s options of the same names mean;
     ``sharding``: "none" (one process or DDP), "fsdp2" or "zero3"; ``gpus``: cards to check the
     memory against ("8xH100", "1x24GiB"; default: this machine's); ``sft_before``: the recipe trains
-    the student on traces before its on-policy step; ``cites``: a published protocol or model whose
-    numbers the recipe's eval (``eval_*``, ``eval_samples``: k per task) is to be compared with.
+    the student on traces before its on-policy step; ``stand_ins``: local directories checked in place
+    of the hub models (or presets) they are named by.
     """
     verdicts: list[Verdict] = []
-    s = resolve("students", student)
-    t = resolve("teachers", teacher) if teacher else None
+    s = resolve("students", student, stand_ins)
+    t = resolve("teachers", teacher, stand_ins) if teacher else None
     logit_kd = method == "kd"
     if logit_kd and teacher and not teacher_url:
         from distill.teachers.sources import local_teacher_path
@@ -118,14 +158,14 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
             verdicts += check_tokenizers(s.tokenizer, t.tokenizer, student=student, teacher=teacher,
                                          student_rows=s.shape and s.shape.vocab, teacher_rows=t.shape and t.shape.vocab,
                                          logit_kd=logit_kd)
-        elif t.path is None and not logit_kd:
+        elif t.api and not logit_kd:
             verdicts.append(ok("tokenizers", f"{t.missing}: SFT on its traces needs no shared tokenizer"))
-        elif t.path is not None:  # an API teacher under KD: refused above
+        elif not t.api:  # an API teacher under KD: refused above
             verdicts.append(skipped("tokenizers", f"teacher tokenizer not compared: {t.missing}"))
     if s.tokenizer is not None:
         if traces and not Path(traces).is_file():
-            verdicts.append(skipped("traces", f"{traces} is not written yet (an earlier step makes it): template, "
-                                              f"think and length checks not run"))
+            verdicts.append(skipped("traces", f"{traces} is not written yet (an earlier step or recipe writes it): "
+                                              f"template, think and length checks not run"))
         elif traces:
             style = think_style or s.preset.get("think_style") or "think"
             verdicts += check_rendering(s.tokenizer, traces, think_style=style, max_length=max_length,
@@ -136,7 +176,7 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
     if s.shape is None:
         verdicts.append(skipped("memory", f"not estimated: {s.shape_source}"))
     else:
-        online = t if logit_kd and t is not None and t.path is not None and not teacher_url else None
+        online = t if logit_kd and t is not None and not t.api and not teacher_url else None
         if online is not None and online.shape is None:
             verdicts.append(skipped("memory", f"not estimated: the teacher's {online.shape_source}"))
         else:
@@ -152,10 +192,6 @@ def run_checks(*, student: str, teacher: str | None = None, teacher_url: str | l
                         prompt_tokens=prompt_tokens, rollout_tokens=rollout_max_tokens,
                         rollouts_per_prompt=rollouts_per_prompt, rollout_cache=rollout_cache)
             verdicts += check_memory(plan, cards)
-    if cites:
-        verdicts += check_protocol(cites, tasks=eval_tasks or ["distill_aime24", "distill_math500"],
-                                   temperature=eval_temperature, top_p=eval_top_p, max_tokens=eval_max_tokens,
-                                   samples=eval_samples)
     return verdicts
 
 

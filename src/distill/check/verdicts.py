@@ -41,9 +41,12 @@ def error(check: str, message: str, fix: str = "") -> Verdict:
 
 def report(verdicts: list[Verdict]) -> str:
     """The verdicts, one line each, and a summary line."""
+    return "\n".join([v.line() for v in verdicts] + [summary(verdicts)])
+
+
+def summary(verdicts: list[Verdict]) -> str:
     counts = {level: sum(v.level == level for v in verdicts) for level in MARKS}
-    summary = ", ".join(f"{n} {level}" for level, n in counts.items() if n)
-    return "\n".join([v.line() for v in verdicts] + [f"distill check: {summary or 'nothing checked'}"])
+    return f"distill check: {', '.join(f'{n} {level}' for level, n in counts.items() if n) or 'nothing checked'}"
 
 
 def exit_code(verdicts: list[Verdict]) -> int:

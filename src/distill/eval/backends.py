@@ -94,10 +94,21 @@ def build_hf(model: str, batch_size: int):
     from distill.models import default_device, load_tokenizer
 
     class DistillHFLM(_ClampedBudget, HFLM):
+        advance = None  # the progress bar of the generation in flight
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            """lm-eval's generation, with distill's one bar (rate, ETA) instead of lm-eval's own."""
+            from distill.console import progress
+
+            with progress("generating", total=len(requests), unit="answers") as self.advance:
+                return super().generate_until(requests, disable_tqdm=True)
+
         def tok_decode(self, tokens, skip_special_tokens: bool = True):
             """lm-eval decodes each generated row here (padding included), in generation order:
             count its tokens up to the first EOS and note whether it hit the budget."""
             text = super().tok_decode(tokens, skip_special_tokens)
+            if isinstance(tokens, list) and self.advance is not None:
+                self.advance()
             if isinstance(tokens, list):
                 eos = self._eos_ids()
                 end = next((i for i, t in enumerate(tokens) if t in eos), None)

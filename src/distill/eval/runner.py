@@ -8,6 +8,7 @@ logged samples into ``generations.jsonl`` + ``results.json`` (schema in ``distil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from distill.config import at_least, group, option, to_dict
+from distill.config import at_least, group, option, outright, to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
 from distill.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.outputs import exclusive, read_record
 from distill.options import Endpoint, Grading, Model, Output, PromptSet, Render, Sampling, Teacher
+from distill.protocols import PROTOCOLS, departures
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import RUN_RECORD, run_record, versions
 
@@ -38,6 +40,10 @@ class EvalConfig:
         None, help="in-process transformers, an OpenAI-compatible server, or vLLM in-process (default: server with "
                    "--model-url, else hf)")
     sampling: Sampling = group(Sampling, n=None)
+    protocol: Literal[tuple(PROTOCOLS)] | None = option(
+        None, help="sample as a paper did: its temperature, top-p, top-k, token budget and samples per problem, "
+                   "each benchmark's own (distill.protocols says where each was read); a flag still sets any of them, "
+                   "with a note")
     problems: PromptSet = group(PromptSet, only=("limit",))
     data_dir: str | None = option(None, help="directory with local benchmark JSONL files (e.g. ../shared/data)")
     batch_size: int = option(8, help="hf, vllm: sequences per generation batch (a server's: --concurrency)",
@@ -57,6 +63,16 @@ class EvalConfig:
     teacher: Teacher = group(Teacher, only=("name",))
     render: Render = group(Render, only=("think_style",))
 
+    PRESETS = {"protocol": lambda name: PROTOCOLS[name].options()}
+
+    def task_sampling(self, task: str) -> Sampling:
+        """One task's sampling: under ``--protocol``, its k and token budget for this benchmark where no
+        flag or recipe set them outright."""
+        if not self.protocol:
+            return self.sampling
+        own = {key: value for key, value in PROTOCOLS[self.protocol].for_task(task).items() if not outright(self, key)}
+        return dataclasses.replace(self.sampling, **own)
+
 
 def run_eval(cfg: EvalConfig) -> int:
     if cfg.rescore:
@@ -65,7 +81,7 @@ def run_eval(cfg: EvalConfig) -> int:
     from distill.outputs import claim
 
     tasks = data.check_tasks(cfg.tasks)
-    specs = [data.task_spec(t, cfg.sampling, data_dir=cfg.data_dir) for t in tasks]
+    specs = [data.task_spec(t, cfg.task_sampling(t), data_dir=cfg.data_dir) for t in tasks]
     run_dir = Path(cfg.output.out) / (cfg.run_name or _default_run_name(cfg))
     with exclusive(run_dir):
         claim(run_dir, "eval", kind="dir", settings=_settings(cfg), overwrite=cfg.output.overwrite,
@@ -78,8 +94,8 @@ def _settings(cfg: EvalConfig) -> dict:
     from dataclasses import asdict
 
     return {"model": cfg.model.name, "model_url": cfg.model.url, "tasks": cfg.tasks, **asdict(cfg.sampling),
-            "data_dir": cfg.data_dir, "limit": cfg.problems.limit, "fidelity_traces": cfg.fidelity_traces,
-            "teacher": cfg.teacher.name}
+            "protocol": cfg.protocol, "data_dir": cfg.data_dir, "limit": cfg.problems.limit,
+            "fidelity_traces": cfg.fidelity_traces, "teacher": cfg.teacher.name}
 
 
 def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
@@ -102,9 +118,12 @@ def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
                        "max_gen_tokens": s.max_tokens, "seed": s.seed, "chat_template": True, "system_prompt": None},
         "versions": versions(),
         "tasks": {spec.name: {"k": spec.config["repeats"], "data": spec.data,
-                              "max_gen_tokens": budgets.get(spec.name, s.max_tokens)} for spec in specs},
+                              "max_gen_tokens": budgets.get(spec.name, cfg.task_sampling(spec.name).max_tokens)}
+                  for spec in specs},
         "wall_s": round(time.time() - started, 3),
     }
+    if cfg.protocol:
+        result["protocol"] = protocol_record(cfg, specs)
     if fidelity:
         result["fidelity"] = fidelity
     _write_run(run_dir, result, rows)
@@ -114,6 +133,19 @@ def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
     write_json(run_dir / RUN_RECORD, run_record("eval", to_dict(cfg), data_files=data_files, status="complete",
                                                 settings=_settings(cfg)))
     return 0
+
+
+def protocol_record(cfg: EvalConfig, specs) -> dict:
+    """``results.json``'s ``protocol``: its name and source, and each task's settings that depart from it."""
+    protocol = PROTOCOLS[cfg.protocol]
+    changed = {}
+    for spec in specs:
+        s = cfg.task_sampling(spec.name)
+        found = departures(protocol, spec.name, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                           n=spec.config["repeats"], max_tokens=s.max_tokens)
+        if found:
+            changed[spec.name] = {setting: ours for setting, ours, _ in found}
+    return {"name": cfg.protocol, "source": protocol.source, "changed": changed}
 
 
 def _fidelity(cfg: EvalConfig) -> dict | None:
@@ -175,10 +207,11 @@ def _generation_rows(samples: dict, backend, cfg: EvalConfig) -> list[dict]:
     budgets = getattr(backend.lm, "budgets", {})
     rows = []
     for task, examples in samples.items():
+        budget = budgets.get(task, cfg.task_sampling(task).max_tokens)
         for ex in sorted(examples, key=lambda e: e["doc_id"]):
             prompt = _prompt(ex["arguments"][0][0])
             for repeat, (response, graded) in enumerate(zip(ex["resps"][0], ex["graded"])):
-                tokens, finish = _tokens_and_finish(backend, response, budgets.get(task, cfg.sampling.max_tokens))
+                tokens, finish = _tokens_and_finish(backend, response, budget)
                 rows.append({
                     "task": task, "doc_id": ex["doc_id"], "problem_id": ex["doc"]["id"], "repeat": repeat,
                     "seed": cfg.sampling.seed + repeat if backend.kind == "server" else None,
@@ -286,19 +319,42 @@ def _default_run_name(cfg: EvalConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+#: The eval summary's columns, most important first: a narrow terminal drops them from the end.
+SUMMARY = ("task", "pass@1", "problems", "k", "cons@k", "finished", "pass@k", "boxed", "tokens")
+
+
+def _summary_rows(result: dict) -> list[dict[str, str]]:
+    rows = []
+    for task, entry in result["tasks"].items():
+        m = entry["metrics"]
+        rows.append({"task": task, "k": str(entry["k"]), "problems": str(entry["n_problems"]),
+                     "pass@1": f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}", "pass@k": f"{m['pass@k']:.3f}",
+                     "cons@k": f"{m['cons@k']:.3f}", "finished": f"{m['finished_rate']:.2f}",
+                     "boxed": f"{m['boxed_rate']:.2f}",
+                     "tokens": "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}"})
+    return rows
+
+
 def _print_summary(run_dir: Path, result: dict) -> None:
+    """The scores as a table that fits the terminal: every name whole, the least important columns
+    left out first (the whole table is results.json)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"distill eval: {result['label']}")
-    for col in ("task", "k", "problems", "pass@1", "pass@k", "cons@k", "finished", "boxed", "tokens"):
-        table.add_column(col)
-    for task, entry in result["tasks"].items():
-        m = entry["metrics"]
-        table.add_row(task, str(entry["k"]), str(entry["n_problems"]),
-                      f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}", f"{m['pass@k']:.3f}",
-                      f"{m['cons@k']:.3f}", f"{m['finished_rate']:.2f}", f"{m['boxed_rate']:.2f}",
-                      "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}")
     console = Console(stderr=True)
+    rows = _summary_rows(result)
+    columns = list(SUMMARY)
+
+    def width(cols) -> int:  # rich's box: a border and 3 characters a column
+        return 1 + sum(3 + max(len(c), *(len(r[c]) for r in rows)) for c in cols)
+
+    while len(columns) > 2 and width(columns) > console.width:
+        columns.pop()
+    table = Table(title=f"distill eval: {result['label']}")
+    for col in columns:
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
     console.print(table)
-    console.print(f"results: {run_dir / RESULTS_FILE}")
+    dropped = [c for c in SUMMARY if c not in columns]
+    console.print(f"results: {run_dir / RESULTS_FILE}" + (f" (also {', '.join(dropped)})" if dropped else ""))
