@@ -146,3 +146,17 @@ def test_refusals(tmp_path, traces, tiny_qwen2, tiny_llama, capsys, extra, messa
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_each_named_teacher_resolves_as_one_teacher_would(tmp_path, tiny_llama):
+    """A served member by its NAME=URL items (two of them: replicas), a local one by its path."""
+    from distill.options import Teacher
+    from distill.teachers.spec import resolve
+
+    spec = resolve(Teacher(name=f"math=Qwen/Qwen2.5-Math-7B-Instruct,code={tiny_llama}",
+                           url=["math=http://h1:8000/v1", "math=http://h2:8000/v1"]))
+    assert spec.kind == "routed" and list(spec.members) == ["math", "code"]
+    math, code = spec.members["math"], spec.members["code"]
+    assert (math.kind, math.model, math.urls) == ("endpoint", "Qwen/Qwen2.5-Math-7B-Instruct",
+                                                  ("http://h1:8000/v1", "http://h2:8000/v1"))
+    assert (code.kind, code.model) == ("local", str(tiny_llama))

@@ -34,7 +34,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
 from distill.distributed import as_output_layer, sharded_run
-from distill.degeneracy import Degeneracy
+from distill.degeneracy import Degeneracy, pooled
 from distill.kd_losses import Advantages, KDSettings, TeacherParts, chunked_kd_loss
 from distill.train.onpolicy.schedule import OnPolicy
 from distill.train.kernels.optim import MasterWeightAdamW, trains_bf16_weights
@@ -216,14 +216,23 @@ class KDTrainer(SFTTrainer):
                                              seed=self.on_policy.seed(self.args.seed, step, micro), step=step,
                                              log=micro == 0 and self.is_world_process_zero())
         rollouts = batch.pop("rollouts")
-        self._rollout_stats.add_rollouts(rollouts, _elapsed(started, model), self.on_policy.watch.check(step, rollouts),
-                                         batch.pop("graded", None))
+        measure = self.on_policy.watch.check(step, self._degeneracy(rollouts), speak=self.is_world_process_zero())
+        self._rollout_stats.add_rollouts(rollouts, _elapsed(started, model), measure, batch.pop("graded", None))
         started = time.perf_counter()
         # the rollout batch has its own token count: normalise it by itself (the Trainer then divides by
         # the accumulation steps), not by the count of the teacher-written batch it replaced
         loss = super().training_step(model, batch, num_items_in_batch=None)
         self._rollout_stats.add_time("update", _elapsed(started, model))
         return loss
+
+    def _degeneracy(self, rollouts) -> Degeneracy:
+        """The rollouts' degeneracy, pooled over every process (each must stop at the same step)."""
+        measure = pooled(r.completion for r in rollouts)
+        if self.accelerator.num_processes > 1:
+            counts = torch.tensor([measure.repeated, measure.ngrams, measure.length, measure.samples],
+                                  device=self.args.device)
+            measure = Degeneracy(*(int(c) for c in self.accelerator.reduce(counts, "sum").tolist()))
+        return measure
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from distill.degeneracy import Degeneracy, pooled
+from distill.degeneracy import Degeneracy
 
 
 class CollapseWatch:
@@ -20,21 +20,23 @@ class CollapseWatch:
         self.threshold, self.stop, self.teacher_text = threshold, stop, teacher_text
         self.first: dict | None = None   # the first degenerate batch: its step and measure
 
-    def check(self, step: int, rollouts) -> Degeneracy:
-        """The batch's degeneracy; the first past the threshold warns once (and marks the stop)."""
-        measure = pooled(r.completion for r in rollouts)
+    def check(self, step: int, measure: Degeneracy, speak: bool = True) -> Degeneracy:
+        """A rollout batch's degeneracy (``measure``, pooled over all processes): the first past the
+        threshold warns once (``speak``: this process prints) and marks the stop."""
         if self.first is None and measure.degenerate(self.threshold):
             self.first = {"step": step, **measure.as_dict()}
-            teacher = (f" (the teacher's text: {self.teacher_text.repeated_ngram_share:.0%}, mean length "
-                       f"{self.teacher_text.mean_length:.0f})" if self.teacher_text else "")
-            then = ("--stop-on-collapse: stopping" if self.stop else
-                    "--stop-on-collapse would stop here")
-            print(f"train: warning: step {step}: the rollouts degenerate: {measure.repeated_ngram_share:.0%} of their "
-                  f"4-grams repeat (threshold {self.threshold:.0%}), mean length {measure.mean_length:.0f}{teacher}; "
-                  f"reverse KL rewards the teacher's favourite text, repetition. Mix in the traces "
-                  f"(--on-policy-fraction 0.5), anchor to the start (--anchor-weight), or lower --lr; {then}",
-                  file=sys.stderr, flush=True)
+            if speak:
+                print(self._warning(step, measure), file=sys.stderr, flush=True)
         return measure
+
+    def _warning(self, step: int, measure: Degeneracy) -> str:
+        teacher = (f" (the teacher's text: {self.teacher_text.repeated_ngram_share:.0%}, mean length "
+                   f"{self.teacher_text.mean_length:.0f})" if self.teacher_text else "")
+        then = "--stop-on-collapse: stopping" if self.stop else "--stop-on-collapse would stop here"
+        return (f"train: warning: step {step}: the rollouts degenerate: {measure.repeated_ngram_share:.0%} of their "
+                f"4-grams repeat (threshold {self.threshold:.0%}), mean length {measure.mean_length:.0f}{teacher}; "
+                "reverse KL rewards the teacher's favourite text, repetition. Mix in the traces "
+                f"(--on-policy-fraction 0.5), anchor to the start (--anchor-weight), or lower --lr; {then}")
 
     @property
     def stopping(self) -> bool:
