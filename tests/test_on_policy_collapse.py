@@ -114,3 +114,54 @@ def test_stop_on_collapse_keeps_the_last_checkpoint_before_it(tmp_path, traces, 
     assert not (out / "checkpoint-4").exists()
     saved, kept = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+
+
+def test_the_anchor_is_the_reverse_kl_to_the_starting_student_by_hand(tmp_path, tiny_qwen2, tiny_llama):
+    """loss = mean over sampled tokens of KL(q || teacher) + w * KL(q || the student as it started)."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from distill.batching import Collator
+    from distill.kd_losses import KDSettings
+    from distill.teachers.frozen import FrozenStudent
+    from distill.teachers.sources import OnlineTeacher
+    from distill.train.onpolicy.rollouts import Rollout
+    from distill.train.onpolicy.schedule import OnPolicy
+    from distill.train.trainers import KDTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2)
+    rollout = Rollout(tok("What is 2 + 2?")["input_ids"], tok(" It is 4, I think.")["input_ids"], True)
+    batch = {**Collator(tok.pad_token_id)([rollout.example()]), "on_policy": True}
+    mask = batch["labels"][:, 1:] != -100
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    start = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+
+    def moved():   # the live student, some steps after the start
+        student = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        return student
+
+    def logp(model):
+        return torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1][mask].float(), -1)
+
+    results = []
+    for hand in (True, False):
+        student = moved()
+        if hand:
+            q = logp(student)
+            with torch.no_grad():
+                p, r = logp(teacher), logp(start)
+            loss = ((q.exp() * (q - p)).sum(-1) + 0.5 * (q.exp() * (q - r)).sum(-1)).mean()
+        else:
+            anchor = FrozenStudent(AutoModelForCausalLM.from_pretrained(tiny_qwen2))
+            schedule = OnPolicy(1.0, engine=None, prompts={}, tokenizer=tok, anchor=anchor, anchor_weight=0.5)
+            trainer = KDTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
+                                kd=KDSettings(loss="rkl"), teacher=OnlineTeacher(teacher, 49152), on_policy=schedule)
+            loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        results.append((loss.detach(), student.get_output_embeddings().weight.grad.clone()))
+    (hand_loss, hand_grad), (our_loss, our_grad) = results
+    torch.testing.assert_close(our_loss, hand_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(our_grad, hand_grad, atol=1e-5, rtol=1e-4)
