@@ -46,8 +46,8 @@ def sample(leaf) -> object:
     return "x"
 
 
-#: what makes a command's every option apply (train: on-policy takes every group)
-APPLYING = {"TrainConfig": {"method": "on-policy", "teacher": "t", "traces": "t.jsonl"}}
+#: what makes a command's every option apply (train: on-policy with a verifier's reward takes every group)
+APPLYING = {"TrainConfig": {"method": "on-policy", "teacher": "t", "traces": "t.jsonl", "reward": "verify", "n": 2}}
 
 
 def required(cls) -> dict:

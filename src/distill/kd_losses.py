@@ -184,6 +184,40 @@ class SampledTokenTeacher:
         return (self.logprobs[rows].to(device),)
 
 
+class TeacherParts:
+    """The rows of one batch taught by several teachers (train's routing: each example its domain's
+    teacher): ``parts`` are (name, rows, teacher), ``rows`` the part's row indices into the batch's
+    target rows (None: all of them), ``teacher`` any teacher above for exactly those rows, in order.
+    :func:`chunked_kd_loss` sums the parts and leaves each one's (KD sum, CE sum) in ``sums``."""
+
+    def __init__(self, parts: list[tuple[str, torch.Tensor | None, object]]):
+        self.parts = parts
+        self.sums: dict[str, torch.Tensor] = {}
+
+
+class Advantages:
+    """A policy-gradient term on sampled tokens (on-policy's verifier reward): per target row a
+    coefficient ``a`` (its rollout's advantage times the term's weight), and the loss ``a * -log q(y)``
+    summed over rows, whose gradient is REINFORCE's ``-a * grad log q(y)`` (Williams 1992). In the KD
+    slot of the sums; the CE slot holds the plain cross-entropy."""
+
+    sparse = False
+    advantage = True
+
+    def __init__(self, coefficients: torch.Tensor):
+        self.coefficients = coefficients
+
+    def chunk(self, rows: slice, device) -> tuple[torch.Tensor, ...]:
+        return (self.coefficients[rows].to(device),)
+
+
+def _advantage_maths(logits, targets, coefficients):
+    """(loss, term sum, CE sum) of a chunk for :class:`Advantages`."""
+    nll = torch.logsumexp(logits.float(), dim=-1) - logits.float().gather(1, targets[:, None])[:, 0]
+    term = (coefficients.float() * nll).sum()
+    return term, term.detach(), nll.sum().detach()
+
+
 #: log-prob of a padding slot of an :class:`AlignedTeacher` row (finite, so no gradient turns NaN)
 PAD = -1e30
 
@@ -366,6 +400,8 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     eager = COMPILE == "never" or (COMPILE == "auto" and device.type != "cuda")
     if teacher is None:
         return _ce_maths if eager else _compiled(("ce",), _ce_maths)
+    if getattr(teacher, "advantage", False):
+        return _advantage_maths
     if getattr(teacher, "sampled", False):
         if cfg.temperature != 1.0:
             raise ValueError("a teacher known only by its sampled tokens' log-probs needs temperature 1")
@@ -485,6 +521,8 @@ def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     aligned row for row with ``hidden``, or None for the plain cross-entropy (SFT: the loss is
     then the CE sum whatever ``cfg.alpha`` says). Divide by the token count for the mean.
     """
+    if isinstance(teacher, TeacherParts):
+        return _parts_loss(hidden, weight, targets, teacher, cfg)
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0
         return zero.float(), zero.new_zeros(2).detach()
@@ -494,6 +532,19 @@ def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         sums, _, _ = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=False)
         total = sums[0]
     return total, sums[1:]
+
+
+def _parts_loss(hidden, weight, targets, teacher: TeacherParts, cfg: KDSettings):
+    """:func:`chunked_kd_loss` of each part's rows against its teacher, summed."""
+    total, sums = None, None
+    for name, rows, part in teacher.parts:
+        if rows is not None:
+            rows = rows.to(hidden.device)
+        loss, terms = chunked_kd_loss(hidden if rows is None else hidden[rows], weight,
+                                      targets if rows is None else targets[rows], part, cfg)
+        teacher.sums[name] = terms
+        total, sums = (loss, terms) if total is None else (total + loss, sums + terms)
+    return total, sums
 
 
 def fidelity_sums(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher,

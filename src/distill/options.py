@@ -19,6 +19,12 @@ ThinkStyle = Literal["think", "none"]
 Overlong = Literal["drop", "truncate"]
 
 
+#: ``--teacher self``: the teacher's user message, as On-Policy Self-Distillation (OPSD, arXiv 2601.18734;
+#: rllm's OPSD workflow) writes it: the problem, then the reference solution, then the request to solve it anew
+SELF_CONTEXT_TEMPLATE = ("{prompt}\n\nA reference solution, for you only:\n{context}\n\nNow solve the problem "
+                         "yourself, in your own words.")
+
+
 @dataclass
 class Teacher:
     """Teacher: the model that teaches (a preset, a local model, a served model, or a logits cache)."""
@@ -26,7 +32,9 @@ class Teacher:
     PREFIX = "teacher"
     name: str | None = option(None, help="teacher preset (teachers/*.yaml), preset file, local model path or hub id; "
                                          "with --teacher-url, the served model's name; a 'distill logits' "
-                                         "directory (cached log-probs); train also takes 'self'",
+                                         "directory (cached log-probs); train also takes 'self' (the student "
+                                         "shown --teacher-context) and several: NAME=TEACHER,NAME=TEACHER "
+                                         "(--route-field)",
                               aliases=("teacher_logits",))
     url: list[str] | None = option(None, help="OpenAI-compatible base URL(s) serving the teacher (vLLM, llama.cpp, "
                                               "an API); several comma-separated replicas share the requests",
@@ -41,6 +49,19 @@ class Teacher:
     tokenizer: str | None = option(None, help="the served teacher's tokenizer (a directory or hub id; default: "
                                               "--teacher's, where it loads without a server, else the student's); "
                                               "another tokenizer than the student's makes KD align the two")
+    route_field: str | None = option(None, flag="route_field",
+                                     help="several teachers (--teacher NAME=TEACHER,NAME=TEACHER; --teacher-url "
+                                          "NAME=URL,...): the trace or prompt field whose value names each "
+                                          "example's teacher")
+    route_default: str | None = option(None, flag="route_default",
+                                       help="the teacher of an example whose --route-field value names none "
+                                            "(default: such an example fails, naming its file and line)")
+    context: str | None = option(None, help="--teacher self: the trace or prompt field only the teacher sees "
+                                            "(privileged context: a reference solution, the verified answer, a "
+                                            "teacher trace)")
+    context_template: str = option(SELF_CONTEXT_TEMPLATE,
+                                   help="--teacher self: the teacher's user message, from the student's "
+                                        "({prompt}) and --teacher-context's field ({context})")
 
 
 @dataclass
@@ -184,6 +205,20 @@ class Rollouts:
                      "with CUDA graphs (GPU); auto: static on a GPU for full fine-tuning, else dynamic")
     rollout_log_steps: int = option(50, help="write a few rollouts to OUT/rollouts.jsonl every N steps (0: never)",
                                     check=at_least(0))
+    anchor_weight: float = option(0.0, help="weight of a reverse KL to the starting student on the rollouts: an "
+                                            "anchor against drift and collapse (a frozen copy of the weights; with "
+                                            "--lora none: the base without the adapter)", check=at_least(0))
+    collapse_threshold: float = option(0.5, help="share of a step's rollout 4-grams repeating an earlier one of their "
+                                                 "sample past which training warns (once) that the rollouts "
+                                                 "degenerate", check=between(0, 1))
+    stop_on_collapse: bool = option(False, help="stop when the rollouts degenerate (--collapse-threshold) and keep "
+                                                "the last checkpoint before it as the model")
+    reward: Literal["none", "verify"] = option(
+        "none", help="verify: grade each finished rollout against its prompt's reference answer (the traces' "
+                     "'reference', --prompts' --answer-field) and add the reward, as an advantage over the mean of "
+                     "the prompt's other rollouts (--n 2 or more), to the per-token divergence")
+    reward_weight: float = option(1.0, help="--reward: weight of the reward's advantage term beside the divergence",
+                                  check=at_least(0))
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +32,8 @@ class Prompt:
     text: str
     reference: str | None
     messages: list[dict]
+    row: dict = field(default_factory=dict, repr=False)  # the row it was read from
+    where: str = ""                                      # its file and line (or row)
 
 
 def prompt_hash(text: str) -> str:
@@ -63,7 +65,7 @@ def load_prompts(prompt_set: PromptSet, prompt_format: PromptFormat) -> list[Pro
         reference = _field(row, answer_field, loc) if answer_field else None
         if reference is not None and not isinstance(reference, str):
             reference = json.dumps(reference) if isinstance(reference, (list, dict)) else str(reference)
-        prompts.append(Prompt(pid, text, reference, build_messages(text, row, template, system, loc)))
+        prompts.append(Prompt(pid, text, reference, build_messages(text, row, template, system, loc), row, loc))
     if not prompts:
         raise DistillError(f"{source}: no prompts")
     return prompts

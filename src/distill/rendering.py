@@ -69,6 +69,13 @@ def n_targets(example: dict) -> int:
     return sum(target_mask(example["labels"]))
 
 
+def prompt_ids(example: dict) -> list[int]:
+    """The prompt of a rendered example: its tokens before the first trained one (all of them
+    for a prompt without a completion, as train's ``--prompts`` makes)."""
+    targets = target_mask(example["labels"])  # output t predicts token t + 1
+    return list(example["input_ids"][:targets.index(True) + 1] if any(targets) else example["input_ids"])
+
+
 def target_tokens(example: dict) -> list[int]:
     """The trained tokens of an example, in order (one per target position)."""
     return [label for label in example["labels"][1:] if label != IGNORE_INDEX]

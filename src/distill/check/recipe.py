@@ -194,6 +194,13 @@ def _teacher(cfg, earlier: Earlier) -> tuple[str | None, list[str] | None, str |
     if spec.kind == "cache":
         return None, None, None, ok("teacher", f"the logits cache {spec.name}: training checks its rows against "
                                                f"these traces' tokens when it opens it")
+    if spec.kind == "self":
+        return None, None, None, ok("teacher", f"the student itself, shown each record's '{options.context}': "
+                                               "its tokenizer and memory are the student's")
+    if spec.kind == "routed":
+        return None, None, None, skipped("teacher", f"{len(spec.members)} teachers routed by "
+                                                    f"'{options.route_field}' ({', '.join(spec.members)}): not "
+                                                    "checked one by one yet")
     if spec.kind not in BUILDERS:
         return None, None, None, error("teacher", f"--teacher {spec.name}: a {spec.kind} teacher cannot teach by KD "
                                                   f"yet, so distill train refuses it",

@@ -1,6 +1,7 @@
 """The KD teacher a training run needs, built from what ``--teacher`` names (``spec.TeacherSpec``).
 
-One builder per kind of teacher, in :data:`BUILDERS` (a local model, a served one, a logits cache):
+One builder per kind of teacher, in :data:`BUILDERS` (a local model, a served one, a logits cache,
+several routed by a field of each example, the student itself shown privileged context):
 ``build`` picks the builder by the spec's kind, so a new kind of teacher (several routed teachers,
 the student as its own teacher) is one more entry, not another branch in the trainer. Each builder
 returns a :class:`Built`: the object the KD trainer asks for scores (``sources.Teacher``), what the
@@ -26,8 +27,9 @@ from distill.teachers.spec import TeacherSpec
 
 @dataclass
 class Student:
-    """What a teacher is built against: the student's tokenizer, its examples and output rows, and
-    where and how its forward pass runs."""
+    """What a teacher is built against: the student's tokenizer, its examples and output rows, where
+    and how its forward pass runs, the model itself (the self-teacher's start) and where each example
+    came from (``origins.Origin`` by ``example_index``: what routing and the self-teacher's context read)."""
 
     name: str
     tokenizer: Any
@@ -37,6 +39,22 @@ class Student:
     attention: str | None = None
     traces: str | None = None
     teacher_tokenizer: Any = None  # the teacher's, where it is another (the examples carry its tokens too)
+    model: Any = None
+    origins: dict | None = None
+    _frozen: Any = field(default=None, repr=False)
+
+    def frozen(self):
+        """The starting student, frozen (``frozen.FrozenStudent``), made once: the self-teacher and the
+        anchor share it."""
+        from distill.distributed import sharded_run
+        from distill.teachers.frozen import FrozenStudent
+
+        if self._frozen is None:
+            if sharded_run():
+                raise DistillError(f"--teacher self and --anchor-weight read the starting student whole; under "
+                                   f"{sharded_run()} it is sharded: train on one GPU per process (DDP) or with --lora")
+            self._frozen = FrozenStudent(self.model)
+        return self._frozen
 
 
 @dataclass
@@ -85,13 +103,32 @@ def teacher_tokenizer(spec: TeacherSpec | None, options: Teacher, student_tokeni
     student's is taken; a logits cache holds its own vocabulary (aligned when it is opened)."""
     from distill.teachers.sources import same_tokenizer, served_tokenizer, teacher_tokenizer as local_tokenizer
 
-    if options.tokenizer and (spec is None or spec.kind != "endpoint"):
+    members = list(spec.members.values()) if spec is not None and spec.kind == "routed" else [spec]
+    if options.tokenizer and not any(m is not None and m.kind == "endpoint" for m in members):
         raise DistillError(f"--teacher-tokenizer {options.tokenizer}: it names a served teacher's tokenizer "
                            f"(--teacher-url); a local teacher or a logits cache has its own")
+    if spec is not None and spec.kind == "routed":
+        return _shared_tokenizer(spec, options, student_tokenizer)
     if spec is None or spec.kind not in ("local", "endpoint"):
         return None
     tokenizer = local_tokenizer(spec.name) if spec.kind == "local" else served_tokenizer(spec, options.tokenizer)
     return None if tokenizer is None or same_tokenizer(student_tokenizer, tokenizer) else tokenizer
+
+
+def _shared_tokenizer(spec: TeacherSpec, options: Teacher, student_tokenizer):
+    """Several teachers: the one tokenizer those of another tokenizer than the student's share (each example
+    carries one teacher side), else None; two different ones fail in one line."""
+    from distill.teachers.sources import same_tokenizer
+
+    others = {name: tok for name, member in spec.members.items()
+              if (tok := teacher_tokenizer(member, options, student_tokenizer)) is not None}
+    names = list(others)
+    for name in names[1:]:
+        if not same_tokenizer(others[names[0]], others[name]):
+            raise DistillError(f"--teacher: teachers '{names[0]}' and '{name}' have two tokenizers, both other than "
+                               f"the student's; several teachers may share one other tokenizer, not two (each "
+                               f"example carries its tokens for one)")
+    return others[names[0]] if names else None
 
 
 def alignment(teacher) -> dict | None:
@@ -182,7 +219,45 @@ def _online(spec: TeacherSpec, request: Request, student: Student) -> Built:
                            **_cross(student.teacher_tokenizer)}, teacher.placement)
 
 
+def _routed(spec: TeacherSpec, request: Request, student: Student) -> Built:
+    from distill.teachers.routed import RoutedTeacher, prompt_routes, routes
+
+    field, default = request.options.route_field, request.options.route_default  # checked by TrainConfig.validate
+    by_example = routes(student.examples, student.origins, field, list(spec.members), default)
+    by_prompt = prompt_routes(student.examples, by_example, student.origins) if request.on_policy else {}
+    built = {name: build(member, request, _for(member, request, student)) for name, member in spec.members.items()}
+    examples = {name: sum(route == name for route in by_example.values()) for name in spec.members}
+    record = {"mode": "routed", "route_field": field, "route_default": default,
+              "teachers": {name: {**b.record, "examples": examples[name]} for name, b in built.items()}}
+    return Built(RoutedTeacher({name: b.teacher for name, b in built.items()}, by_example, by_prompt), record,
+                 "; ".join(f"{name}: {b.placement}" for name, b in built.items()))
+
+
+def _for(member: TeacherSpec, request: Request, student: Student) -> Student:
+    """The student as one routed teacher sees it: with the teachers' other tokenizer only where that
+    teacher has it (one of the student's tokenizer takes the same-tokenizer path)."""
+    from dataclasses import replace
+
+    if student.teacher_tokenizer is None or teacher_tokenizer(member, request.options, student.tokenizer) is not None:
+        return student
+    if member.kind == "self":
+        student.frozen()  # made once, shared with the anchor
+    return replace(student, teacher_tokenizer=None)
+
+
+def _self(spec: TeacherSpec, request: Request, student: Student) -> Built:
+    from distill.teachers.frozen import SelfTeacher
+
+    options = request.options  # TrainConfig.validate saw to --teacher-context
+    frozen = student.frozen()
+    teacher = SelfTeacher.build(frozen, student.tokenizer, student.examples, student.origins, options.context,
+                                options.context_template)
+    return Built(teacher, {"mode": "self", "teacher": "self", "context": options.context,
+                           "context_template": options.context_template, "frozen": frozen.placement},
+                 frozen.placement)
+
+
 #: kind of teacher (``TeacherSpec.kind``) -> its builder
 BUILDERS: dict[str, Callable[[TeacherSpec, Request, Student], Built]] = {
-    "local": _online, "endpoint": _served, "cache": _cached,
+    "local": _online, "endpoint": _served, "cache": _cached, "routed": _routed, "self": _self,
 }

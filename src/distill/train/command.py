@@ -21,8 +21,8 @@ from typing import Literal
 
 from distill.config import coerce, given, group, option, refuse_foreign
 from distill.errors import DistillError
-from distill.options import (KD, LoRA, Checkpoints, Endpoint, Output, Parallel, Precision, PromptFormat, PromptSet,
-                             Render, Rollouts, Sampling, Schedule, Student, Teacher, Traces)
+from distill.options import (KD, LoRA, Checkpoints, Endpoint, Grading, Output, Parallel, Precision, PromptFormat,
+                             PromptSet, Render, Rollouts, Sampling, Schedule, Student, Teacher, Traces)
 
 Method = Literal["sft", "kd", "on-policy"]
 
@@ -43,7 +43,7 @@ class TrainConfig:
                                         "on them; on-policy: the student writes, the teacher grades every token")
     student: Student = group(Student, required=("name",))
     traces: Traces = group(Traces)
-    prompts: PromptSet = group(PromptSet, only=("path", "split", "prompt_field", "id_field", "limit"))
+    prompts: PromptSet = group(PromptSet, only=("path", "split", "prompt_field", "answer_field", "id_field", "limit"))
     format: PromptFormat = group(PromptFormat)
     render: Render = group(Render)
     schedule: Schedule = group(Schedule)
@@ -52,6 +52,7 @@ class TrainConfig:
     kd: KD = group(KD)
     on_policy: Rollouts = group(Rollouts)
     sampling: Sampling = group(Sampling, temperature=1.0, top_p=1.0, top_k=0, max_tokens=1024)
+    grading: Grading = group(Grading)
     lora: LoRA = group(LoRA)
     precision: Precision = group(Precision)
     parallel: Parallel = group(Parallel)
@@ -94,13 +95,53 @@ class TrainConfig:
                                "use --method on-policy (with --on-policy-fraction 1), or train on --traces")
         if bool(self.prompts.path) == bool(self.traces.path):
             raise DistillError("train needs exactly one of --traces (teacher traces) or --prompts (on-policy only)")
+        self._validate_teachers()
+        self._validate_on_policy()
+
+    def _validate_teachers(self) -> None:
+        """Several teachers and the self-teacher: the options that go with them, and only with them."""
+        teacher = self.teacher
+        routed, itself = bool(teacher.name and "=" in teacher.name), teacher.name == "self"
+        if (teacher.route_field or teacher.route_default) and not routed:
+            raise DistillError("--route-field and --route-default pick one of several teachers: name them "
+                               "--teacher NAME=TEACHER,NAME=TEACHER")
+        if routed and not teacher.route_field:
+            raise DistillError("several teachers need --route-field FIELD: the trace or prompt field whose value "
+                               "names each example's teacher")
+        named = dict(item.partition("=")[::2] for item in teacher.name.split(",")) if routed else {}
+        names, members = [name.strip() for name in named], [member.strip() for member in named.values()]
+        if teacher.route_default and teacher.route_default not in names:
+            raise DistillError(f"--route-default {teacher.route_default}: not one of the teachers ({', '.join(names)})")
+        if teacher.context and not (itself or "self" in members):
+            raise DistillError("--teacher-context is what the self-teacher sees: use it with --teacher self")
+        if (itself or "self" in members) and not teacher.context:
+            raise DistillError("--teacher self needs --teacher-context FIELD: the trace or prompt field (a reference "
+                               "solution, the verified answer) that only the teacher sees, which makes it a teacher")
+        if (routed or itself) and self.schedule.packing:
+            raise DistillError(f"--teacher {teacher.name}: each example's teacher differs, and packed rows hold "
+                               "several examples; leave out --packing")
+
+    def _validate_on_policy(self) -> None:
+        rollouts = self.on_policy
+        if "reward_weight" in given(self) and rollouts.reward == "none":
+            raise DistillError("--reward-weight weighs --reward verify's term: add --reward verify")
+        if {"timeout", "workers"} & set(given(self)) and rollouts.reward == "none":
+            raise DistillError("--timeout and --workers set how --reward verify grades: add --reward verify")
+        if rollouts.reward == "verify" and (self.sampling.n or 1) < 2:
+            raise DistillError("--reward verify compares each rollout with the other rollouts of its prompt: "
+                               "--n 2 or more")
+        if rollouts.reward == "verify" and self.prompts.path and not self.prompts.answer_field:
+            raise DistillError("--reward verify grades against each prompt's reference answer: name its field "
+                               "with --answer-field")
+        if self.prompts.answer_field and rollouts.reward == "none":
+            raise DistillError("--answer-field gives --reward verify its reference answers: add --reward verify")
 
 
 #: What each method leaves out, and why: set, these options fail (from flags) or are noted (from a recipe).
 NOT_FOR = {
-    "sft": ({"teacher", "endpoint", "kd", "on_policy", "sampling", "prompts", "format"},
+    "sft": ({"teacher", "endpoint", "kd", "on_policy", "sampling", "prompts", "format", "grading"},
             "they apply to --method kd or on-policy"),
-    "kd": ({"on_policy", "sampling", "prompts", "format"}, "they apply to --method on-policy"),
+    "kd": ({"on_policy", "sampling", "prompts", "format", "grading"}, "they apply to --method on-policy"),
     "on-policy": (set(), ""),
 }
 

@@ -30,6 +30,8 @@ def fit(cfg, setup) -> int:
     finally:
         if made is not None and hasattr(made["teacher"], "close"):  # a served teacher's connections, event loop
             made["teacher"].close()
+        if made is not None and made["on_policy"] is not None:  # the reward's grading processes
+            made["on_policy"].close()
 
 
 def last_checkpoint(out: str) -> str | None:
@@ -55,7 +57,8 @@ def loss_curve(log_history: list[dict]) -> list[dict]:
 
 
 def _curve_key(key: str) -> bool:
-    return key.removeprefix("eval_") in ("loss", "kd_loss", "ce_loss") or key.startswith(("rollout_", "time_"))
+    return key.removeprefix("eval_") in ("loss", "kd_loss", "ce_loss") or key.startswith(
+        ("rollout_", "time_", "reward_", "anchor_", "teacher_"))
 
 
 def _last(curve: list[dict], key: str) -> float | None:
@@ -133,6 +136,8 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
         print(f"train: {signal.Signals(stopper.received).name}: stopped after step {trainer.state.global_step}, "
               f"checkpoint saved in {out}; rerun with --resume to continue", file=sys.stderr, flush=True)
         return 128 + stopper.received
+    schedule = (teaching or {}).get("on_policy")
+    collapse = keep_last_good(trainer, out, schedule.watch.first) if schedule and schedule.watch.stopping else None
     wall = time.time() - started
     if setup.eval_dataset is not None and trainer.state.global_step % cfg.schedule.eval_steps:
         trainer.evaluate()  # the final eval loss, unless the last step just logged one
@@ -151,6 +156,7 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
         "device": _device(trainer),
         "final_train_loss": _last(curve, "loss"),
         "final_eval_loss": _last(curve, "eval_loss"),
+        **({"collapse": collapse} if collapse else {}),
     }
     _save(trainer, setup, cfg)
     if trainer.is_world_process_zero():
@@ -162,6 +168,8 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
                             settings=cfg.same_run, summary=summary, data_stats=setup.stats, loss_curve=curve,
                             distributed=describe(trainer, (teaching or {}).get("placement")),
                             **(teaching or {}).get("record", {}))
+        if teaching:
+            _add_run_figures(record["kd"], trainer, schedule)
         if "traces" in record["data"]:  # the prompts not trained on: eval scores fidelity on them
             held_out = setup.eval_dataset.examples if setup.eval_dataset is not None else []
             record["held_out"] = {**record["data"]["traces"], "eval_fraction": cfg.schedule.eval_fraction,
@@ -183,6 +191,38 @@ def _aligned(teaching: dict) -> None:
     if counts is not None:
         teaching["record"]["kd"]["alignment"] = counts
         print(f"train: {describe(counts)}", flush=True)
+
+
+def keep_last_good(trainer, out: str, first: dict) -> dict:
+    """``--stop-on-collapse``: the newest checkpoint older than the step whose rollouts degenerated (the
+    weights of that step wrote them) becomes the model; none: one line, and nothing is saved."""
+    step = first["step"]
+    older = [p for p in Path(out).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) < step
+             and (p / "trainer_state.json").is_file()]
+    share = f"{first['repeated_ngram_share']:.0%} of their 4-grams repeat"
+    if not older:
+        where = ("the starting student's own rollouts degenerate: train it off-policy (SFT or KD) first" if step == 0
+                 else f"no checkpoint before step {step} to keep (--save-steps {trainer.args.save_steps})")
+        raise DistillError(f"train: --stop-on-collapse at step {step} ({share}); {where}")
+    kept = max(older, key=lambda p: int(p.name.split("-")[-1]))
+    trainer._load_from_checkpoint(str(kept))
+    print(f"train: --stop-on-collapse: the rollouts of step {step} degenerated ({share}); the model saved is "
+          f"{kept.name}'s, the last before it", file=sys.stderr, flush=True)
+    return {**first, "kept": kept.name}
+
+
+def _add_run_figures(kd: dict, trainer, schedule) -> None:
+    """What only the run knows, into the record's ``kd``: each routed teacher's share of the tokens
+    and divergence, the teacher's text's degeneracy next to the rollouts', the first degenerate step."""
+    routed = trainer.routed_record()
+    if routed:
+        for name, figures in routed.items():
+            kd["teachers"][name].update(figures)
+    if schedule is not None:
+        watch = schedule.watch
+        kd["on_policy"]["teacher_text"] = watch.teacher_text.as_dict() if watch.teacher_text else None
+        kd["on_policy"]["collapse"] = {"threshold": watch.threshold, "first_degenerate": watch.first}
 
 
 def _device(trainer) -> dict:
@@ -215,19 +255,54 @@ def teaching(cfg, setup) -> dict:
 
     kd = kd_settings(cfg)
     on_policy = cfg.method == "on-policy"
+    spec = resolve(cfg.teacher)
     request = teachers.Request(cfg.teacher, cfg.endpoint, kd, on_policy=on_policy, device=cfg.parallel.teacher_device)
     student = teachers.Student(cfg.student.name, setup.tokenizer, setup.examples, output_rows(setup.model),
                                str(setup.args.device), setup.model.config._attn_implementation, cfg.traces.path,
-                               setup.teacher_tokenizer)
-    built = teachers.build(resolve(cfg.teacher), request, student)
+                               setup.teacher_tokenizer, model=setup.model, origins=example_origins(cfg, spec))
+    built = teachers.build(spec, request, student)
     record = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                      "chunk_size": kd.chunk_size, **built.record}}
     if built.record.get("tokenizers") == "cross":
         record["kd"]["uld_weight"] = kd.uld_weight
     schedule = None
     if on_policy:
-        schedule = OnPolicy.of(cfg.on_policy, cfg.sampling, setup.model, setup.tokenizer, setup.examples,
-                               cfg.schedule.batch_size, cfg.output.out)
-        record["kd"]["on_policy"] = {"fraction": cfg.on_policy.on_policy_fraction, "engine": schedule.engine.name,
-                                     **vars(cfg.sampling), "prompts": cfg.prompts.path or "the traces' prompts"}
+        rollouts = cfg.on_policy
+        schedule = OnPolicy.of(rollouts, cfg.sampling, setup.model, setup.tokenizer, setup.examples,
+                               cfg.schedule.batch_size, cfg.output.out, reward=verifier(cfg, setup, student.origins),
+                               anchor=student.frozen() if rollouts.anchor_weight > 0 else None)
+        record["kd"]["on_policy"] = {"fraction": rollouts.on_policy_fraction, "engine": schedule.engine.name,
+                                     **vars(cfg.sampling), "prompts": cfg.prompts.path or "the traces' prompts",
+                                     "anchor_weight": rollouts.anchor_weight, "reward": rollouts.reward,
+                                     **({"reward_weight": rollouts.reward_weight} if schedule.reward else {})}
     return {"kd": kd, "teacher": built.teacher, "on_policy": schedule, "record": record, "placement": built.placement}
+
+
+def example_origins(cfg, spec) -> dict | None:
+    """Where each example came from (``origins``), read where routing, the self-teacher's context or the
+    reward needs it (each reads its own fields of the record)."""
+    from distill import origins
+
+    fields = tuple(name for name in (cfg.teacher.route_field, cfg.teacher.context) if name)
+    kinds = {spec.kind, *(member.kind for member in spec.members.values())}
+    if not ({"routed", "self"} & kinds or cfg.on_policy.reward != "none"):
+        return None
+    if cfg.prompts.path:
+        return origins.of_prompts(cfg.prompts, cfg.format, fields)
+    return origins.of_traces(cfg.traces.path, fields)
+
+
+def verifier(cfg, setup, origins: dict | None):
+    """``--reward verify``: the grader and each example's reference answer (``reward.VerifierReward``)."""
+    if cfg.on_policy.reward == "none":
+        return None
+    from distill.grading import Grader
+    from distill.train.onpolicy.reward import VerifierReward
+
+    references = {i: origin.reference for i, origin in origins.items()}
+    if not any(references[ex["example_index"]] is not None for ex in setup.examples):
+        field = f"'{cfg.prompts.answer_field}'" if cfg.prompts.path else "'reference'"
+        raise DistillError(f"--reward verify: no example has a reference answer (field {field} of "
+                           f"{cfg.prompts.path or cfg.traces.path}) to grade its rollouts against")
+    grader = Grader(timeout=cfg.grading.timeout, workers=cfg.grading.workers)
+    return VerifierReward(grader, setup.tokenizer, references, cfg.on_policy.reward_weight, cfg.sampling.n or 1)

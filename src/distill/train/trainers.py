@@ -24,7 +24,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -33,7 +34,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distill.errors import DistillError
 from distill.distributed import as_output_layer, sharded_run
-from distill.kd_losses import KDSettings, chunked_kd_loss
+from distill.degeneracy import Degeneracy, pooled
+from distill.kd_losses import Advantages, KDSettings, TeacherParts, chunked_kd_loss
 from distill.train.onpolicy.schedule import OnPolicy
 from distill.train.kernels.optim import MasterWeightAdamW, trains_bf16_weights
 from distill.rendering import target_index, target_mask
@@ -99,12 +101,14 @@ class SFTTrainer(Trainer):
             return optimizer.clip_grad_norm_(self.args.max_grad_norm)
         return super()._clip_grad_norm(model)
 
-    def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None):
+    def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None,
+                     extra_terms=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
 
         ``teacher_scores(mask, index)`` gives the teacher at the target positions (None: cross-entropy only);
-        ``settings`` replace the trainer's loss settings for this batch. The loss is normalised by the
-        whole accumulated batch's token count when the Trainer gives it, else by this batch's.
+        ``settings`` replace the trainer's loss settings for this batch; ``extra_terms(mask, index)`` gives
+        :class:`ExtraTerm` s added to the loss on the same rows (each left with its sums). The loss is
+        normalised by the whole accumulated batch's token count when the Trainer gives it, else by this batch's.
         """
         labels = inputs.pop("labels")
         index = inputs.pop("target_index", None)
@@ -119,10 +123,17 @@ class SFTTrainer(Trainer):
             # 830 ms step, H100)
             hidden = hidden.to(torch.bfloat16 if self.args.bf16 else torch.float16)
         teacher = teacher_scores(target_mask(labels), index) if teacher_scores else None
+        extra = extra_terms(target_mask(labels), index) if extra_terms else []
         settings = settings or self.loss_settings
-        total, terms = as_output_layer(unwrapped,
-                                       lambda h, weight, targets: chunked_kd_loss(h, weight, targets, teacher, settings),
-                                       hidden, labels.flatten()[index + 1])
+
+        def loss_fn(h, weight, targets):
+            total, terms = chunked_kd_loss(h, weight, targets, teacher, settings)
+            for term in extra:
+                term_total, term.sums = chunked_kd_loss(h, weight, targets, term.teacher, term.settings)
+                total = total + term.weight * term_total
+            return total, terms
+
+        total, terms = as_output_layer(unwrapped, loss_fn, hidden, labels.flatten()[index + 1])
         n_tokens = index.numel()
         if num_items_in_batch is not None:  # the token count of the whole accumulated batch
             loss = total / num_items_in_batch
@@ -145,17 +156,35 @@ class SFTTrainer(Trainer):
         return loss.detach(), None, None
 
 
+@dataclass
+class ExtraTerm:
+    """A loss term beside the teacher's divergence, on the same target rows: the anchor's reverse KL to
+    the starting student, the reward's advantages (``kd_losses.Advantages``). ``sums``: its (term sum,
+    CE sum), detached, once the loss has run."""
+
+    name: str
+    teacher: Any
+    settings: KDSettings
+    weight: float = 1.0
+    sums: Any = None
+
+
 class KDTrainer(SFTTrainer):
     """``alpha * T^2 * KD(teacher || student) + (1 - alpha) * CE`` on the target tokens.
 
-    ``teacher`` is any ``teachers.Teacher`` (online model, logits cache, served model). The KD and
-    CE terms are logged beside the mixed loss (token means since the last log).
+    ``teacher`` is any ``teachers.Teacher`` (online model, logits cache, served model, several routed
+    ones, the student shown privileged context). The KD and CE terms are logged beside the mixed loss
+    (token means since the last log); with several teachers also each one's share of the tokens and
+    its divergence (``teacher_NAME_share``, ``teacher_NAME_kd``).
 
     On-policy (GKD's lambda, ``on_policy`` > 0): each micro-batch is, with that probability, replaced
     by the student's own rollouts for the batch's prompts (``rollouts``); the teacher scores the
     sampled tokens and the loss is the divergence alone on them (``alpha`` = 1: cross-entropy on
-    the student's own samples would only reinforce them). Which micro-batches are on-policy, and
-    the sampling seeds, follow from (seed, step, micro-step), so a resumed run keeps the schedule.
+    the student's own samples would only reinforce them), plus, where asked, the anchor (``anchor_weight``
+    times the reverse KL to the starting student) and the reward's advantage term. Which micro-batches
+    are on-policy, and the sampling seeds, follow from (seed, step, micro-step), so a resumed run keeps
+    the schedule. Every rollout batch is measured for degeneracy (``onpolicy.collapse``); with
+    ``--stop-on-collapse`` the first degenerate one ends training after its step, unsaved.
     """
 
     def __init__(self, *args, kd: KDSettings, teacher, on_policy: OnPolicy | None = None, **kwargs):
@@ -169,8 +198,12 @@ class KDTrainer(SFTTrainer):
         # (kd, ce) summed on the device, target tokens counted on the host: read at log time, not per
         # step (a read per step waited for the forward pass before the backward pass could be queued)
         self._sums = {"train": [0, 0], "eval": [0, 0]}
-        self._rollout_stats = RolloutStats()
+        self._rollout_stats = RolloutStats(on_policy.watch.teacher_text if on_policy is not None else None)
+        self._teachers: dict[str, list] = {}        # several teachers: name -> [KD sum, tokens] since the last log
+        self.teacher_totals: dict[str, list] = {}   # ... over the run
         self._micro = (-1, 0)  # (global step, micro-steps taken in it)
+        if on_policy is not None and on_policy.watch.stop:
+            self.add_callback(StopOnCollapse(on_policy.watch))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
@@ -182,7 +215,9 @@ class KDTrainer(SFTTrainer):
         batch = self.on_policy.rollout_batch(self.accelerator.unwrap_model(model), inputs["example_index"],
                                              seed=self.on_policy.seed(self.args.seed, step, micro), step=step,
                                              log=micro == 0 and self.is_world_process_zero())
-        self._rollout_stats.add_rollouts(batch.pop("rollouts"), _elapsed(started, model))
+        rollouts = batch.pop("rollouts")
+        measure = self.on_policy.watch.check(step, self._degeneracy(rollouts), speak=self.is_world_process_zero())
+        self._rollout_stats.add_rollouts(rollouts, _elapsed(started, model), measure, batch.pop("graded", None))
         started = time.perf_counter()
         # the rollout batch has its own token count: normalise it by itself (the Trainer then divides by
         # the accumulation steps), not by the count of the teacher-written batch it replaced
@@ -190,10 +225,20 @@ class KDTrainer(SFTTrainer):
         self._rollout_stats.add_time("update", _elapsed(started, model))
         return loss
 
+    def _degeneracy(self, rollouts) -> Degeneracy:
+        """The rollouts' degeneracy, pooled over every process (each must stop at the same step)."""
+        measure = pooled(r.completion for r in rollouts)
+        if self.accelerator.num_processes > 1:
+            counts = torch.tensor([measure.repeated, measure.ngrams, measure.length, measure.samples],
+                                  device=self.args.device)
+            measure = Degeneracy(*(int(c) for c in self.accelerator.reduce(counts, "sum").tolist()))
+        return measure
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         example_index = inputs.pop("example_index", None)
         on_policy = inputs.pop("on_policy", False)
+        advantages = inputs.pop("advantages", None)
         features = {k: v for k, v in inputs.items() if k not in ("labels", "target_index")}
         labels = inputs["labels"]
         used = {}
@@ -209,15 +254,49 @@ class KDTrainer(SFTTrainer):
                 self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
             return used["teacher"]
 
+        def extra_terms(mask, index):
+            """On-policy: the anchor to the starting student and the reward's advantages, where asked."""
+            out = []
+            anchor = self.on_policy.anchor if self.on_policy is not None else None
+            if anchor is not None:
+                started = time.perf_counter()
+                out.append(ExtraTerm("anchor", anchor.scores(features, mask, index=index),
+                                     KDSettings(loss="rkl", alpha=1.0, chunk_size=self.loss_settings.chunk_size),
+                                     self.on_policy.anchor_weight))
+                self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
+            if advantages is not None:
+                out.append(ExtraTerm("reward", Advantages(advantages), self.loss_settings))
+            used["terms"] = out
+            return out
+
         settings = replace(self.loss_settings, alpha=1.0) if on_policy else self.loss_settings
-        loss, terms, n_tokens = self.chunked_loss(model, inputs, num_items_in_batch, teacher_scores, settings)
+        loss, terms, n_tokens = self.chunked_loss(model, inputs, num_items_in_batch, teacher_scores, settings,
+                                                  extra_terms if on_policy else None)
         mode = "train" if model.training else "eval"
         sums = self._sums[mode]
         sums[0], sums[1] = sums[0] + terms.detach().float(), sums[1] + n_tokens
+        if isinstance(used.get("teacher"), TeacherParts) and mode == "train":
+            self._add_teacher_parts(used["teacher"], n_tokens)
         if on_policy:
             targets = labels[:, 1:][target_mask(labels)]
             self._rollout_stats.add_scores(float(terms[0]), teacher_nll(used["teacher"], targets), n_tokens)
+            self._rollout_stats.add_terms(used["terms"])
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _add_teacher_parts(self, parts: TeacherParts, n_tokens: int) -> None:
+        """Each routed teacher's tokens and KD sum, since the last log and over the run."""
+        for name, rows, _ in parts.parts:
+            tokens = n_tokens if rows is None else rows.numel()
+            kd = float(parts.sums[name][0])
+            for table in (self._teachers, self.teacher_totals):
+                entry = table.setdefault(name, [0.0, 0])
+                entry[0], entry[1] = entry[0] + kd, entry[1] + tokens
+
+    def routed_record(self) -> dict:
+        """The run's share of tokens and mean divergence per routed teacher (empty with one teacher)."""
+        tokens = sum(n for _, n in self.teacher_totals.values())
+        return {name: {"tokens": n, "share": round(n / tokens, 4), "kd": round(kd / max(n, 1), 6)}
+                for name, (kd, n) in sorted(self.teacher_totals.items())}
 
     def log(self, logs, *args, **kwargs):
         mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
@@ -229,6 +308,11 @@ class KDTrainer(SFTTrainer):
             self._sums[mode] = [0, 0]
         if mode == "train":
             logs.update(self._rollout_stats.flush())
+            tokens = sum(n for _, n in self._teachers.values())
+            for name, (kd, n) in sorted(self._teachers.items()):
+                logs[f"teacher_{name}_share"] = round(n / max(tokens, 1), 4)
+                logs[f"teacher_{name}_kd"] = round(kd / max(n, 1), 6)
+            self._teachers = {}
         super().log(logs, *args, **kwargs)
 
 
@@ -267,6 +351,9 @@ def teacher_nll(teacher, targets: torch.Tensor) -> float:
     same text in its own tokens.
     """
     with torch.no_grad():
+        if isinstance(teacher, TeacherParts):
+            return sum(teacher_nll(part, targets if rows is None else targets[rows.to(targets.device)])
+                       for _, rows, part in teacher.parts)
         if getattr(teacher, "sampled", False):
             return float(-teacher.logprobs.float().sum())
         if getattr(teacher, "aligned", False):
@@ -283,20 +370,37 @@ def teacher_nll(teacher, targets: torch.Tensor) -> float:
 
 
 class RolloutStats:
-    """What a person watches in on-policy training, summed between two logging steps."""
+    """What a person watches in on-policy training, summed between two logging steps: what the student
+    writes (length, ended, degeneracy beside the teacher's text's), how the teacher scores it, the
+    anchor's and the reward's terms, and where the time went."""
 
-    def __init__(self):
+    def __init__(self, teacher_text: Degeneracy | None = None):
+        self.teacher_text = teacher_text
         self._reset()
 
     def _reset(self):
         self.n, self.ended, self.tokens, self.kd, self.nll, self.scored = 0, 0, 0, 0.0, 0.0, 0
         self.seconds = {"rollout": 0.0, "teacher": 0.0, "update": 0.0}
+        self.degeneracy = Degeneracy()
+        self.rewards = {"graded": 0, "correct": 0, "sum": 0.0}
+        self.terms: dict[str, float] = {}
 
-    def add_rollouts(self, rollouts, seconds: float) -> None:
+    def add_rollouts(self, rollouts, seconds: float, degeneracy: Degeneracy | None = None, graded=None) -> None:
         self.n += len(rollouts)
         self.ended += sum(r.ended for r in rollouts)
         self.tokens += sum(len(r.completion) for r in rollouts)
         self.seconds["rollout"] += seconds
+        if degeneracy is not None:
+            self.degeneracy += degeneracy
+        if graded is not None:
+            self.rewards["graded"] += graded.graded
+            self.rewards["correct"] += graded.correct
+            self.rewards["sum"] += sum(r for r in graded.rewards if r is not None)
+
+    def add_terms(self, terms: list) -> None:
+        """The sums of the extra terms (:class:`ExtraTerm`) of a rollout batch."""
+        for term in terms:
+            self.terms[term.name] = self.terms.get(term.name, 0.0) + float(term.sums[0])
 
     def add_time(self, part: str, seconds: float, subtract_from: str | None = None) -> None:
         self.seconds[part] += seconds
@@ -314,9 +418,33 @@ class RolloutStats:
                "rollout_length": round(self.tokens / self.n, 1),
                "rollout_ended": round(self.ended / self.n, 4),
                "rollout_tokens_per_s": round(self.tokens / max(self.seconds["rollout"], 1e-9), 1),
+               "rollout_repeated_ngram_share": round(self.degeneracy.repeated_ngram_share, 4),
                **{f"time_{part}_s": round(t, 3) for part, t in self.seconds.items()}}
+        if self.teacher_text is not None:
+            out["rollout_teacher_length"] = round(self.teacher_text.mean_length, 1)
+        if "anchor" in self.terms:
+            out["anchor_kl"] = round(self.terms["anchor"] / max(self.scored, 1), 6)
+        if "reward" in self.terms:
+            graded = self.rewards["graded"]
+            out.update(reward_mean=round(self.rewards["sum"] / graded, 4) if graded else None,
+                       reward_correct=round(self.rewards["correct"] / self.n, 4),
+                       reward_graded=round(graded / self.n, 4),
+                       reward_pg=round(self.terms["reward"] / max(self.scored, 1), 6))
         self._reset()
         return out
+
+
+class StopOnCollapse(TrainerCallback):
+    """``--stop-on-collapse``: the step whose rollouts degenerated ends training, unsaved (``fit`` then
+    keeps the last checkpoint before it as the model)."""
+
+    def __init__(self, watch):
+        self.watch = watch
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.watch.stopping:
+            control.should_training_stop = True
+            control.should_save = False
 
 
 class SaveAndStopOnSignal(TrainerCallback):
@@ -362,7 +490,9 @@ class LogLine(TrainerCallback):
     SHOWN = (("loss", "loss", ".4f"), ("kd_loss", "kd", ".4f"), ("ce_loss", "ce", ".4f"),
              ("eval_loss", "eval loss", ".4f"), ("eval_kd_loss", "eval kd", ".4f"), ("learning_rate", "lr", ".1e"),
              ("rollout_kd", "rollout kd", ".3f"), ("rollout_teacher_nll", "teacher nll", ".3f"),
-             ("rollout_length", "length", ".0f"), ("rollout_ended", "ended", ".0%"),
+             ("rollout_length", "length", ".0f"), ("rollout_teacher_length", "teacher's", ".0f"),
+             ("rollout_repeated_ngram_share", "repeated 4-grams", ".0%"), ("rollout_ended", "ended", ".0%"),
+             ("anchor_kl", "anchor kl", ".3f"), ("reward_mean", "reward", ".2f"), ("reward_correct", "correct", ".0%"),
              ("rollout_tokens_per_s", "sampled tok/s", ",.0f"))
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -379,6 +509,8 @@ class LogLine(TrainerCallback):
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [f"{label} {logs[key]:{spec}}" for key, label, spec in self.SHOWN
                   if isinstance(logs.get(key), (int, float))]
+        parts += [f"{key[8:-6]} {logs[key]:.0%} kd {logs[key[:-6] + '_kd']:.3f}" for key in sorted(logs)
+                  if key.startswith("teacher_") and key.endswith("_share")]
         if "eval_loss" not in logs:
             parts.append(f"{(state.num_input_tokens_seen - self.tokens) / elapsed:,.0f} tok/s")
             done = state.global_step - self.first_step

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from distill.distributed import sharded_over_processes
 from distill.errors import DistillError
-from distill.rendering import IGNORE_INDEX, end_of_turn_id, target_mask
+from distill.rendering import IGNORE_INDEX, end_of_turn_id, prompt_ids  # noqa: F401  (prompt_ids: the schedule's)
 from distill.train.onpolicy.sampler import Sampling, StaticSampler, refreshed_copy, unsupported
 
 ENGINES = ("auto", "graph", "hf")
@@ -75,13 +75,6 @@ def rollouts_of(prompts: list[list[int]], per_prompt: int, rows: list[list[int]]
         out.append(Rollout(prompt=list(prompts[row // per_prompt]), completion=tokens if end is None else
                            tokens[:end + 1], ended=end is not None))
     return out
-
-
-def prompt_ids(example: dict) -> list[int]:
-    """The prompt of a rendered example: its tokens before the first trained one (all of them
-    for a prompt without a completion, as ``--prompts`` makes)."""
-    targets = target_mask(example["labels"])  # output t predicts token t + 1
-    return list(example["input_ids"][:targets.index(True) + 1] if any(targets) else example["input_ids"])
 
 
 class HFRollouts:

@@ -2,9 +2,11 @@
 
 :class:`OnPolicy` decides which micro-batches are on-policy and turns one into the student's
 rollouts for its prompts, collated like any batch, with a few of them written to
-``OUT/rollouts.jsonl`` every ``log_steps`` steps so that a person can read what the student writes.
-Decisions and sampling seeds are functions of (seed, step, micro-step): a resumed run makes the
-same choices.
+``OUT/rollouts.jsonl`` every ``log_steps`` steps so that a person can read what the student writes
+(each with its repeated 4-gram share, and its reward with ``--reward verify``). Decisions and
+sampling seeds are functions of (seed, step, micro-step): a resumed run makes the same choices.
+It also holds what else on-policy batches carry: the verifier's reward (``reward``), the anchor to
+the starting student (``anchor``, ``anchor_weight``) and the collapse watch (``watch``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import random
 from pathlib import Path
 
 from distill.batching import Collator
+from distill.degeneracy import degeneracy, pooled
 from distill.options import Rollouts, Sampling
+from distill.rendering import n_targets, target_tokens
+from distill.train.onpolicy.collapse import CollapseWatch
 from distill.train.onpolicy.rollouts import RolloutEngine, RolloutSettings, prompt_ids, rollout_engine
 
 ROLLOUTS_FILE = "rollouts.jsonl"
@@ -24,9 +29,10 @@ LOGGED_PER_STEP = 4
 class OnPolicy:
     @classmethod
     def of(cls, rollouts: Rollouts, sampling: Sampling, model, tokenizer, examples: list[dict], batch_size: int,
-           log_dir: str) -> "OnPolicy":
+           log_dir: str, reward=None, anchor=None) -> "OnPolicy":
         """The schedule a run's options ask for, sampling the training prompts with the engine
-        ``rollouts.rollout_engine`` chooses for this student (``rollouts.rollout_engine``)."""
+        ``rollouts.rollout_engine`` chooses for this student (``rollouts.rollout_engine``); ``reward``: a
+        ``reward.VerifierReward``, ``anchor``: the starting student (``teachers.frozen.FrozenStudent``)."""
         from distill.distributed import sharded_run
 
         prompts = {ex["example_index"]: prompt_ids(ex) for ex in examples}
@@ -36,15 +42,22 @@ class OnPolicy:
         engine = rollout_engine(tokenizer, settings, model, engine=rollouts.rollout_engine, sharded=sharded_run(),
                                 max_prompts=batch_size, prompt_tokens=max(map(len, prompts.values())))
         print(f"train: on-policy rollouts sampled by {engine.name}", flush=True)
+        written = [target_tokens(ex) for ex in examples if n_targets(ex)]  # the teacher's text (traces)
+        watch = CollapseWatch(rollouts.collapse_threshold, rollouts.stop_on_collapse,
+                              teacher_text=pooled(written) if written else None)
         return cls(rollouts.on_policy_fraction, engine, prompts, tokenizer, log_dir=log_dir,
-                   log_steps=rollouts.rollout_log_steps)
+                   log_steps=rollouts.rollout_log_steps, watch=watch, reward=reward,
+                   anchor=anchor if rollouts.anchor_weight > 0 else None, anchor_weight=rollouts.anchor_weight)
 
     def __init__(self, fraction: float, engine: RolloutEngine, prompts: dict[int, list[int]], tokenizer,
-                 log_dir: str | None = None, log_steps: int = 50):
+                 log_dir: str | None = None, log_steps: int = 50, watch: CollapseWatch | None = None, reward=None,
+                 anchor=None, anchor_weight: float = 0.0):
         self.fraction, self.engine, self.prompts = fraction, engine, prompts
         self.tokenizer, self.log_steps = tokenizer, log_steps
         self.collator = Collator(tokenizer.pad_token_id)
         self.log_path = Path(log_dir) / ROLLOUTS_FILE if log_dir else None
+        self.watch = watch or CollapseWatch(threshold=1.0, stop=False)
+        self.reward, self.anchor, self.anchor_weight = reward, anchor, anchor_weight
 
     def applies(self, seed: int, step: int, micro: int) -> bool:
         """Whether this micro-batch is on-policy: probability ``fraction``, drawn from (seed, step, micro)."""
@@ -57,19 +70,30 @@ class OnPolicy:
         return int(hashlib.sha256(f"rollout:{seed}:{step}:{micro}".encode()).hexdigest()[:8], 16)
 
     def rollout_batch(self, model, example_index, seed: int, step: int, log: bool) -> dict:
-        """The student's rollouts for these examples' prompts, as a batch (with ``rollouts`` and ``on_policy``)."""
-        rollouts = self.engine.sample(model, [self.prompts[int(i)] for i in example_index.tolist()], seed)
+        """The student's rollouts for these examples' prompts, as a batch (with ``rollouts`` and
+        ``on_policy``; with a reward also ``graded`` and ``advantages``, one weighted advantage per target row)."""
+        examples = [int(i) for i in example_index.tolist()]
+        rollouts = self.engine.sample(model, [self.prompts[i] for i in examples], seed)
+        graded = self.reward.grade(rollouts, examples) if self.reward else None
         if log and self.log_path is not None and self.log_steps and step % self.log_steps == 0:
-            self._write(step, rollouts[:LOGGED_PER_STEP])
+            self._write(step, rollouts[:LOGGED_PER_STEP], graded.rewards[:LOGGED_PER_STEP] if graded else None)
         batch = self.collator([r.example() for r in rollouts])
         batch.update(on_policy=True, rollouts=rollouts)
+        if graded:
+            batch.update(graded=graded, advantages=self.reward.coefficients(rollouts, graded))
         return batch
 
-    def _write(self, step: int, rollouts) -> None:
+    def _write(self, step: int, rollouts, rewards: list | None) -> None:
         from distill.records import JsonlAppender
 
         with JsonlAppender(self.log_path) as out:
-            for r in rollouts:
+            for i, r in enumerate(rollouts):
                 out.write({"step": step, "prompt": self.tokenizer.decode(r.prompt),
                            "completion": self.tokenizer.decode(r.completion), "tokens": len(r.completion),
-                           "ended": r.ended})
+                           "ended": r.ended,
+                           "repeated_ngram_share": round(degeneracy(r.completion).repeated_ngram_share, 4),
+                           **({"reward": rewards[i]} if rewards is not None else {})})
+
+    def close(self) -> None:
+        if self.reward is not None:
+            self.reward.close()
