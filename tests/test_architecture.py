@@ -28,7 +28,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "storage": {"errors", "paths", "records", "runinfo", "config", "options", "outputs", "console", "store",
                 "costs", "parallel", "distributed", "results"},
-    "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching"},
+    "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching",
+                  "sampling"},
     "teachers": {"teachers"},
     "stages": {"generate", "importer", "verify", "export", "logits", "report", "train", "eval", "check"},
     "cli": {"cli"},
