@@ -29,7 +29,7 @@ LAYERS = {
     "storage": {"errors", "paths", "records", "runinfo", "config", "options", "outputs", "console", "store",
                 "costs", "parallel", "distributed", "results"},
     "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching",
-                  "sampling"},
+                  "degeneracy", "sampling"},
     "teachers": {"teachers"},
     "stages": {"generate", "importer", "verify", "export", "logits", "report", "train", "eval", "check"},
     "cli": {"cli"},
