@@ -20,9 +20,9 @@ from typing import Literal
 from distill.config import at_least, group, option, to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
-from distill.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
+from distill.results import GENERATIONS_FILE, OWN_SAMPLES_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.outputs import exclusive, read_record
-from distill.options import Endpoint, Grading, Model, Output, PromptSet, Render, Sampling, Teacher
+from distill.options import Endpoint, Grading, Model, Output, OwnSamples, PromptSet, Render, Sampling, Teacher
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import RUN_RECORD, run_record, versions
 
@@ -54,6 +54,7 @@ class EvalConfig:
     fidelity_traces: str | None = option(None, help="fidelity: a training run's OUT dir (its held-out prompts) or a "
                                                     "traces JSONL (all of it); default: the prompts the model's own "
                                                     "training held out")
+    own: OwnSamples = group(OwnSamples)
     teacher: Teacher = group(Teacher, only=("name",))
     render: Render = group(Render, only=("think_style",))
 
@@ -69,7 +70,8 @@ def run_eval(cfg: EvalConfig) -> int:
     run_dir = Path(cfg.output.out) / (cfg.run_name or _default_run_name(cfg))
     with exclusive(run_dir):
         claim(run_dir, "eval", kind="dir", settings=_settings(cfg), overwrite=cfg.output.overwrite,
-              owned=(RESULTS_FILE, GENERATIONS_FILE, RUN_RECORD), inputs=[cfg.model.name, cfg.fidelity_traces])
+              owned=(RESULTS_FILE, GENERATIONS_FILE, OWN_SAMPLES_FILE, RUN_RECORD),
+              inputs=[cfg.model.name, cfg.fidelity_traces])
         return _run(cfg, specs, run_dir)
 
 
@@ -79,12 +81,13 @@ def _settings(cfg: EvalConfig) -> dict:
 
     return {"model": cfg.model.name, "model_url": cfg.model.url, "tasks": cfg.tasks, **asdict(cfg.sampling),
             "data_dir": cfg.data_dir, "limit": cfg.problems.limit, "fidelity_traces": cfg.fidelity_traces,
-            "teacher": cfg.teacher.name}
+            "teacher": cfg.teacher.name, "fidelity_samples": cfg.own.samples,
+            "fidelity_max_tokens": cfg.own.max_tokens}
 
 
 def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
     """Fidelity, then the benchmark tasks, written to ``run_dir`` (whose lock the caller holds)."""
-    fidelity = _fidelity(cfg)  # first: quick, and it checks the traces and the teacher before the long part
+    fidelity = _fidelity(cfg, run_dir)  # first: quick, and it checks the traces and the teacher before the long part
     backend = _build_backend(cfg)
     started = time.time()
     out = _evaluate(backend.lm, specs, cfg)
@@ -116,14 +119,16 @@ def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
     return 0
 
 
-def _fidelity(cfg: EvalConfig) -> dict | None:
-    """``results.json``'s ``fidelity`` entry (``eval.fidelity``), when any fidelity flag asks for it."""
+def _fidelity(cfg: EvalConfig, run_dir: Path) -> dict | None:
+    """``results.json``'s ``fidelity`` entry (``eval.fidelity``), when any fidelity flag asks for it; the
+    model's and the teacher's own samples go to ``run_dir``."""
     if not (cfg.fidelity or cfg.fidelity_traces or cfg.teacher.name):
         return None
     from distill.eval.fidelity import describe, measure
 
     started = time.time()
-    out = measure(cfg.model.name, cfg.fidelity_traces, cfg.teacher, cfg.render.think_style, cfg.batch_size)
+    out = measure(cfg.model.name, cfg.fidelity_traces, cfg.teacher, cfg.render.think_style, cfg.batch_size,
+                  cfg.own, cfg.sampling.seed, run_dir / OWN_SAMPLES_FILE)
     out["wall_s"] = round(time.time() - started, 3)
     print(describe(out), flush=True)
     return out
@@ -286,19 +291,89 @@ def _default_run_name(cfg: EvalConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+#: The summary's task columns, the first dropped first where the terminal is too narrow (task and pass@1 stay).
+_DROPPED_FIRST = ("boxed", "tokens", "cons@k", "pass@k", "finished", "problems", "k")
+
+
+def _fitted(header: list[str], body: list[list[str]], width: int) -> list[int]:
+    """The columns of a rich table (padding 1, a border between columns) that fit in ``width``, least
+    needed dropped first (``_DROPPED_FIRST``); cells are never cut, so task names stay whole."""
+    keep = list(range(len(header)))
+
+    def drawn(cols):
+        return sum(max(len(r[i]) for r in [header, *body]) for i in cols) + 3 * len(cols) + 1
+
+    for name in _DROPPED_FIRST:
+        if drawn(keep) <= width:
+            break
+        keep.remove(header.index(name))
+    return keep
+
+
+def _fidelity_table(fidelity: dict):
+    """Fidelity on three texts, per token: the teacher's held-out traces, the model's own samples of those
+    prompts and the teacher's; a row for each figure some text has."""
+    from rich.table import Table
+
+    from distill.degeneracy import N
+
+    m, own = fidelity["metrics"], fidelity.get("own_samples") or {}
+    mine, theirs = own.get("model") or {}, own.get("teacher") or {}
+
+    def nats(x):
+        return "—" if x is None else f"{x:.3f}"
+
+    def pct(x):
+        return "—" if x is None else f"{100 * x:.1f}%"
+
+    def count(x):
+        return "—" if x is None else f"{x:,.0f}"
+
+    rows = [("tokens", count(fidelity["target_tokens"]), count(mine.get("tokens")), count(theirs.get("tokens"))),
+            ("model's NLL", nats(m["nll"]), nats(mine.get("nll")), "—"),
+            ("teacher's NLL", "—", nats(mine.get("teacher_nll")), nats(theirs.get("teacher_nll"))),
+            ("KL(teacher‖model)", nats(m["kl"]), "—", "—"),
+            ("KL(model‖teacher)", "—", nats(mine.get("reverse_kl")), "—"),
+            ("top-1 agreement", pct(m["top1_agreement"]), "—", "—"),
+            (f"repeated {N}-grams", "—", pct(mine.get("repeated_ngram_share")), pct(theirs.get("repeated_ngram_share"))),
+            ("tokens a sample", "—", count(mine.get("mean_length")), count(theirs.get("mean_length"))),
+            ("ended", "—", pct(mine.get("ended")), pct(theirs.get("ended")))]
+    teacher = (fidelity.get("teacher") or {}).get("name")
+    table = Table(title=f"fidelity{f' to {teacher}' if teacher else ''} on {fidelity['prompts']} held-out prompts, "
+                        "per token", caption="KL(model‖teacher): sampled, log q - log p of its own tokens"
+                        if mine else None)
+    table.add_column("", no_wrap=True)
+    texts = ["teacher traces"] + (["own samples", "teacher samples"] if own else [])
+    for text in texts:
+        table.add_column(text, justify="right", no_wrap=True)
+    for label, *cells in rows:
+        if any(c != "—" for c in cells[:len(texts)]):
+            table.add_row(label, *cells[:len(texts)])
+    return table
+
+
 def _print_summary(run_dir: Path, result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"distill eval: {result['label']}")
-    for col in ("task", "k", "problems", "pass@1", "pass@k", "cons@k", "finished", "boxed", "tokens"):
-        table.add_column(col)
+    console = Console(stderr=True)
+    header = ["task", "k", "problems", "pass@1", "pass@k", "cons@k", "finished", "boxed", "tokens"]
+    body = []
     for task, entry in result["tasks"].items():
         m = entry["metrics"]
-        table.add_row(task, str(entry["k"]), str(entry["n_problems"]),
-                      f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}", f"{m['pass@k']:.3f}",
-                      f"{m['cons@k']:.3f}", f"{m['finished_rate']:.2f}", f"{m['boxed_rate']:.2f}",
-                      "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}")
-    console = Console(stderr=True)
+        body.append([task, str(entry["k"]), str(entry["n_problems"]), f"{m['pass@1']:.3f} ± {m['pass@1_stderr']:.3f}",
+                     f"{m['pass@k']:.3f}", f"{m['cons@k']:.3f}", f"{m['finished_rate']:.2f}", f"{m['boxed_rate']:.2f}",
+                     "-" if m["mean_gen_tokens"] is None else f"{m['mean_gen_tokens']:.0f}"])
+    keep = _fitted(header, body, console.width)
+    table = Table(title=f"distill eval: {result['label']}")
+    for i in keep:
+        table.add_column(header[i], no_wrap=True)
+    for cells in body:
+        table.add_row(*(cells[i] for i in keep))
     console.print(table)
+    hidden = [h for i, h in enumerate(header) if i not in keep]
+    if hidden:
+        console.print(f"({', '.join(hidden)}: too wide for this terminal, in results.json)")
+    if result.get("fidelity"):
+        console.print(_fidelity_table(result["fidelity"]))
     console.print(f"results: {run_dir / RESULTS_FILE}")
