@@ -150,7 +150,7 @@ def test_own_figures_are_the_teachers_log_probs_of_the_written_tokens(tiny_llama
     assert own["teacher"]["tokens"] == n and own["teacher"]["teacher_nll"] == pytest.approx(nll / n, rel=1e-5)
 
 
-def test_a_logits_cache_cannot_score_own_samples_and_says_so(tiny_llama, tiny_qwen2, traces, tmp_path, capsys):
+def test_a_cache_cannot_score_own_samples_and_the_teachers_are_optional(tiny_llama, tiny_qwen2, traces, tmp_path, capsys):
     cache = tmp_path / "cache"
     assert main(["logits", "--teacher", str(tiny_qwen2), "--traces", traces, "--student", str(tiny_llama),
                  "--out", str(cache), "--top-k", "8"]) == 0
@@ -158,6 +158,9 @@ def test_a_logits_cache_cannot_score_own_samples_and_says_so(tiny_llama, tiny_qw
     out = measure(str(tiny_llama), traces, teacher=Teacher(str(cache)), own=OwnSamples(samples=1, max_tokens=4))
     assert out["own_samples"] is None and out["metrics"]["kl"] is not None
     assert capsys.readouterr().out.count("own samples left out: a logits cache scores only the traces' tokens") == 1
+    alone = measure(str(tiny_llama), traces, teacher=Teacher(str(tiny_qwen2)),
+                    own=OwnSamples(samples=1, max_tokens=4, teacher_samples=False))["own_samples"]
+    assert alone["teacher"] is None and alone["model"]["samples"] == 8
 
 
 def test_the_eval_summary_and_compare_fit_80_columns(tiny_llama, tiny_qwen2, traces, shared_data, tmp_path,

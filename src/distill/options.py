@@ -134,6 +134,8 @@ class OwnSamples:
                                   "them and their repeated n-grams are reported (0: teacher text only)",
                           check=at_least(0))
     max_tokens: int = option(512, help="max tokens per own sample", check=at_least(1))
+    teacher_samples: bool = option(True, help="the teacher answers the same prompts too, as the reference (off: "
+                                              "where a row of the teacher's own gives it, e.g. its eval)")
 
 
 @dataclass

@@ -392,15 +392,16 @@ def notes(rows: list[Row]) -> list[str]:
     if own:
         from distill.degeneracy import N, THRESHOLD
 
-        teacher = own["teacher"]
+        teacher = next((row.own_samples["teacher"] for row in rows if row.own_samples.get("teacher")), None)
         lines.append(f"Own samples: {own['samples_per_prompt']} a prompt of the same {own['prompts']} held-out "
                      f"prompts, written by the model itself (temperature 1, the full distribution, at most "
                      f"{own['max_tokens']} tokens), per token: own NLL = the teacher's negative log-likelihood of "
                      f"them, own rKL = sampled KL(model || teacher); degenerate = % of their {N}-grams that repeat "
                      f"an earlier one of the same sample (⚠ from {_pct(THRESHOLD, 0)}: loops); own length = tokens "
-                     f"a sample. The teacher's own samples: NLL {_nats(teacher['teacher_nll'])}, degenerate "
-                     f"{_pct(teacher['repeated_ngram_share'])}, length {teacher['mean_length']:.0f}; an own NLL far "
-                     "below the teacher's, with degenerate text, is collapse, not fidelity.")
+                     "a sample" + (f". The teacher's own samples: NLL {_nats(teacher['teacher_nll'])}, degenerate "
+                                   f"{_pct(teacher['repeated_ngram_share'])}, length {teacher['mean_length']:.0f}"
+                                   if teacher else "") +
+                     "; an own NLL far below the teacher's, with degenerate text, is collapse, not fidelity.")
     if any(row.is_base for row in rows):
         lines.append("base = the untrained model the students started from.")
     if {"train time", "teacher tokens"} & {h for h, _ in columns(rows)}:

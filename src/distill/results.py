@@ -38,7 +38,7 @@
                        "teacher_nll", "nll", "reverse_kl",   # per sampled token; reverse_kl = teacher_nll - nll
                        "repeated_ngram_share", "distinct_ngram_share", "mean_length"},   # distill.degeneracy
              "teacher": {"samples", "tokens", "ended", "teacher_nll",   # its own samples: its entropy per token
-                         "repeated_ngram_share", "distinct_ngram_share", "mean_length"},
+                         "repeated_ngram_share", "distinct_ngram_share", "mean_length"}|null,  # --no-fidelity-teacher-samples
              "wall_s": float},
          "wall_s": float}}
 

@@ -239,10 +239,10 @@ def own_samples(model, teacher, examples: list[dict], tokenizer, own: OwnSamples
     prompts = sorted({e["prompt_id"]: prompt_ids(e) for e in examples}.items())
     pad = tokenizer.pad_token_id
     mine = _sampled(model, prompts, own, seed, batch_size, tokenizer)
-    theirs = _sampled(teacher, prompts, own, seed, batch_size, tokenizer)
+    theirs = _sampled(teacher, prompts, own, seed, batch_size, tokenizer) if own.teacher_samples else []
     model_side = _figures(mine, score(teacher, mine, pad, None, batch_size)["nll"],
                           score(model, mine, pad, None, batch_size)["nll"])
-    teacher_side = _figures(theirs, score(teacher, theirs, pad, None, batch_size)["nll"])
+    teacher_side = _figures(theirs, score(teacher, theirs, pad, None, batch_size)["nll"]) if theirs else None
     if samples_path is not None:
         write_jsonl(samples_path, [{"writer": writer, "prompt_id": e["prompt_id"], "repeat": e["repeat"],
                                     "completion": tokenizer.decode(e["completion"]), "tokens": len(e["completion"]),
@@ -336,6 +336,8 @@ def describe(fidelity: dict) -> str:
         line += (f"\nfidelity on its own {mine['samples']} samples ({mine['tokens']:,} tokens): the teacher's NLL "
                  f"{mine['teacher_nll']:.3f}/token, sampled KL(model || teacher) {mine['reverse_kl']:.3f}/token, "
                  f"repeated {N}-grams {100 * mine['repeated_ngram_share']:.1f}%, {mine['mean_length']:.0f} tokens a "
-                 f"sample (the teacher's own samples: its NLL {theirs['teacher_nll']:.3f}/token, repeated {N}-grams "
-                 f"{100 * theirs['repeated_ngram_share']:.1f}%, {theirs['mean_length']:.0f} tokens a sample)")
+                 "sample")
+        if theirs:
+            line += (f" (the teacher's own samples: its NLL {theirs['teacher_nll']:.3f}/token, repeated {N}-grams "
+                     f"{100 * theirs['repeated_ngram_share']:.1f}%, {theirs['mean_length']:.0f} tokens a sample)")
     return line

@@ -82,7 +82,7 @@ def _settings(cfg: EvalConfig) -> dict:
     return {"model": cfg.model.name, "model_url": cfg.model.url, "tasks": cfg.tasks, **asdict(cfg.sampling),
             "data_dir": cfg.data_dir, "limit": cfg.problems.limit, "fidelity_traces": cfg.fidelity_traces,
             "teacher": cfg.teacher.name, "fidelity_samples": cfg.own.samples,
-            "fidelity_max_tokens": cfg.own.max_tokens}
+            "fidelity_max_tokens": cfg.own.max_tokens, "fidelity_teacher_samples": cfg.own.teacher_samples}
 
 
 def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
@@ -343,7 +343,7 @@ def _fidelity_table(fidelity: dict):
                         "per token", caption="KL(model‖teacher): sampled, log q - log p of its own tokens"
                         if mine else None)
     table.add_column("", no_wrap=True)
-    texts = ["teacher traces"] + (["own samples", "teacher samples"] if own else [])
+    texts = ["teacher traces"] + (["own samples"] if own else []) + (["teacher samples"] if theirs else [])
     for text in texts:
         table.add_column(text, justify="right", no_wrap=True)
     for label, *cells in rows:
