@@ -177,7 +177,7 @@ def bench_pair(pair: Pair, args, out: Path) -> dict:
     half_kd = args.kd_steps // 2
     mixed_op = max(1, round((budget - half_kd * kd_step) / op_step))
     print(f"\n== {pair.name}: student {params / 1e6:.1f}M parameters, traces {trace_tokens:.0f} tokens (prompt "
-          f"{prompt_tokens:.0f}); budget {budget / 1e12:.2f} TFLOPs: kd {args.kd_steps} steps, on-policy {op_steps}, "
+          f"{prompt_tokens:.0f}); budget {budget / 1e12:.3g} TFLOPs: kd {args.kd_steps} steps, on-policy {op_steps}, "
           f"kd {half_kd} + on-policy {mixed_op}", flush=True)
     runs = out / pair.name
     kd = train_kd(pair, args, runs / "kd", args.kd_steps, pair.student)
@@ -198,7 +198,7 @@ def table(result: dict) -> str:
             "own rKL | degenerate | own length |")
     lines = [head, "| --- " * (head.count("|") - 1) + "|"]
     for name, r in result["rows"].items():
-        lines.append(f"| {name} | {r['steps']} | {r['flops'] / 1e12:.2f} | {r['wall_s']:.0f} | {r['kl']:.3f} | "
+        lines.append(f"| {name} | {r['steps']} | {r['flops'] / 1e12:.3g} | {r['wall_s']:.0f} | {r['kl']:.3f} | "
                      f"{r['nll']:.3f} | {100 * r['top1']:.1f}% | {r['own_nll']:.3f} | {r['own_rkl']:.3f} | "
                      f"{100 * r['degenerate']:.1f}% | {r['own_length']:.0f} |")
     teacher = result["rows"]["kd"]["teacher_own"]
@@ -239,7 +239,7 @@ def main() -> int:
         results.append(bench_pair(pair, args, out))
         (out / "equal_compute.json").write_text(json.dumps(results, indent=1))
     for result in results:
-        print(f"\n### {result['pair']} (budget {result['budget_flops'] / 1e12:.2f} student TFLOPs; KD lr "
+        print(f"\n### {result['pair']} (budget {result['budget_flops'] / 1e12:.3g} student TFLOPs; KD lr "
               f"{result['kd_lr']:g}, on-policy lr {result['op_lr']:g})\n")
         print(table(result))
     print(f"\n{time.time() - started:.0f} s; results in {out / 'equal_compute.json'}")

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.options import OwnSamples, Teacher
+from distill.results import OWN_SAMPLES_FILE
 from distill.runinfo import FORMER_RUN_RECORD, RUN_RECORD
 from distill.rendering import RenderOptions
 
@@ -330,7 +331,7 @@ def describe(fidelity: dict) -> str:
                  f"(teacher {fidelity['teacher']['name']})")
     own = fidelity.get("own_samples")
     if own:
-        from distill.degeneracy import N
+        from distill.degeneracy import N, THRESHOLD
 
         mine, theirs = own["model"], own["teacher"]
         line += (f"\nfidelity on its own {mine['samples']} samples ({mine['tokens']:,} tokens): the teacher's NLL "
@@ -340,4 +341,9 @@ def describe(fidelity: dict) -> str:
         if theirs:
             line += (f" (the teacher's own samples: its NLL {theirs['teacher_nll']:.3f}/token, repeated {N}-grams "
                      f"{100 * theirs['repeated_ngram_share']:.1f}%, {theirs['mean_length']:.0f} tokens a sample)")
+        if mine["repeated_ngram_share"] >= THRESHOLD:
+            line += (f"\nfidelity: warning: the model's own samples are degenerate "
+                     f"({100 * mine['repeated_ngram_share']:.0f}% of their {N}-grams repeat an earlier one; from "
+                     f"{100 * THRESHOLD:.0f}%: loops): a low teacher's "
+                     f"NLL of them is collapse, not fidelity (read {OWN_SAMPLES_FILE})")
     return line
