@@ -29,7 +29,7 @@ LAYERS = {
     "storage": {"errors", "paths", "records", "runinfo", "config", "options", "outputs", "console", "store",
                 "costs", "parallel", "distributed", "results", "protocols"},
     "rendering": {"prompts", "rendering", "models", "grading", "decontaminate", "kd_losses", "batching",
-                  "degeneracy", "origins"},
+                  "degeneracy", "origins", "sampling"},
     "teachers": {"teachers"},
     "stages": {"generate", "importer", "verify", "export", "logits", "report", "train", "eval", "check"},
     "cli": {"cli"},

@@ -147,8 +147,8 @@ def test_bad_results_files_are_named(tmp_path):
     bad.write_text(json.dumps(broken))
     with pytest.raises(DistillError, match=r"results.json: missing field 'tasks.distill_gsm8k.metrics.pass@1'"):
         load_result(bad)
-    bad.write_text(json.dumps({**res, "schema_version": 3}))
-    with pytest.raises(DistillError, match="schema_version.*expected one of 1, 2, got 3"):
+    bad.write_text(json.dumps({**res, "schema_version": 4}))
+    with pytest.raises(DistillError, match="schema_version.*expected one of 1, 2, 3, got 4"):
         load_result(bad)
     bad.write_text("{\n  oops")
     with pytest.raises(DistillError, match=r"results.json:2: bad JSON"):

@@ -151,6 +151,20 @@ class Render:
 
 
 @dataclass
+class OwnSamples:
+    """Own samples: fidelity on what the model writes itself, scored by a local teacher (eval --fidelity)."""
+
+    PREFIX = "fidelity"
+    samples: int = option(1, help="answers the model samples per held-out prompt (and the teacher, beside it), from "
+                                  "the full distribution at temperature 1, seeded by --seed; the teacher's NLL of "
+                                  "them and their repeated n-grams are reported (0: teacher text only)",
+                          check=at_least(0))
+    max_tokens: int = option(512, help="max tokens per own sample", check=at_least(1))
+    teacher_samples: bool = option(True, help="the teacher answers the same prompts too, as the reference (off: "
+                                              "where a row of the teacher's own gives it, e.g. its eval)")
+
+
+@dataclass
 class Grading:
     """Grading: how answers are compared with the reference (math-verify)."""
 

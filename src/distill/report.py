@@ -5,7 +5,8 @@ prints a Markdown table (optionally CSV, and an HTML page with a bar chart). Sco
 comparable when the rows were generated the same way on the same data, so rows whose generation
 settings or task data differ are refused, or, with ``--force``, shown under a loud marker.
 
-Beside the benchmark scores: fidelity to the teacher on held-out traces (``eval --fidelity``),
+Beside the benchmark scores: fidelity to the teacher on held-out traces (``eval --fidelity``) and on
+what each model writes itself to those prompts (its own samples, scored by the teacher),
 the untrained base model as a row of its own (method ``base``) wherever it was evaluated, and
 what each student cost: training wall time, GPU- (or CPU-) hours, and the teacher's generation
 of its data (``distill.costs``).
@@ -32,6 +33,8 @@ from distill.options import Output
 DEFAULT_RESULTS_DIR = "runs/eval"
 # Generation settings that change scores; rows must agree on all of them (and on k and data per task).
 GENERATION_SETTINGS = ("temperature", "top_p", "top_k", "max_gen_tokens", "chat_template", "system_prompt")
+#: How own samples were drawn; rows must agree on them (``eval.fidelity.own_samples``).
+OWN_SETTINGS = ("samples_per_prompt", "max_tokens", "temperature", "top_k", "top_p")
 MARKER = "⚠ NOT COMPARABLE"
 MISSING = "—"
 
@@ -84,6 +87,14 @@ class Row:
 
     def fidelity(self, metric: str) -> float | None:
         return ((self.result.get("fidelity") or {}).get("metrics") or {}).get(metric)
+
+    @property
+    def own_samples(self) -> dict:
+        """``fidelity.own_samples`` (``eval.fidelity``): the model's own samples, and the teacher's, in figures."""
+        return (self.result.get("fidelity") or {}).get("own_samples") or {}
+
+    def own(self, metric: str) -> float | None:
+        return (self.own_samples.get("model") or {}).get(metric)
 
     @property
     def teacher(self) -> str:
@@ -209,6 +220,10 @@ def settings(result: dict) -> dict[str, Any]:
         out["fidelity tokenizer"] = fidelity["tokenizer_sha"]
         if fidelity.get("teacher"):
             out["fidelity teacher"] = fidelity["teacher"]["name"]
+        own = fidelity.get("own_samples")
+        if own:  # own samples compare when drawn alike from the same prompts (the seed may differ)
+            out["own samples"] = {key: own[key] for key in OWN_SETTINGS}
+            out["own prompts"] = own["prompts_sha256"]
     return out
 
 
@@ -274,6 +289,17 @@ def _count(n: int | float | None) -> str:
 
 def _nats(x: float | None) -> str:
     return MISSING if x is None else f"{x:.3f}"
+
+
+def _whole(x: float | None) -> str:
+    return MISSING if x is None else f"{x:.0f}"
+
+
+def _degenerate(share: float | None) -> str:
+    """The repeated n-gram share in %, marked past the threshold where samples count as degenerate."""
+    from distill.degeneracy import THRESHOLD
+
+    return MISSING if share is None else _pct(share) + (" ⚠" if share >= THRESHOLD else "")
 
 
 def _duration(seconds: float | None) -> str:
@@ -351,6 +377,10 @@ def columns(rows: list[Row]) -> list[tuple[str, Callable[[Row], str]]]:
     optional = [("NLL/token", lambda row: _nats(row.fidelity("nll"))),
                 ("KL to teacher", lambda row: _nats(row.fidelity("kl"))),
                 ("top-1 agree", lambda row: _pct(row.fidelity("top1_agreement"))),
+                ("own NLL", lambda row: _nats(row.own("teacher_nll"))),
+                ("own rKL", lambda row: _nats(row.own("reverse_kl"))),
+                ("degenerate", lambda row: _degenerate(row.own("repeated_ngram_share"))),
+                ("own length", lambda row: _whole(row.own("mean_length"))),
                 *_compute_columns(rows)]
     return fixed + [(h, cell) for h, cell in optional if any(cell(row) != MISSING for row in rows)]
 
@@ -376,6 +406,20 @@ def notes(rows: list[Row]) -> list[str]:
     if any(row.protocol != MISSING for row in rows):
         lines.append("protocol = the published evaluation protocol a row sampled under (eval --protocol; changed: "
                      "what its flags set otherwise): a row compares with a paper's numbers only under its protocol.")
+    own = next((row.own_samples for row in rows if row.own_samples), None)
+    if own:
+        from distill.degeneracy import N, THRESHOLD
+
+        teacher = next((row.own_samples["teacher"] for row in rows if row.own_samples.get("teacher")), None)
+        lines.append(f"Own samples: {own['samples_per_prompt']} a prompt of the same {own['prompts']} held-out "
+                     f"prompts, written by the model itself (temperature 1, the full distribution, at most "
+                     f"{own['max_tokens']} tokens), per token: own NLL = the teacher's negative log-likelihood of "
+                     f"them, own rKL = sampled KL(model || teacher); degenerate = % of their {N}-grams that repeat "
+                     f"an earlier one of the same sample (⚠ from {_pct(THRESHOLD, 0)}: loops); own length = tokens "
+                     "a sample" + (f". The teacher's own samples: NLL {_nats(teacher['teacher_nll'])}, degenerate "
+                                   f"{_pct(teacher['repeated_ngram_share'])}, length {teacher['mean_length']:.0f}"
+                                   if teacher else "") +
+                     "; an own NLL far below the teacher's, with degenerate text, is collapse, not fidelity.")
     if any(row.is_base for row in rows):
         lines.append("base = the untrained model the students started from.")
     if {"train time", "teacher tokens"} & {h for h, _ in columns(rows)}:
@@ -407,8 +451,8 @@ def to_markdown(rows: list[Row]) -> str:
 
 #: Which columns a narrow terminal drops first: the last of these patterns first (cells kept whole).
 PRIORITY = ("model", "pass@1", "protocol", "KL to teacher", "own NLL", "NLL/token", "method", "top-1 agree",
-            "degenerate", "teacher", "finished", "cons@", "train time", "-hours", "train examples", "train tokens",
-            "teacher tokens", "teacher cost")
+            "degenerate", "own rKL", "own length", "teacher", "finished", "cons@", "train time", "-hours",
+            "train examples", "train tokens", "teacher tokens", "teacher cost")
 
 
 def _rank(header: str) -> int:
@@ -436,8 +480,12 @@ def fitted_markdown(rows: list[Row], width: int) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n\n" + "\n".join(notes(rows)) + "\n", hidden
 
 
+#: own-sample figures in the CSV: the model's (``own_*``) and the teacher's own samples' (``teacher_own_*``)
+OWN_CSV = ("teacher_nll", "nll", "reverse_kl", "repeated_ngram_share", "mean_length", "ended", "samples", "tokens")
+TEACHER_OWN_CSV = ("teacher_nll", "repeated_ngram_share", "mean_length", "ended")
 CSV_EXTRA = ["fidelity_nll", "fidelity_kl", "fidelity_top1_agreement", "fidelity_examples", "fidelity_target_tokens",
-             "fidelity_teacher", "train_wall_time_s", "device", "device_hours", "teacher_samples",
+             "fidelity_teacher", *(f"own_{k}" for k in OWN_CSV), *(f"teacher_own_{k}" for k in TEACHER_OWN_CSV),
+             "train_wall_time_s", "device", "device_hours", "teacher_samples",
              "teacher_tokens_in", "teacher_tokens_out", "teacher_cost", "teacher_cost_currency"]
 
 
@@ -446,7 +494,8 @@ def _csv_extra(row: Row) -> list:
     hours = device_hours(row.training)
     gen, cost = row.generation, row.generation.get("cost") or {}
     return [row.fidelity("nll"), row.fidelity("kl"), row.fidelity("top1_agreement"), fidelity.get("examples"),
-            fidelity.get("target_tokens"), (fidelity.get("teacher") or {}).get("name"),
+            fidelity.get("target_tokens"), (fidelity.get("teacher") or {}).get("name"), *map(row.own, OWN_CSV),
+            *((row.own_samples.get("teacher") or {}).get(k) for k in TEACHER_OWN_CSV),
             row.training.get("wall_time_s"), hours and hours[1], hours and round(hours[0], 6),
             gen.get("samples"), gen.get("tokens_in"), gen.get("tokens_out"), cost.get("amount"), cost.get("currency")]
 

@@ -3,10 +3,12 @@
 - ``generations.jsonl``: one line per sample: task, doc_id, repeat, seed (server backend), prompt,
   gold, response, answer (extracted; null when none), correct, boxed, timeout, gen_tokens, finish
   ("stop" or "length").
-- ``results.json`` (schema_version 2; version 1 files, which lack ``model.path``, ``model.data``
-  and ``fidelity``, still load)::
+- ``own_samples.jsonl`` (with ``fidelity.own_samples``): what the model and the teacher wrote to the
+  held-out prompts: writer ("model" or "teacher"), prompt_id, repeat, completion (text), tokens, ended.
+- ``results.json`` (schema_version 3; versions 1 and 2 still load: 1 lacks ``model.path``, ``model.data``
+  and ``fidelity``, 2 lacks ``fidelity.own_samples``)::
 
-    {"schema_version": 2, "run_name": str, "label": str, "created_at": "YYYY-MM-DDTHH:MM:SSZ",
+    {"schema_version": 3, "run_name": str, "label": str, "created_at": "YYYY-MM-DDTHH:MM:SSZ",
      "model": {"name_or_path": str, "path": str|null,   # absolute, for a local model
                "base": str|null, "teacher": str|null,
                "training": dict|null,   # the `summary` of the model dir's distill_run.json
@@ -31,6 +33,15 @@
          "render": {"think_style", "max_length", "overlong"}, "tokenizer_sha": str,
          "teacher": {"name", "kind": "online"|"cache", ...}|null,
          "metrics": {"nll": float, "kl": float|null, "top1_agreement": float|null},   # per token
+         "own_samples": {               # null without a local teacher or with --fidelity-samples 0
+             "prompts": int, "prompts_sha256": str, "samples_per_prompt": int, "max_tokens": int,
+             "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": int,
+             "model": {"samples", "tokens", "ended",     # ended: the share that stopped by themselves
+                       "teacher_nll", "nll", "reverse_kl",   # per sampled token; reverse_kl = teacher_nll - nll
+                       "repeated_ngram_share", "distinct_ngram_share", "mean_length"},   # distill.degeneracy
+             "teacher": {"samples", "tokens", "ended", "teacher_nll",   # its own samples: its entropy per token
+                         "repeated_ngram_share", "distinct_ngram_share", "mean_length"}|null,  # --no-fidelity-teacher-samples
+             "wall_s": float},
          "wall_s": float}}
 
   Metric definitions are in ``distill.eval.metrics``. ``finished_rate``: samples that ended on
@@ -47,11 +58,12 @@ from pathlib import Path
 from distill.errors import DistillError
 from distill.records import parse_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: versions :func:`load_results` reads (each later one only adds fields)
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 RESULTS_FILE = "results.json"
 GENERATIONS_FILE = "generations.jsonl"
+OWN_SAMPLES_FILE = "own_samples.jsonl"
 
 
 def load_results(path: str | Path) -> dict:

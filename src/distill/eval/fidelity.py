@@ -16,17 +16,36 @@ stays flat in sequence length. Which traces: by default the prompts the model's 
 out (``held_out`` in its ``distill_run.json``); ``--fidelity-traces`` names another training
 run (its held-out prompts: so an untrained base model is scored on the same ones) or a traces
 file (all of it).
+
+Teacher text is only half of it: on-policy distillation trains on what the student writes, and
+reverse KL is mode-seeking (a student can find the teacher's favourite degenerate text, repetition,
+and move away from the teacher everywhere else: issue #36). So with a local teacher the model also
+samples answers to the same held-out prompts (``--fidelity-samples`` per prompt, from the full
+distribution at temperature 1, seeded: ``sampling.sample_rows``), and ``own_samples`` reports per
+sampled token:
+
+- ``teacher_nll``: the teacher's negative log-likelihood of them (the on-policy objective's measure);
+- ``nll``: the model's own, and ``reverse_kl`` = ``teacher_nll - nll``, the sampled estimate of
+  KL(model || teacher) (mean over sampled tokens of log q(y) - log p(y));
+- their degeneracy (``degeneracy``: the repeated 4-gram share, the mean length);
+
+beside the same for the teacher's own samples of those prompts (its ``teacher_nll`` is its entropy
+per token: a model far below it has stopped writing what the teacher writes). A logits cache cannot
+score new text, so with one only the teacher text is scored. The samples are written to
+``own_samples.jsonl`` for a person to read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.options import Teacher
+from distill.options import OwnSamples, Teacher
+from distill.results import OWN_SAMPLES_FILE
 from distill.runinfo import FORMER_RUN_RECORD, RUN_RECORD
 from distill.rendering import RenderOptions
 
@@ -174,9 +193,74 @@ def score(model, examples: list[dict], pad_token_id: int, teacher=None, batch_si
     return totals
 
 
+def _sampled(model, prompts: list[tuple[str, list[int]]], own: OwnSamples, seed: int, batch_size: int,
+             tokenizer) -> list[dict]:
+    """``own.samples`` completions a prompt, as examples (the loss on the sampled tokens, stop token included)
+    with what a person reads: the prompt id, repeat, text and whether it ended."""
+    from distill.rendering import IGNORE_INDEX
+    from distill.sampling import cut_at_stop, sample_rows, stop_ids_of
+
+    stop_ids, out = stop_ids_of(tokenizer), []
+    for start in range(0, len(prompts), max(1, batch_size)):
+        batch = prompts[start:start + max(1, batch_size)]
+        rows = sample_rows(model, [p for _, p in batch], max_tokens=own.max_tokens, seed=seed + start,
+                           stop_ids=stop_ids, pad_id=tokenizer.pad_token_id, per_prompt=own.samples)
+        for row, tokens in enumerate(rows):
+            prompt_id, prompt = batch[row // own.samples]
+            completion, ended = cut_at_stop(tokens, stop_ids)
+            out.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion,
+                        "example_index": len(out), "prompt_id": prompt_id, "repeat": row % own.samples,
+                        "completion": completion, "ended": ended})
+    return out
+
+
+def _figures(examples: list[dict], teacher_nll: float, nll: float | None = None) -> dict:
+    """One writer's samples in figures: tokens, the share that ended, the teacher's NLL per token (and the
+    writer's own with the sampled reverse KL, from the summed ``teacher_nll`` and ``nll``), degeneracy."""
+    from distill.degeneracy import pooled
+
+    tokens = sum(len(e["completion"]) for e in examples)
+    figures = {"samples": len(examples), "tokens": tokens, "ended": sum(e["ended"] for e in examples) / len(examples),
+               "teacher_nll": teacher_nll / max(tokens, 1)}
+    if nll is not None:
+        figures.update(nll=nll / max(tokens, 1), reverse_kl=(teacher_nll - nll) / max(tokens, 1))
+    degeneracy = pooled(e["completion"] for e in examples).as_dict()
+    del degeneracy["samples"]
+    return {**figures, **degeneracy}
+
+
+def own_samples(model, teacher, examples: list[dict], tokenizer, own: OwnSamples, seed: int, batch_size: int,
+                samples_path: Path | None = None) -> dict:
+    """``fidelity.own_samples``: ``model`` and ``teacher`` (a loaded model of the same tokenizer) each write
+    ``own.samples`` answers to every prompt of ``examples``; the teacher scores both (module doc)."""
+    from distill.records import write_jsonl
+    from distill.sampling import prompt_ids
+
+    started = time.time()
+    prompts = sorted({e["prompt_id"]: prompt_ids(e) for e in examples}.items())
+    pad = tokenizer.pad_token_id
+    mine = _sampled(model, prompts, own, seed, batch_size, tokenizer)
+    theirs = _sampled(teacher, prompts, own, seed, batch_size, tokenizer) if own.teacher_samples else []
+    model_side = _figures(mine, score(teacher, mine, pad, None, batch_size)["nll"],
+                          score(model, mine, pad, None, batch_size)["nll"])
+    teacher_side = _figures(theirs, score(teacher, theirs, pad, None, batch_size)["nll"]) if theirs else None
+    if samples_path is not None:
+        write_jsonl(samples_path, [{"writer": writer, "prompt_id": e["prompt_id"], "repeat": e["repeat"],
+                                    "completion": tokenizer.decode(e["completion"]), "tokens": len(e["completion"]),
+                                    "ended": e["ended"]} for writer, side in (("model", mine), ("teacher", theirs))
+                                   for e in side])
+    ids = "\n".join(prompt_id for prompt_id, _ in prompts)
+    return {"prompts": len(prompts), "prompts_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+            "samples_per_prompt": own.samples, "max_tokens": own.max_tokens, "temperature": 1.0, "top_k": 0,
+            "top_p": 1.0, "seed": seed, "model": model_side, "teacher": teacher_side,
+            "wall_s": round(time.time() - started, 3)}
+
+
 def measure(model: str | None, fidelity_traces: str | None = None, teacher: Teacher | None = None,
-            think_style: str | None = None, batch_size: int = 8) -> dict:
-    """``results.json``'s ``fidelity`` entry for ``model`` (a local model dir, id or LoRA adapter)."""
+            think_style: str | None = None, batch_size: int = 8, own: OwnSamples | None = None, seed: int = 0,
+            samples_path: Path | None = None) -> dict:
+    """``results.json``'s ``fidelity`` entry for ``model`` (a local model dir, id or LoRA adapter); with
+    ``own`` (``samples`` > 0) and a local teacher, ``own_samples`` too (written to ``samples_path``)."""
     import torch
 
     from distill.eval.backends import model_parts
@@ -206,6 +290,13 @@ def measure(model: str | None, fidelity_traces: str | None = None, teacher: Teac
     rows = student.get_output_embeddings().weight.shape[0]
     scorer, teacher_info = _teacher(teacher, tokenizer, examples, data, model, device, rows)
     sums = score(student, examples, tokenizer.pad_token_id, scorer, batch_size)
+    own_result = None
+    if own is not None and own.samples and teacher_info is not None:
+        if teacher_info["kind"] == "online":
+            own_result = own_samples(student, scorer.model, examples, tokenizer, own, seed, batch_size, samples_path)
+        else:
+            print(f"fidelity: own samples left out: a logits cache scores only the traces' tokens; pass a local "
+                  f"teacher (--teacher {teacher_info['name']}) to score what the model writes", flush=True)
     del student, scorer
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -225,6 +316,7 @@ def measure(model: str | None, fidelity_traces: str | None = None, teacher: Teac
         "metrics": {"nll": sums["nll"] / n,
                     "kl": None if sums["kl"] is None else sums["kl"] / n,
                     "top1_agreement": None if sums["top1"] is None else sums["top1"] / n},
+        "own_samples": own_result,
     }
 
 
@@ -237,4 +329,21 @@ def describe(fidelity: dict) -> str:
     if m["kl"] is not None:
         line += (f", KL(teacher || model) {m['kl']:.3f}/token, top-1 agreement {100 * m['top1_agreement']:.1f}% "
                  f"(teacher {fidelity['teacher']['name']})")
+    own = fidelity.get("own_samples")
+    if own:
+        from distill.degeneracy import N, THRESHOLD
+
+        mine, theirs = own["model"], own["teacher"]
+        line += (f"\nfidelity on its own {mine['samples']} samples ({mine['tokens']:,} tokens): the teacher's NLL "
+                 f"{mine['teacher_nll']:.3f}/token, sampled KL(model || teacher) {mine['reverse_kl']:.3f}/token, "
+                 f"repeated {N}-grams {100 * mine['repeated_ngram_share']:.1f}%, {mine['mean_length']:.0f} tokens a "
+                 "sample")
+        if theirs:
+            line += (f" (the teacher's own samples: its NLL {theirs['teacher_nll']:.3f}/token, repeated {N}-grams "
+                     f"{100 * theirs['repeated_ngram_share']:.1f}%, {theirs['mean_length']:.0f} tokens a sample)")
+        if mine["repeated_ngram_share"] >= THRESHOLD:
+            line += (f"\nfidelity: warning: the model's own samples are degenerate "
+                     f"({100 * mine['repeated_ngram_share']:.0f}% of their {N}-grams repeat an earlier one; from "
+                     f"{100 * THRESHOLD:.0f}%: loops): a low teacher's "
+                     f"NLL of them is collapse, not fidelity (read {OWN_SAMPLES_FILE})")
     return line

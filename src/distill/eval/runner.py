@@ -21,9 +21,9 @@ from typing import Literal
 from distill.config import at_least, group, option, outright, to_dict
 from distill.errors import DistillError
 from distill.eval.metrics import task_metrics
-from distill.results import GENERATIONS_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
+from distill.results import GENERATIONS_FILE, OWN_SAMPLES_FILE, RESULTS_FILE, SCHEMA_VERSION, load_results
 from distill.outputs import exclusive, read_record
-from distill.options import Endpoint, Grading, Model, Output, PromptSet, Render, Sampling, Teacher
+from distill.options import Endpoint, Grading, Model, Output, OwnSamples, PromptSet, Render, Sampling, Teacher
 from distill.protocols import PROTOCOLS, departures
 from distill.records import read_jsonl, write_json, write_jsonl
 from distill.runinfo import RUN_RECORD, run_record, versions
@@ -60,6 +60,7 @@ class EvalConfig:
     fidelity_traces: str | None = option(None, help="fidelity: a training run's OUT dir (its held-out prompts) or a "
                                                     "traces JSONL (all of it); default: the prompts the model's own "
                                                     "training held out")
+    own: OwnSamples = group(OwnSamples)
     teacher: Teacher = group(Teacher, only=("name",))
     render: Render = group(Render, only=("think_style",))
 
@@ -85,7 +86,8 @@ def run_eval(cfg: EvalConfig) -> int:
     run_dir = Path(cfg.output.out) / (cfg.run_name or _default_run_name(cfg))
     with exclusive(run_dir):
         claim(run_dir, "eval", kind="dir", settings=_settings(cfg), overwrite=cfg.output.overwrite,
-              owned=(RESULTS_FILE, GENERATIONS_FILE, RUN_RECORD), marks=(GENERATIONS_FILE,), inputs=[cfg.model.name, cfg.fidelity_traces, cfg.data_dir])
+              owned=(RESULTS_FILE, GENERATIONS_FILE, OWN_SAMPLES_FILE, RUN_RECORD), marks=(GENERATIONS_FILE,),
+              inputs=[cfg.model.name, cfg.fidelity_traces, cfg.data_dir])
         return _run(cfg, specs, run_dir)
 
 
@@ -95,12 +97,13 @@ def _settings(cfg: EvalConfig) -> dict:
 
     return {"model": cfg.model.name, "model_url": cfg.model.url, "tasks": cfg.tasks, **asdict(cfg.sampling),
             "protocol": cfg.protocol, "data_dir": cfg.data_dir, "limit": cfg.problems.limit,
-            "fidelity_traces": cfg.fidelity_traces, "teacher": cfg.teacher.name}
+            "fidelity_traces": cfg.fidelity_traces, "teacher": cfg.teacher.name, "fidelity_samples": cfg.own.samples,
+            "fidelity_max_tokens": cfg.own.max_tokens, "fidelity_teacher_samples": cfg.own.teacher_samples}
 
 
 def _run(cfg: EvalConfig, specs, run_dir: Path) -> int:
     """Fidelity, then the benchmark tasks, written to ``run_dir`` (whose lock the caller holds)."""
-    fidelity = _fidelity(cfg)  # first: quick, and it checks the traces and the teacher before the long part
+    fidelity = _fidelity(cfg, run_dir)  # first: quick, and it checks the traces and the teacher before the long part
     backend = _build_backend(cfg)
     started = time.time()
     out = _evaluate(backend.lm, specs, cfg)
@@ -148,14 +151,16 @@ def protocol_record(cfg: EvalConfig, specs) -> dict:
     return {"name": cfg.protocol, "source": protocol.source, "changed": changed}
 
 
-def _fidelity(cfg: EvalConfig) -> dict | None:
-    """``results.json``'s ``fidelity`` entry (``eval.fidelity``), when any fidelity flag asks for it."""
+def _fidelity(cfg: EvalConfig, run_dir: Path) -> dict | None:
+    """``results.json``'s ``fidelity`` entry (``eval.fidelity``), when any fidelity flag asks for it; the
+    model's and the teacher's own samples go to ``run_dir``."""
     if not (cfg.fidelity or cfg.fidelity_traces or cfg.teacher.name):
         return None
     from distill.eval.fidelity import describe, measure
 
     started = time.time()
-    out = measure(cfg.model.name, cfg.fidelity_traces, cfg.teacher, cfg.render.think_style, cfg.batch_size)
+    out = measure(cfg.model.name, cfg.fidelity_traces, cfg.teacher, cfg.render.think_style, cfg.batch_size,
+                  cfg.own, cfg.sampling.seed, run_dir / OWN_SAMPLES_FILE)
     out["wall_s"] = round(time.time() - started, 3)
     print(describe(out), flush=True)
     return out
@@ -335,6 +340,48 @@ def _summary_rows(result: dict) -> list[dict[str, str]]:
     return rows
 
 
+def _fidelity_table(fidelity: dict):
+    """Fidelity on three texts, per token: the teacher's held-out traces, the model's own samples of those
+    prompts and the teacher's; a row for each figure some text has."""
+    from rich.table import Table
+
+    from distill.degeneracy import N
+
+    m, own = fidelity["metrics"], fidelity.get("own_samples") or {}
+    mine, theirs = own.get("model") or {}, own.get("teacher") or {}
+
+    def nats(x):
+        return "—" if x is None else f"{x:.3f}"
+
+    def pct(x):
+        return "—" if x is None else f"{100 * x:.1f}%"
+
+    def count(x):
+        return "—" if x is None else f"{x:,.0f}"
+
+    rows = [("tokens", count(fidelity["target_tokens"]), count(mine.get("tokens")), count(theirs.get("tokens"))),
+            ("model's NLL", nats(m["nll"]), nats(mine.get("nll")), "—"),
+            ("teacher's NLL", "—", nats(mine.get("teacher_nll")), nats(theirs.get("teacher_nll"))),
+            ("KL(teacher‖model)", nats(m["kl"]), "—", "—"),
+            ("KL(model‖teacher)", "—", nats(mine.get("reverse_kl")), "—"),
+            ("top-1 agreement", pct(m["top1_agreement"]), "—", "—"),
+            (f"repeated {N}-grams", "—", pct(mine.get("repeated_ngram_share")), pct(theirs.get("repeated_ngram_share"))),
+            ("tokens a sample", "—", count(mine.get("mean_length")), count(theirs.get("mean_length"))),
+            ("ended", "—", pct(mine.get("ended")), pct(theirs.get("ended")))]
+    teacher = (fidelity.get("teacher") or {}).get("name")
+    table = Table(title=f"fidelity{f' to {teacher}' if teacher else ''} on {fidelity['prompts']} held-out prompts, "
+                        "per token", caption="KL(model‖teacher): sampled, log q - log p of its own tokens"
+                        if mine else None)
+    table.add_column("", no_wrap=True)
+    texts = ["teacher traces"] + (["own samples"] if own else []) + (["teacher samples"] if theirs else [])
+    for text in texts:
+        table.add_column(text, justify="right", no_wrap=True)
+    for label, *cells in rows:
+        if any(c != "—" for c in cells[:len(texts)]):
+            table.add_row(label, *cells[:len(texts)])
+    return table
+
+
 def _print_summary(run_dir: Path, result: dict) -> None:
     """The scores as a table that fits the terminal: every name whole, the least important columns
     left out first (the whole table is results.json)."""
@@ -357,4 +404,6 @@ def _print_summary(run_dir: Path, result: dict) -> None:
         table.add_row(*(row[c] for c in columns))
     console.print(table)
     dropped = [c for c in SUMMARY if c not in columns]
+    if result.get("fidelity"):
+        console.print(_fidelity_table(result["fidelity"]))
     console.print(f"results: {run_dir / RESULTS_FILE}" + (f" (also {', '.join(dropped)})" if dropped else ""))

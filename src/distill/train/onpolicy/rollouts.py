@@ -20,7 +20,8 @@ from typing import Protocol
 
 from distill.distributed import sharded_over_processes
 from distill.errors import DistillError
-from distill.rendering import IGNORE_INDEX, end_of_turn_id, prompt_ids  # noqa: F401  (prompt_ids: the schedule's)
+from distill.rendering import IGNORE_INDEX
+from distill.sampling import cut_at_stop, prompt_ids, sample_rows, stop_ids_of
 from distill.train.onpolicy.sampler import Sampling, StaticSampler, refreshed_copy, unsupported
 
 ENGINES = ("auto", "graph", "hf")
@@ -62,19 +63,9 @@ class RolloutEngine(Protocol):
         """``settings.per_prompt`` rollouts per prompt, prompt by prompt, reproducible for a seed."""
 
 
-def stop_ids_of(tokenizer) -> list[int]:
-    """What a rollout stops on: the end-of-turn token and EOS."""
-    return sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})
-
-
 def rollouts_of(prompts: list[list[int]], per_prompt: int, rows: list[list[int]], stop_ids) -> list[Rollout]:
     """Sampled rows (``per_prompt`` consecutive rows a prompt) as rollouts, each cut after its first stop token."""
-    out = []
-    for row, tokens in enumerate(rows):
-        end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
-        out.append(Rollout(prompt=list(prompts[row // per_prompt]), completion=tokens if end is None else
-                           tokens[:end + 1], ended=end is not None))
-    return out
+    return [Rollout(list(prompts[row // per_prompt]), *cut_at_stop(tokens, stop_ids)) for row, tokens in enumerate(rows)]
 
 
 class HFRollouts:
@@ -94,38 +85,22 @@ class HFRollouts:
         self.stop_ids = stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
 
     def sample(self, model, prompts: list[list[int]], seed: int) -> list[Rollout]:
-        import torch
-        from transformers import GenerationConfig
-
         s = self.settings
-        device = model.get_input_embeddings().weight.device
-        width = max(len(p) for p in prompts)
-        if s.cache == "static":
-            width = -(-width // 64) * 64
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        sampling = dict(do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p) if s.temperature > 0 \
-            else dict(do_sample=False)
-        config = GenerationConfig(max_new_tokens=s.max_tokens, num_return_sequences=s.per_prompt,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
-                                  cache_implementation="static" if s.cache == "static" else None, **sampling)
         # static: a bf16 copy, so that generation runs without autocast's per-step weight casts, in the
         # dtype of the static cache, and the compiled decoding graphs keep their addresses
         sampler = self._copy = refreshed_copy(model, self._copy) if s.cache == "static" else model
         was_training = sampler.training
         sampler.eval()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                # a sharded student's forward is collective: every process decodes until all are done
-                out = sampler.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config, synced_gpus=sharded_over_processes(sampler))
+            # a sharded student's forward is collective: every process decodes until all are done
+            rows = sample_rows(sampler, prompts, max_tokens=s.max_tokens, seed=seed, stop_ids=self.stop_ids,
+                               pad_id=self.pad_id, per_prompt=s.per_prompt, temperature=s.temperature,
+                               top_k=s.top_k, top_p=s.top_p, width_multiple=64 if s.cache == "static" else 1,
+                               cache_implementation="static" if s.cache == "static" else None,
+                               synced_gpus=sharded_over_processes(sampler))
         finally:
             sampler.train(was_training)
-        return rollouts_of(prompts, s.per_prompt, out[:, width:].tolist(), self.stop_ids)
+        return rollouts_of(prompts, s.per_prompt, rows, self.stop_ids)
 
 
 class GraphRollouts:
