@@ -158,7 +158,7 @@ def test_lora_adapter_records_its_base_and_its_fidelity(tiny_llama, shared_data,
     res = load_results(tmp_path / "lora")
     assert res["model"]["base"] == str(tiny_llama) and res["model"]["teacher"] == "deepseek-reasoner"
     assert res["model"]["training"]["method"] == "sft" and res["label"] == "tiny-sft"
-    assert res["schema_version"] == 2 and res["model"]["path"] == str(adapter.resolve())
+    assert res["schema_version"] == 3 and res["model"]["path"] == str(adapter.resolve())
     fidelity = res["fidelity"]
     assert fidelity["examples"] == 3 and fidelity["held_out_from"] is None and fidelity["metrics"]["nll"] > 0
     assert abs(fidelity["metrics"]["kl"]) < 1e-6 and fidelity["metrics"]["top1_agreement"] == 1.0
