@@ -184,6 +184,22 @@ def test_on_policy_from_prompts_alone_reads_the_rollouts_in_the_teachers_tokens(
     assert 0 < sum(kd["alignment"][kind] for kind in ("one_to_one", "many_to_one", "one_to_many", "unmapped")) <= 4 * 6
 
 
+def test_routed_teachers_one_of_another_tokenizer_each_take_their_own_path(setting, teacher_dir):
+    """Several teachers (issue 36) where one has another tokenizer: that one is aligned, the one of the student's
+    tokenizer keeps the exact path, and the run record says which for each."""
+    _, _, _, student_dir, work, _ = setting
+    traces = write_traces(work / "routed.jsonl", [make_trace(30 + i, domain="qwen" if i % 2 else "own")
+                                                  for i in range(4)])
+    out = work / "routed"
+    assert main(["train", "--method", "kd", "--teacher", f"qwen={teacher_dir},own={student_dir}", "--route-field",
+                 "domain", "--student", str(student_dir), "--traces", traces, "--out", str(out), "--top-logprobs",
+                 "32", *PURE_KD[:2], "--max-steps", "1", "--batch-size", "4", "--no-gradient-checkpointing",
+                 *QUIET]) == 0
+    teachers = kd_record(out)["teachers"]
+    assert teachers["qwen"]["tokenizers"] == "cross" and teachers["own"]["tokenizers"] == "same"
+    assert teachers["qwen"]["examples"] == teachers["own"]["examples"] == 2
+
+
 # ---------------------------------------------------------------- bad input: one line, nothing written
 
 
