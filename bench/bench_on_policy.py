@@ -30,7 +30,10 @@ Step rows (--rows): distill with the dynamic KV cache, with the static cache (tr
 the decoding step with CUDA graphs; GPU only), with the graph sampler (``graph``: --rollout-engine
 graph, its ``auto`` graphs), TRL's GKDTrainer with its own generation path (skipped when trl is not
 importable). tokens/s counts sampled tokens per second of whole optimizer steps after one untimed
-warm-up step; the split is rollout / teacher / update.
+warm-up step; the split is rollout / teacher / update (``graph-overlap``, --rollout-overlap: the
+rollouts sample in a thread during the previous step's update; its split's first part is what the
+step still waited for them, and its last step's mean importance ratio and share clipped follow; each
+``train()`` starts with one synchronous batch, so give it --steps 4 or more).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from bench_kd_step import QWEN_1_5B, QWEN_7B, TINY_S, TINY_T, model  # noqa: E40
 from distill.batching import Collator  # noqa: E402
 from distill.kd_losses import KDSettings  # noqa: E402
 from distill.train.onpolicy.schedule import OnPolicy  # noqa: E402
+from distill.train.onpolicy.overlap import Overlap  # noqa: E402
 from distill.train.onpolicy.rollouts import GraphRollouts, HFRollouts, RolloutSettings, rollout_engine  # noqa: E402
 from distill.train.onpolicy.sampler import cache_bytes  # noqa: E402
 from distill.teachers.sources import OnlineTeacher  # noqa: E402
@@ -228,21 +232,28 @@ def rollout_rows(s_spec, tok, cuda: bool) -> None:
 
 
 def distill_row(name: str, student, teacher, data: Rows, tok, cuda: bool) -> dict:
-    settings = RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, cache="static" if name == "graph" else name)
+    graph, overlapped = name.startswith("graph"), name == "graph-overlap"
+    settings = RolloutSettings(max_tokens=ARGS.new_tokens, temperature=1.0, cache="static" if graph else name)
     engine = rollout_engine(tok, settings, student, engine="graph", stop_ids=[EOS], max_prompts=ARGS.batch,
-                            prompt_tokens=ARGS.prompt_tokens) if name == "graph" else \
+                            prompt_tokens=ARGS.prompt_tokens, overlap=overlapped) if graph else \
         HFRollouts(tok, settings, stop_ids=[EOS])
-    schedule = OnPolicy(1.0, engine, {i: p for i, p in enumerate(data.items)}, tok)
+    schedule = OnPolicy(1.0, engine, {i: p for i, p in enumerate(data.items)}, tok,
+                        overlap=Overlap(2.0, settings.sampling()) if overlapped else None)
     trainer = KDTrainer(model=student, args=args_for(cuda, ARGS.batch, ARGS.steps, "/tmp/bench_op_distill"),
                         train_dataset=data, data_collator=Collator(PAD), kd=KDSettings(loss="rkl", alpha=1.0),
                         teacher=OnlineTeacher(teacher, student.get_output_embeddings().weight.shape[0]),
                         on_policy=schedule)
-    row = timed(trainer, ARGS.steps, cuda, ARGS.batch * ARGS.new_tokens)
+    try:
+        row = timed(trainer, ARGS.steps, cuda, ARGS.batch * ARGS.new_tokens)
+    finally:
+        schedule.close()  # overlap: a batch sampled ahead past the last step
     row["engine"] = engine.name
     logs = [e for e in trainer.state.log_history if "time_rollout_s" in e][-ARGS.steps:]
-    total = sum(sum(e[f"time_{p}_s"] for p in ("rollout", "teacher", "update")) for e in logs)
-    row["split"] = " / ".join(f"{100 * sum(e[f'time_{p}_s'] for e in logs) / total:.0f}%"
-                              for p in ("rollout", "teacher", "update"))
+    parts = ("rollout_wait" if overlapped else "rollout", "teacher", "update")  # overlap: what the step waited for
+    total = sum(sum(e[f"time_{p}_s"] for p in parts) for e in logs)
+    row["split"] = " / ".join(f"{100 * sum(e[f'time_{p}_s'] for e in logs) / total:.0f}%" for p in parts)
+    if overlapped:
+        row["split"] += f" (IS ratio {logs[-1]['rollout_is_ratio_mean']:.3f}, clipped {logs[-1]['rollout_is_clipped']:.1%})"
     return row
 
 
@@ -290,7 +301,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=None, help="rollout length (default 1024; tiny 16)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step")
-    p.add_argument("--rows", default="static,graph", help="step rows: dynamic, static, graph, trl")
+    p.add_argument("--rows", default="static,graph", help="step rows: dynamic, static, graph, graph-overlap "
+                   "(--rollout-overlap), trl")
     p.add_argument("--engines", default=None, help="rollout rows: hf, cuda-graph, compile, eager "
                    "(default: hf,cuda-graph,compile on a GPU, hf,eager on a CPU)")
     p.add_argument("--per-prompt", default="1,8", help="rollouts per prompt of the rollout rows")
@@ -325,6 +337,7 @@ def main():
         label = {"dynamic": "distill --on-policy 1 (dynamic KV cache)",
                  "static": "distill --on-policy 1 --rollout-cache static",
                  "graph": "distill --on-policy 1 --rollout-engine graph",
+                 "graph-overlap": "distill --on-policy 1 --rollout-engine graph --rollout-overlap",
                  "trl": "TRL GKDTrainer lmbda=1 (its generation path)"}[name]
         row = trl_row(student, teacher, data, tok, cuda) if name == "trl" else \
             distill_row(name, student, teacher, data, tok, cuda)

@@ -211,10 +211,10 @@ class Advantages:
         return (self.coefficients[rows].to(device),)
 
 
-def _advantage_maths(logits, targets, coefficients):
+def _advantage_maths(logits, targets, coefficients, weights=None):
     """(loss, term sum, CE sum) of a chunk for :class:`Advantages`."""
     nll = torch.logsumexp(logits.float(), dim=-1) - logits.float().gather(1, targets[:, None])[:, 0]
-    term = (coefficients.float() * nll).sum()
+    term = (_weighed(coefficients.float(), weights) * nll).sum()
     return term, term.detach(), nll.sum().detach()
 
 
@@ -259,7 +259,7 @@ class AlignedTeacher:
 
 
 def _aligned_maths(student, logits, targets, ids, logprobs, log_tail, sparse_rows, uld_index, uld_probs, loss, beta,
-                   temperature, alpha, uld_weight):
+                   temperature, alpha, uld_weight, weights=None):
     """(weighted loss, KD sum, CE sum) of one chunk for :class:`AlignedTeacher`; ``student`` is
     ``_sparse_student_ce`` (compiled where the sparse path's is). Padding slots are masked on the
     student's side too: their id is another slot's, which holds that token's probability."""
@@ -267,18 +267,19 @@ def _aligned_maths(student, logits, targets, ids, logprobs, log_tail, sparse_row
     pad = logprobs <= PAD / 2
     s_logp = torch.cat([s_logp[:, :-1].masked_fill(pad, PAD), s_logp[:, -1:]], dim=-1)
     divergences = divergence(s_logp, _sparse_teacher(logprobs, log_tail), loss, beta)
-    kd = torch.where(sparse_rows, divergences, 0.0).sum()
+    kd = torch.where(sparse_rows, _weighed(divergences, weights), 0.0).sum()
     if uld_index.numel():
         s_probs = torch.softmax(logits[uld_index].float() / temperature, dim=-1)
-        kd = kd + uld_weight * (s_probs.topk(uld_probs.shape[1], dim=-1).values - uld_probs.float()).abs().sum()
+        uld = (s_probs.topk(uld_probs.shape[1], dim=-1).values - uld_probs.float()).abs()
+        kd = kd + uld_weight * (uld.sum() if weights is None else (uld.sum(-1) * weights[uld_index]).sum())
     kd = kd * temperature ** 2
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
-def _sampled_maths(logits, targets, t_logprob, alpha):
+def _sampled_maths(logits, targets, t_logprob, alpha, weights=None):
     """(weighted loss, estimate sum, CE sum) of a chunk for :class:`SampledTokenTeacher`."""
     s_logprob = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-    estimate = s_logprob - t_logprob.float()
+    estimate = _weighed(s_logprob - t_logprob.float(), weights)
     ce = -s_logprob.sum()
     return alpha * (estimate.detach() * s_logprob).sum() + (1.0 - alpha) * ce, estimate.sum().detach(), ce
 
@@ -335,25 +336,32 @@ def _sparse_student_ce(logits, targets, ids, temperature):
     return s_logp, _cross_entropy(z, targets, s_all, temperature)
 
 
-def _mixed(s_logp, t_logp, ce, loss, beta, temperature, alpha):
-    kd = divergence(s_logp, t_logp, loss, beta).sum() * temperature ** 2
+def _mixed(s_logp, t_logp, ce, loss, beta, temperature, alpha, weights=None):
+    kd = _weighed(divergence(s_logp, t_logp, loss, beta), weights).sum() * temperature ** 2
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
-def _chunk_maths(logits, targets, teacher, loss, beta, temperature, alpha, sparse):
+def _weighed(per_row: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-row terms times their rows' weights (None: the same tensor, untouched)."""
+    return per_row if weights is None else per_row * weights
+
+
+def _chunk_maths(logits, targets, teacher, loss, beta, temperature, alpha, sparse, weights=None):
     """(weighted loss, KD sum, CE sum) of one chunk: a pure function of tensors, fp32 throughout.
 
     logits: the student's (rows, V) logits in any dtype (upcast here); teacher: ``DenseTeacher.chunk``
     or ``SparseTeacher.chunk`` for the same rows; the rest are Python constants. Targets of -100
-    add no cross-entropy (F.cross_entropy's ignore_index), as before.
+    add no cross-entropy (F.cross_entropy's ignore_index), as before. ``weights``: per row, a factor
+    of its divergence (its cross-entropy is left as it is).
     """
     if sparse:
         ids, logprobs, log_tail = teacher
         s_logp, ce = _sparse_student_ce(logits, targets, ids, temperature)
-        return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, loss, beta, temperature, alpha)
+        return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, loss, beta, temperature, alpha, weights)
     z = logits.float()
     s_logp, t_logp, s_full = _dense_pair(z, teacher[0], temperature)
-    return _mixed(s_logp, t_logp, _cross_entropy(z, targets, s_full, temperature), loss, beta, temperature, alpha)
+    return _mixed(s_logp, t_logp, _cross_entropy(z, targets, s_full, temperature), loss, beta, temperature, alpha,
+                  weights)
 
 
 def _ce_maths(logits, targets):
@@ -383,9 +391,10 @@ def _compiled(key, fn):
     return _COMPILED[key]
 
 
-def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
+def _chunk_fn(cfg: KDSettings, teacher, device: torch.device, weighted: bool = False):
     """``_chunk_maths`` for these settings, called as f(logits, targets, *teacher_chunk)
-    (``_ce_maths`` as f(logits, targets) when there is no teacher).
+    (``_ce_maths`` as f(logits, targets) when there is no teacher); ``weighted``: called with
+    ``weights=`` too, a factor per row of its divergence.
 
     Compiled where ``COMPILE`` says. No teacher: the cross-entropy. Dense: the whole chunk maths.
     Sparse: only its vocabulary-wide part (student log-softmax, the k + 1 buckets, CE); the divergence over
@@ -405,16 +414,24 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
     if getattr(teacher, "sampled", False):
         if cfg.temperature != 1.0:
             raise ValueError("a teacher known only by its sampled tokens' log-probs needs temperature 1")
-        return lambda logits, targets, t_logprob: _sampled_maths(logits, targets, t_logprob, cfg.alpha)
+        return lambda logits, targets, t_logprob, weights=None: _sampled_maths(logits, targets, t_logprob, cfg.alpha,
+                                                                               weights)
     if getattr(teacher, "aligned", False):
         if abs(teacher.temperature - cfg.temperature) > 1e-9:
             raise ValueError(f"the aligned teacher's rows are at temperature {teacher.temperature}, the loss's is "
                              f"{cfg.temperature}: make them at the loss temperature")
         student = _sparse_student_fn(consts[2], eager)
-        return lambda logits, targets, *rows: _aligned_maths(student, logits, targets, *rows, *consts,
-                                                             float(cfg.uld_weight))
+        return lambda logits, targets, *rows, weights=None: _aligned_maths(student, logits, targets, *rows, *consts,
+                                                                           float(cfg.uld_weight), weights)
     if eager:
-        return lambda logits, targets, *teacher: _chunk_maths(logits, targets, teacher, *consts, sparse)
+        return lambda logits, targets, *teacher, weights=None: _chunk_maths(logits, targets, teacher, *consts, sparse,
+                                                                            weights)
+    if not sparse and weighted:
+        def dense_weighted(logits, targets, t_logits, weights):
+            return _chunk_maths(logits, targets, (t_logits,), *consts, False, weights)
+
+        compiled = _compiled(("dense-weighted", *consts), dense_weighted)
+        return lambda logits, targets, t_logits, weights: compiled(logits, targets, t_logits, weights)
     if not sparse:
         def dense(logits, targets, t_logits):
             return _chunk_maths(logits, targets, (t_logits,), *consts, False)
@@ -422,9 +439,9 @@ def _chunk_fn(cfg: KDSettings, teacher, device: torch.device):
         return _compiled(("dense", *consts), dense)
     student = _sparse_student_fn(consts[2], eager=False)
 
-    def run(logits, targets, ids, logprobs, log_tail):
+    def run(logits, targets, ids, logprobs, log_tail, weights=None):
         s_logp, ce = student(logits, targets, ids)
-        return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, *consts)
+        return _mixed(s_logp, _sparse_teacher(logprobs, log_tail), ce, *consts, weights)
 
     return run
 
@@ -437,11 +454,12 @@ def _sparse_student_fn(temperature: float, eager: bool):
     return student if eager else _compiled(("sparse", temperature), student)
 
 
-def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool, top1: bool = False):
+def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: bool, top1: bool = False,
+                weights=None):
     """Loop over token chunks; with_grads also returns d(loss)/d(hidden) and d(loss)/d(weight).
 
     The sums are (loss, KD, CE), and with ``top1`` a fourth: the rows where the student's most
-    likely token is the teacher's.
+    likely token is the teacher's. ``weights``: per row, a factor of its divergence.
     """
     n = hidden.shape[0]
     sums = torch.zeros(4 if top1 else 3, dtype=torch.float32, device=hidden.device)
@@ -451,14 +469,15 @@ def _run_chunks(hidden, weight, targets, teacher, cfg: KDSettings, with_grads: b
     # cast once, not per chunk: with fp32 weights and bf16 hidden states a cast per chunk copied the
     # whole output embedding, and its gradient back to fp32, for every chunk (bench/RESULTS.md)
     w = weight.detach().to(hidden.dtype)
-    maths = _chunk_fn(cfg, teacher, hidden.device)
+    maths = _chunk_fn(cfg, teacher, hidden.device, weighted=weights is not None)
     for start in range(0, n, cfg.chunk_size):
         rows = slice(start, min(start + cfg.chunk_size, n))
         h = hidden[rows].detach()
         logits = (h @ w.T).requires_grad_(with_grads)  # upcast to fp32 inside the maths
         teacher_rows = teacher.chunk(rows, logits.device) if teacher is not None else ()
+        weighted = {} if weights is None else {"weights": weights[rows].to(logits.device, torch.float32)}
         with torch.set_grad_enabled(with_grads):
-            total, kd, ce = maths(logits, targets[rows], *teacher_rows)
+            total, kd, ce = maths(logits, targets[rows], *teacher_rows, **weighted)
         if with_grads:
             (grad_logits,) = torch.autograd.grad(total, logits)
             torch.mm(grad_logits, w, out=grad_h[rows])
@@ -498,8 +517,8 @@ class _FusedChunkedKD(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk; backward only rescales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher, cfg):
-        sums, grad_h, grad_w = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=True)
+    def forward(ctx, hidden, weight, targets, teacher, cfg, weights=None):
+        sums, grad_h, grad_w = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=True, weights=weights)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.mark_non_differentiable(sums)
         return sums[0].clone(), sums
@@ -509,39 +528,42 @@ class _FusedChunkedKD(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_total.to(grad_h.dtype),
                 grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None,
-                None, None, None)
+                None, None, None, None)
 
 
 def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher,
-                    cfg: KDSettings):
+                    cfg: KDSettings, weights: torch.Tensor | None = None):
     """Summed loss over tokens (differentiable) and the detached (KD sum, CE sum) for logging.
 
     hidden: (N, H) student final hidden states at the positions that predict ``targets`` (N,);
     weight: the student's output embedding (V, H); teacher: ``DenseTeacher`` or ``SparseTeacher``
     aligned row for row with ``hidden``, or None for the plain cross-entropy (SFT: the loss is
     then the CE sum whatever ``cfg.alpha`` says). Divide by the token count for the mean.
+    ``weights`` (N,), with a teacher: a constant factor per row of its divergence (on-policy's
+    truncated importance weights, ``train.onpolicy.overlap``); the KD sum is then the weighted one.
     """
     if isinstance(teacher, TeacherParts):
-        return _parts_loss(hidden, weight, targets, teacher, cfg)
+        return _parts_loss(hidden, weight, targets, teacher, cfg, weights)
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0 + weight.sum() * 0.0
         return zero.float(), zero.new_zeros(2).detach()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        total, sums = _FusedChunkedKD.apply(hidden, weight, targets, teacher, cfg)
+        total, sums = _FusedChunkedKD.apply(hidden, weight, targets, teacher, cfg, weights)
     else:
-        sums, _, _ = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=False)
+        sums, _, _ = _run_chunks(hidden, weight, targets, teacher, cfg, with_grads=False, weights=weights)
         total = sums[0]
     return total, sums[1:]
 
 
-def _parts_loss(hidden, weight, targets, teacher: TeacherParts, cfg: KDSettings):
+def _parts_loss(hidden, weight, targets, teacher: TeacherParts, cfg: KDSettings, weights=None):
     """:func:`chunked_kd_loss` of each part's rows against its teacher, summed."""
     total, sums = None, None
     for name, rows, part in teacher.parts:
         if rows is not None:
             rows = rows.to(hidden.device)
+        part_weights = weights if weights is None or rows is None else weights[rows.to(weights.device)]
         loss, terms = chunked_kd_loss(hidden if rows is None else hidden[rows], weight,
-                                      targets if rows is None else targets[rows], part, cfg)
+                                      targets if rows is None else targets[rows], part, cfg, part_weights)
         teacher.sums[name] = terms
         total, sums = (loss, terms) if total is None else (total + loss, sums + terms)
     return total, sums

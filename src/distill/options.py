@@ -233,6 +233,13 @@ class Rollouts:
                      "the prompt's other rollouts (--n 2 or more), to the per-token divergence")
     reward_weight: float = option(1.0, help="--reward: weight of the reward's advantage term beside the divergence",
                                   check=at_least(0))
+    rollout_overlap: bool = option(False, help="sample the next step's rollouts in the background while this step's "
+                                               "teacher scoring and update run (one step off-policy; each token's "
+                                               "loss weighted by its truncated importance ratio, --overlap-clip); "
+                                               "graph sampler only")
+    overlap_clip: float = option(2.0, help="--rollout-overlap: the cap C of each token's importance weight "
+                                           "min(pi_now / pi_sampler, C) (truncated importance sampling)",
+                                 check=at_least(1))
 
 
 @dataclass

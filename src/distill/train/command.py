@@ -133,6 +133,11 @@ class TrainConfig:
         if rollouts.reward == "verify" and self.prompts.path and not self.prompts.answer_field:
             raise DistillError("--reward verify grades against each prompt's reference answer: name its field "
                                "with --answer-field")
+        if "overlap_clip" in given(self) and not rollouts.rollout_overlap:
+            raise DistillError("--overlap-clip caps --rollout-overlap's importance weights: add --rollout-overlap")
+        if rollouts.rollout_overlap and self.sampling.temperature == 0:
+            raise DistillError("--rollout-overlap weighs each token by its probability now over when it was sampled; "
+                               "greedy rollouts (--temperature 0) have none: sample (--temperature > 0)")
         if self.prompts.answer_field and rollouts.reward == "none":
             raise DistillError("--answer-field gives --reward verify its reference answers: add --reward verify")
 

@@ -121,6 +121,9 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
     if cfg.resume:
         print(f"train: resuming from {checkpoint}" if checkpoint else
               f"train: --resume: no checkpoint in {out} yet, starting fresh", flush=True)
+    if checkpoint and teaching and teaching.get("on_policy") and teaching["on_policy"].overlap is not None:
+        print("train: --rollout-overlap: the rollouts the stopped run had sampled ahead are not kept; the first "
+              "on-policy step samples again, from the resumed weights", flush=True)
     started = time.time()
     stopper = SaveAndStopOnSignal()
     trainer.add_callback(stopper)
@@ -223,6 +226,7 @@ def _add_run_figures(kd: dict, trainer, schedule) -> None:
         watch = schedule.watch
         kd["on_policy"]["teacher_text"] = watch.teacher_text.as_dict() if watch.teacher_text else None
         kd["on_policy"]["collapse"] = {"threshold": watch.threshold, "first_degenerate": watch.first}
+        kd["on_policy"]["overlap"] = schedule.overlap.record() if schedule.overlap is not None else None
 
 
 def _device(trainer) -> dict:

@@ -102,13 +102,15 @@ class SFTTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def chunked_loss(self, model, inputs: dict, num_items_in_batch, teacher_scores=None, settings=None,
-                     extra_terms=None):
+                     extra_terms=None, row_weights=None):
         """(loss, per-term sums, target tokens) of one micro-batch.
 
         ``teacher_scores(mask, index)`` gives the teacher at the target positions (None: cross-entropy only);
         ``settings`` replace the trainer's loss settings for this batch; ``extra_terms(mask, index)`` gives
-        :class:`ExtraTerm` s added to the loss on the same rows (each left with its sums). The loss is
-        normalised by the whole accumulated batch's token count when the Trainer gives it, else by this batch's.
+        :class:`ExtraTerm` s added to the loss on the same rows (each left with its sums);
+        ``row_weights(hidden, weight, targets)`` a constant factor per target row of every term's
+        divergence (``--rollout-overlap``'s importance weights). The loss is normalised by the whole
+        accumulated batch's token count when the Trainer gives it, else by this batch's.
         """
         labels = inputs.pop("labels")
         index = inputs.pop("target_index", None)
@@ -127,9 +129,10 @@ class SFTTrainer(Trainer):
         settings = settings or self.loss_settings
 
         def loss_fn(h, weight, targets):
-            total, terms = chunked_kd_loss(h, weight, targets, teacher, settings)
+            weights = row_weights(h, weight, targets) if row_weights else None
+            total, terms = chunked_kd_loss(h, weight, targets, teacher, settings, weights)
             for term in extra:
-                term_total, term.sums = chunked_kd_loss(h, weight, targets, term.teacher, term.settings)
+                term_total, term.sums = chunked_kd_loss(h, weight, targets, term.teacher, term.settings, weights)
                 total = total + term.weight * term_total
             return total, terms
 
@@ -184,7 +187,10 @@ class KDTrainer(SFTTrainer):
     times the reverse KL to the starting student) and the reward's advantage term. Which micro-batches
     are on-policy, and the sampling seeds, follow from (seed, step, micro-step), so a resumed run keeps
     the schedule. Every rollout batch is measured for degeneracy (``onpolicy.collapse``); with
-    ``--stop-on-collapse`` the first degenerate one ends training after its step, unsaved.
+    ``--stop-on-collapse`` the first degenerate one ends training after its step, unsaved. With
+    ``--rollout-overlap`` (``onpolicy.overlap``) the next on-policy micro-batch is sampled in the
+    background during this one (the data is read one micro-batch ahead for its prompts) and each
+    of its tokens weighted by its truncated importance ratio.
     """
 
     def __init__(self, *args, kd: KDSettings, teacher, on_policy: OnPolicy | None = None, **kwargs):
@@ -198,12 +204,28 @@ class KDTrainer(SFTTrainer):
         # (kd, ce) summed on the device, target tokens counted on the host: read at log time, not per
         # step (a read per step waited for the forward pass before the backward pass could be queued)
         self._sums = {"train": [0, 0], "eval": [0, 0]}
-        self._rollout_stats = RolloutStats(on_policy.watch.teacher_text if on_policy is not None else None)
+        self._rollout_stats = RolloutStats(on_policy.watch.teacher_text if on_policy is not None else None,
+                                           overlap=on_policy is not None and on_policy.overlap is not None)
         self._teachers: dict[str, list] = {}        # several teachers: name -> [KD sum, tokens] since the last log
         self.teacher_totals: dict[str, list] = {}   # ... over the run
         self._micro = (-1, 0)  # (global step, micro-steps taken in it)
         if on_policy is not None and on_policy.watch.stop:
             self.add_callback(StopOnCollapse(on_policy.watch))
+        self.overlap = on_policy.overlap if on_policy is not None else None
+        self._step_batches: list = []            # --rollout-overlap: this step's micro-batches ...
+        self._ahead: Lookahead | None = None     # ... and the epoch's data, read one ahead
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.overlap is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._ahead is None or self._ahead.iterator is not epoch_iterator:
+            self._ahead = Lookahead(epoch_iterator)
+        batches, num_items = super().get_batch_samples(self._ahead, num_batches, device)
+        self._step_batches = batches
+        return batches, num_items
+
+    def _seconds(self, started: float, model) -> float:
+        return _elapsed(started, model, stream_only=self.overlap is not None)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step
@@ -212,18 +234,39 @@ class KDTrainer(SFTTrainer):
         if self.on_policy is None or not self.on_policy.applies(self.args.seed, step, micro):
             return super().training_step(model, inputs, num_items_in_batch)
         started = time.perf_counter()
-        batch = self.on_policy.rollout_batch(self.accelerator.unwrap_model(model), inputs["example_index"],
-                                             seed=self.on_policy.seed(self.args.seed, step, micro), step=step,
-                                             log=micro == 0 and self.is_world_process_zero())
+        unwrapped = self.accelerator.unwrap_model(model)
+        prefetched = self.overlap.take((step, micro)) if self.overlap is not None else None
+        if prefetched is None:
+            batch = self.on_policy.rollout_batch(unwrapped, inputs["example_index"],
+                                                 seed=self.on_policy.seed(self.args.seed, step, micro), step=step,
+                                                 log=micro == 0 and self.is_world_process_zero())
+            sampled = self._seconds(started, model)
+        else:
+            (batch, sampled), waited = prefetched, self._seconds(started, model)
+            self._rollout_stats.add_time("rollout_wait", waited)
+        if self.overlap is not None:
+            self._prefetch_next(unwrapped, step, micro)
         rollouts = batch.pop("rollouts")
         measure = self.on_policy.watch.check(step, self._degeneracy(rollouts), speak=self.is_world_process_zero())
-        self._rollout_stats.add_rollouts(rollouts, _elapsed(started, model), measure, batch.pop("graded", None))
+        self._rollout_stats.add_rollouts(rollouts, sampled, measure, batch.pop("graded", None))
         started = time.perf_counter()
         # the rollout batch has its own token count: normalise it by itself (the Trainer then divides by
         # the accumulation steps), not by the count of the teacher-written batch it replaced
         loss = super().training_step(model, batch, num_items_in_batch=None)
-        self._rollout_stats.add_time("update", _elapsed(started, model))
+        self._rollout_stats.add_time("update", self._seconds(started, model))
         return loss
+
+    def _prefetch_next(self, model, step: int, micro: int) -> None:
+        """``--rollout-overlap``: the next micro-batch, if it is on-policy, starts sampling from the weights
+        as they are now (this micro-step's update has not run yet)."""
+        if micro + 1 < len(self._step_batches):
+            key, upcoming = (step, micro + 1), self._step_batches[micro + 1]
+        else:
+            key, upcoming = (step + 1, 0), self._ahead.peek() if self._ahead is not None else None
+        if upcoming is None or not self.on_policy.applies(self.args.seed, *key):
+            return
+        self.on_policy.prefetch(model, key, upcoming["example_index"], seed=self.on_policy.seed(self.args.seed, *key),
+                                log=key[1] == 0 and self.is_world_process_zero())
 
     def _degeneracy(self, rollouts) -> Degeneracy:
         """The rollouts' degeneracy, pooled over every process (each must stop at the same step)."""
@@ -239,6 +282,7 @@ class KDTrainer(SFTTrainer):
         example_index = inputs.pop("example_index", None)
         on_policy = inputs.pop("on_policy", False)
         advantages = inputs.pop("advantages", None)
+        sampler_logprobs = inputs.pop("sampler_logprobs", None)
         features = {k: v for k, v in inputs.items() if k not in ("labels", "target_index")}
         labels = inputs["labels"]
         used = {}
@@ -251,7 +295,7 @@ class KDTrainer(SFTTrainer):
             used["teacher"] = (self.teacher.scores(features, mask, example_index, index=index, scored=pending)
                                if pending else self.teacher.scores(features, mask, example_index, index=index))
             if on_policy:
-                self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
+                self._rollout_stats.add_time("teacher", self._seconds(started, model), subtract_from="update")
             return used["teacher"]
 
         def extra_terms(mask, index):
@@ -263,15 +307,24 @@ class KDTrainer(SFTTrainer):
                 out.append(ExtraTerm("anchor", anchor.scores(features, mask, index=index),
                                      KDSettings(loss="rkl", alpha=1.0, chunk_size=self.loss_settings.chunk_size),
                                      self.on_policy.anchor_weight))
-                self._rollout_stats.add_time("teacher", _elapsed(started, model), subtract_from="update")
+                self._rollout_stats.add_time("teacher", self._seconds(started, model), subtract_from="update")
             if advantages is not None:
                 out.append(ExtraTerm("reward", Advantages(advantages), self.loss_settings))
             used["terms"] = out
             return out
 
+        def importance(hidden, weight, targets):
+            """--rollout-overlap: each target row's truncated importance weight (its ratio counted)."""
+            weights, ratios = self.overlap.weights(hidden, weight, targets, sampler_logprobs)
+            self._rollout_stats.add_ratios(*self.overlap.count(ratios, ratios.numel()), ratios.numel())
+            return weights
+
         settings = replace(self.loss_settings, alpha=1.0) if on_policy else self.loss_settings
         loss, terms, n_tokens = self.chunked_loss(model, inputs, num_items_in_batch, teacher_scores, settings,
-                                                  extra_terms if on_policy else None)
+                                                  extra_terms if on_policy else None,
+                                                  importance if sampler_logprobs is not None else None)
+        if on_policy and self.overlap is not None and sampler_logprobs is None:  # sampled from the live student
+            self._rollout_stats.add_ratios(*self.overlap.count(None, n_tokens), n_tokens)
         mode = "train" if model.training else "eval"
         sums = self._sums[mode]
         sums[0], sums[1] = sums[0] + terms.detach().float(), sums[1] + n_tokens
@@ -316,6 +369,27 @@ class KDTrainer(SFTTrainer):
         super().log(logs, *args, **kwargs)
 
 
+class Lookahead:
+    """An epoch's batch iterator that can show its next batch before it is taken (``peek``; None at the end)."""
+
+    def __init__(self, iterator):
+        self.iterator, self._next = iterator, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._next.pop() if self._next else next(self.iterator)
+
+    def peek(self):
+        if not self._next:
+            try:
+                self._next.append(next(self.iterator))
+            except StopIteration:
+                return None
+        return self._next[0]
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """transformers' length-grouped order, drawn from (seed, epoch) instead of the global RNG.
 
@@ -335,10 +409,11 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
-def _elapsed(started: float, model) -> float:
-    """Seconds since ``started``, after the device's queued work (CUDA runs asynchronously)."""
+def _elapsed(started: float, model, stream_only: bool = False) -> float:
+    """Seconds since ``started``, after the device's queued work (CUDA runs asynchronously); ``stream_only``:
+    the current stream's only (``--rollout-overlap``: not the rollouts sampling on their own stream)."""
     if next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize() if stream_only else torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
@@ -374,13 +449,16 @@ class RolloutStats:
     writes (length, ended, degeneracy beside the teacher's text's), how the teacher scores it, the
     anchor's and the reward's terms, and where the time went."""
 
-    def __init__(self, teacher_text: Degeneracy | None = None):
-        self.teacher_text = teacher_text
+    def __init__(self, teacher_text: Degeneracy | None = None, overlap: bool = False):
+        self.teacher_text, self.overlap = teacher_text, overlap
         self._reset()
 
     def _reset(self):
         self.n, self.ended, self.tokens, self.kd, self.nll, self.scored = 0, 0, 0, 0.0, 0.0, 0
         self.seconds = {"rollout": 0.0, "teacher": 0.0, "update": 0.0}
+        if self.overlap:  # rollout: the sampler's own time; rollout_wait: what the trainer waited for it
+            self.seconds["rollout_wait"] = 0.0
+            self.ratios = {"sum": 0.0, "clipped": 0, "tokens": 0}
         self.degeneracy = Degeneracy()
         self.rewards = {"graded": 0, "correct": 0, "sum": 0.0}
         self.terms: dict[str, float] = {}
@@ -407,6 +485,12 @@ class RolloutStats:
         if subtract_from:  # the teacher's forward runs inside the update's timed span
             self.seconds[subtract_from] -= seconds
 
+    def add_ratios(self, ratio_sum: float, clipped: int, tokens: int) -> None:
+        """--rollout-overlap: a batch's importance ratios (their sum, how many over the cap, how many)."""
+        self.ratios["sum"] += ratio_sum
+        self.ratios["clipped"] += clipped
+        self.ratios["tokens"] += tokens
+
     def add_scores(self, kd_sum: float, nll_sum: float, n_tokens: int) -> None:
         self.kd, self.nll, self.scored = self.kd + kd_sum, self.nll + nll_sum, self.scored + n_tokens
 
@@ -422,6 +506,9 @@ class RolloutStats:
                **{f"time_{part}_s": round(t, 3) for part, t in self.seconds.items()}}
         if self.teacher_text is not None:
             out["rollout_teacher_length"] = round(self.teacher_text.mean_length, 1)
+        if self.overlap and self.ratios["tokens"]:
+            out["rollout_is_ratio_mean"] = round(self.ratios["sum"] / self.ratios["tokens"], 6)
+            out["rollout_is_clipped"] = round(self.ratios["clipped"] / self.ratios["tokens"], 6)
         if "anchor" in self.terms:
             out["anchor_kl"] = round(self.terms["anchor"] / max(self.scored, 1), 6)
         if "reward" in self.terms:
@@ -493,6 +580,7 @@ class LogLine(TrainerCallback):
              ("rollout_length", "length", ".0f"), ("rollout_teacher_length", "teacher's", ".0f"),
              ("rollout_repeated_ngram_share", "repeated 4-grams", ".0%"), ("rollout_ended", "ended", ".0%"),
              ("anchor_kl", "anchor kl", ".3f"), ("reward_mean", "reward", ".2f"), ("reward_correct", "correct", ".0%"),
+             ("rollout_is_ratio_mean", "IS ratio", ".3f"), ("rollout_is_clipped", "clipped", ".1%"),
              ("rollout_tokens_per_s", "sampled tok/s", ",.0f"))
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -121,17 +121,33 @@ class GraphRollouts:
         return self.sampler.name
 
     def sample(self, model, prompts: list[list[int]], seed: int) -> list[Rollout]:
+        self.snapshot(model)
+        return self.sample_snapshot(prompts, seed)
+
+    def snapshot(self, model) -> None:
+        """The sampler's copy takes ``model``'s weights now (``--rollout-overlap``: at a step boundary)."""
+        self.sampler.refresh(model)
+
+    @property
+    def snapshot_model(self):
+        return self.sampler.model
+
+    def sample_snapshot(self, prompts: list[list[int]], seed: int) -> list[Rollout]:
+        """As :meth:`sample`, from the copy as the last :meth:`snapshot` left it."""
         n = self.settings.per_prompt
-        rows = self.sampler.generate(model, [p for p in prompts for _ in range(n)], seed)
+        rows = self.sampler.sample([p for p in prompts for _ in range(n)], seed)
         return rollouts_of(prompts, n, rows, self.stop_ids)
 
 
 def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "auto", sharded: str | None = None,
-                   stop_ids: list[int] | None = None, **options) -> RolloutEngine:
+                   stop_ids: list[int] | None = None, overlap: bool = False, **options) -> RolloutEngine:
     """The engine for ``engine`` (``auto``, ``graph``, ``hf``); ``sharded``: the run's sharding of the
     student ("FSDP2", "ZeRO-3", None), known before the Trainer wraps it. ``auto`` is the graph sampler
     on a GPU when it can run the student, else ``generate`` (static cache on a GPU when the student can
-    be copied); ``graph`` refuses a student it cannot run, and runs eagerly on a CPU. ``options`` go to
+    be copied); ``graph`` refuses a student it cannot run, and runs eagerly on a CPU. ``overlap``
+    (``--rollout-overlap``): the graph sampler, on any device, or a one-line refusal: it samples from
+    a copy of its own with a generator of its own, so it can run in a thread beside the update, where
+    ``generate`` draws from the process-wide random generator the update's thread also uses. ``options`` go to
     :class:`GraphRollouts` (e.g. ``max_prompts``: the per-device batch size, ``prompt_tokens``: the
     longest training prompt, so that the sampler is planned and captured once)."""
     import torch
@@ -143,6 +159,14 @@ def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "a
         raise DistillError("--rollout-max-tokens and --rollouts-per-prompt must be >= 1, --rollout-temperature >= 0, "
                            "--rollout-top-k >= 0 and --rollout-top-p in (0, 1]")
     why_not = f"the student is sharded ({sharded})" if sharded else unsupported(model)
+    if overlap and (engine == "hf" or why_not):
+        raise DistillError("--rollout-overlap samples with the graph sampler (a copy of the student and a random "
+                           "generator of its own, beside the update), " + (
+                               f"and it cannot sample from this student: {why_not}" if why_not else
+                               "not with --rollout-engine hf (generate draws from the process-wide random "
+                               "generator): use --rollout-engine auto or graph"))
+    if overlap:
+        return GraphRollouts(tokenizer, settings, stop_ids, **options)
     if engine == "graph" and why_not:
         raise DistillError(f"--rollout-engine graph cannot sample from this student: {why_not}; "
                            "use --rollout-engine hf")

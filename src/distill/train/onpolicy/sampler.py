@@ -169,8 +169,8 @@ def _register_attention() -> None:
 class StaticSampler:
     """Rows of ``max_tokens`` sampled tokens for left-padded prompts, one graph replay per step.
 
-    ``generate(model, prompts, seed)`` refreshes the shadow copy from ``model`` and returns a row per
-    prompt: its sampled tokens through its first stop token, ``pad_id`` after it. A seed reproduces
+    ``generate(model, prompts, seed)`` refreshes the shadow copy from ``model`` (``refresh``) and returns
+    (``sample``) a row per prompt: its sampled tokens through its first stop token, ``pad_id`` after it. A seed reproduces
     a rollout on the same device. ``stats`` holds the last call's prefill and decoding seconds and
     steps. ``memory_fraction``: the share of the free GPU memory the cache may take. ``rows`` and
     ``prompt_tokens``: the most prompts a call will have and the longest prompt, when known: the cache
@@ -212,9 +212,17 @@ class StaticSampler:
         return self._shadow
 
     def generate(self, model, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        self.refresh(model)
+        return self.sample(prompts, seed)
+
+    def refresh(self, model) -> None:
+        """The shadow copy takes ``model``'s current weights (in place after the first call)."""
         dtype = self.dtype or (torch.bfloat16 if model.device.type == "cuda" else model.dtype)
         self._shadow = refreshed_copy(model, self._shadow, dtype, ATTENTION)
         self._cache_arg = _cache_kwarg(self._shadow)
+
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """Rows from the shadow as the last :meth:`refresh` left it (whatever the live model does since)."""
         device = self._shadow.device
         width = max(len(p) for p in prompts)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
