@@ -55,8 +55,9 @@ CI_LIMITS = {
     "generate": {"limit": 4, "max_tokens": 48, "batch_size": 4},
     "verify": {"drop_truncated": False},  # at 48 tokens nearly every trace is cut off
     "train": {"max_steps": 2, "batch_size": 2, "max_length": 256},
-    "eval": {"limit": 3, "n": 1, "max_tokens": 32, "batch_size": 3},
+    "eval": {"limit": 3, "n": 1, "max_tokens": 32, "batch_size": 3, "fidelity_max_tokens": 16},
 }
+CI_ROLLOUTS = {"max_tokens": 16}  # the on-policy step's rollouts
 
 
 @pytest.mark.slow
@@ -76,6 +77,8 @@ def test_quickstart_pipeline_end_to_end(repo, smollm2_gguf, tmp_path):
     for step in recipe["pipeline"]:
         (command, options), = step.items()
         options.update(CI_LIMITS.get(command, {}))
+        if options.get("method") == "on-policy":
+            options.update(CI_ROLLOUTS)
     ci = tmp_path / "quickstart-ci.yaml"
     ci.write_text(yaml.safe_dump(recipe))
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # piped, compare prints the whole table
@@ -90,11 +93,14 @@ def test_quickstart_pipeline_end_to_end(repo, smollm2_gguf, tmp_path):
     table = [line for line in out.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in table[0].split("|")[1:-1]]
     assert header[0] == "model" and "distill_gsm8k pass@1" in header
-    assert {"NLL/token", "KL to teacher", "top-1 agree", "train time", "CPU-hours", "teacher tokens"} <= set(header)
+    assert {"NLL/token", "KL to teacher", "top-1 agree", "own NLL", "own rKL", "degenerate", "train time", "CPU-hours",
+            "teacher tokens"} <= set(header)
     rows = [dict(zip(header, (cell.strip() for cell in row.split("|")[1:-1]))) for row in table[2:]]
     assert [row["model"] for row in rows] == [
-        "teacher SmolLM2-135M", "half-depth student, untrained", "half-depth student, SFT", "half-depth student, KD"]
-    assert [row["method"] for row in rows] == ["—", "base", "sft", "kd"]
+        "teacher SmolLM2-135M", "half-depth student, untrained", "half-depth student, SFT", "half-depth student, KD",
+        "half-depth student, KD then on-policy"]
+    assert [row["method"] for row in rows] == ["—", "base", "sft", "kd", "on-policy"]
+    assert all(float(row["own NLL"]) > 0 for row in rows)  # the teacher scored what each model wrote itself
     assert rows[0]["KL to teacher"] == "0.000" and rows[0]["top-1 agree"] == "100.0"  # the teacher is itself
     assert all(float(row["KL to teacher"]) > 0 for row in rows[1:])
     assert (runs / "compare" / "compare.csv").is_file() and (runs / "compare" / "compare.png").is_file()
