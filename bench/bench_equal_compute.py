@@ -19,7 +19,8 @@ Arms, from the same untrained student: ``kd``, off-policy KD (forward KL on the 
 temperature 1, the full distribution) for as many steps as cost the same student FLOPs;
 ``kd → on-policy``, half the KD steps, then on-policy from that checkpoint for the other half of the
 budget. Student FLOPs: 6 x parameters per token trained (forward and backward over the whole
-sequence, prompt included) plus 2 x parameters per token through sampling (prompt and rollout);
+sequence, prompt included) plus 2 x parameters per token through sampling (prompt and rollout), plus
+2 x parameters per rollout-batch token for the anchor's forward (``--anchor-weight``, the frozen start);
 the teacher's forward passes are not counted (the same teacher serves every arm). The steps are
 planned from the mean trace and prompt lengths and ``--rollout-tokens``; the table gives the FLOPs
 each arm really spent (rollouts that stop early cost less) and its training wall time.
@@ -138,7 +139,8 @@ def spent(run_dir: Path, params: int, trace_tokens: float, prompt_tokens: float)
         return 6 * params * summary["tokens_seen"], summary["wall_time_s"]
     rolled = [e["rollout_length"] for e in record["loss_curve"] if "rollout_length" in e]
     on_traces = summary["global_step"] - len(rolled)
-    return (sum(8 * params * BATCH * (prompt_tokens + r) for r in rolled)
+    per_token = 8 + (2 if record["kd"]["on_policy"].get("anchor_weight") else 0)  # the anchor: one more forward
+    return (sum(per_token * params * BATCH * (prompt_tokens + r) for r in rolled)
             + on_traces * 6 * params * BATCH * trace_tokens), summary["wall_time_s"]
 
 
@@ -152,7 +154,8 @@ def train_kd(pair: Pair, args, out: Path, steps: int, student: str) -> Path:
 def train_on_policy(pair: Pair, args, out: Path, steps: int, student: str) -> Path:
     run(["train", "--method", "on-policy", "--on-policy-fraction", str(args.op_fraction), "--student", student,
          "--teacher", pair.teacher, "--traces", args.traces, "--out", str(out), "--max-steps", str(steps),
-         "--lr", str(pair.op_lr), "--max-tokens", str(args.rollout_tokens), "--rollout-log-steps", "1", *COMMON,
+         "--lr", str(pair.op_lr), "--max-tokens", str(args.rollout_tokens), "--rollout-log-steps", "1",
+         "--anchor-weight", str(args.anchor_weight), *COMMON,
          "--overwrite"])
     return out
 
@@ -171,7 +174,9 @@ def bench_pair(pair: Pair, args, out: Path) -> dict:
     params = parameters(pair.student)
     trace_tokens, prompt_tokens = lengths(pair, args.traces)
     kd_step = 6 * params * BATCH * trace_tokens
-    op_step = 8 * params * BATCH * (prompt_tokens + args.rollout_tokens)  # at most: rollouts may stop early
+    rollout_step = (8 + (2 if args.anchor_weight else 0)) * params * BATCH * (prompt_tokens + args.rollout_tokens)
+    # at most (rollouts may stop early); a share 1 - --op-fraction of the steps is on the traces, at KD's cost
+    op_step = args.op_fraction * rollout_step + (1 - args.op_fraction) * kd_step
     budget = args.kd_steps * kd_step
     op_steps = max(1, round(budget / op_step))
     half_kd = args.kd_steps // 2
@@ -190,7 +195,8 @@ def bench_pair(pair: Pair, args, out: Path) -> dict:
         flops, wall = map(sum, zip(*(spent(p, params, trace_tokens, prompt_tokens) for p in parts)))
         rows[name] = {"steps": steps, "flops": flops, "wall_s": wall, **fidelity(str(run_dir), kd, pair, args)}
     return {"pair": pair.name, "teacher": pair.teacher, "student": pair.student, "parameters": params,
-            "kd_lr": pair.kd_lr, "op_lr": pair.op_lr, "budget_flops": budget, "rows": rows}
+            "kd_lr": pair.kd_lr, "op_lr": pair.op_lr, "op_fraction": args.op_fraction,
+            "anchor_weight": args.anchor_weight, "budget_flops": budget, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -222,6 +228,7 @@ def main() -> int:
     p.add_argument("--kd-lr", type=float, help="default: 1e-4 (smollm2, the quickstart's), 3e-3 (tiny)")
     p.add_argument("--op-lr", type=float, help="default: 2e-5 (smollm2), 1e-3 (tiny)")
     p.add_argument("--op-fraction", type=float, default=1.0, help="--on-policy-fraction of the on-policy runs")
+    p.add_argument("--anchor-weight", type=float, default=0.0, help="--anchor-weight of the on-policy runs")
     p.add_argument("--rollout-tokens", type=int, default=64)
     p.add_argument("--own-samples", type=int, default=4, help="own samples per held-out prompt")
     p.add_argument("--own-tokens", type=int, default=128)
@@ -240,7 +247,8 @@ def main() -> int:
         (out / "equal_compute.json").write_text(json.dumps(results, indent=1))
     for result in results:
         print(f"\n### {result['pair']} (budget {result['budget_flops'] / 1e12:.3g} student TFLOPs; KD lr "
-              f"{result['kd_lr']:g}, on-policy lr {result['op_lr']:g})\n")
+              f"{result['kd_lr']:g}, on-policy lr {result['op_lr']:g}, fraction {args.op_fraction:g}, anchor "
+              f"{args.anchor_weight:g})\n")
         print(table(result))
     print(f"\n{time.time() - started:.0f} s; results in {out / 'equal_compute.json'}")
     return 0

@@ -35,8 +35,9 @@ class CollapseWatch:
         then = "--stop-on-collapse: stopping" if self.stop else "--stop-on-collapse would stop here"
         return (f"train: warning: step {step}: the rollouts degenerate: {measure.repeated_ngram_share:.0%} of their "
                 f"4-grams repeat (threshold {self.threshold:.0%}), mean length {measure.mean_length:.0f}{teacher}; "
-                "reverse KL rewards the teacher's favourite text, repetition. Mix in the traces "
-                f"(--on-policy-fraction 0.5), anchor to the start (--anchor-weight), or lower --lr; {then}")
+                "reverse KL rewards the teacher's favourite text, repetition. Mix in the traces and anchor to the "
+                "start (--on-policy-fraction 0.5 --anchor-weight 1: together they held where either alone or a "
+                f"lower --lr did not, bench/RESULTS.md); {then}")
 
     @property
     def stopping(self) -> bool:

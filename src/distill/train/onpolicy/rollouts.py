@@ -166,7 +166,11 @@ def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "a
                                "not with --rollout-engine hf (generate draws from the process-wide random "
                                "generator): use --rollout-engine auto or graph"))
     if overlap:
-        return GraphRollouts(tokenizer, settings, stop_ids, **options)
+        # its steps replay plain CUDA graphs: torch.compile's (dynamo's) state is per process, and a compiled
+        # step called in the sampling thread fails while the update's thread traces ("FX to symbolically
+        # trace a dynamo-optimized function", seen on an H100)
+        graphs = "cuda-graph" if torch.cuda.is_available() else "eager"
+        return GraphRollouts(tokenizer, settings, stop_ids, **{**options, "graphs": graphs})
     if engine == "graph" and why_not:
         raise DistillError(f"--rollout-engine graph cannot sample from this student: {why_not}; "
                            "use --rollout-engine hf")
