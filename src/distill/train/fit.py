@@ -163,8 +163,6 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
     }
     _save(trainer, setup, cfg)
     if trainer.is_world_process_zero():
-        if teaching:
-            _aligned(teaching)
         data = {name: path for name, path in (("traces", cfg.traces.path), ("prompts", cfg.prompts.path))
                 if path and Path(path).is_file()}
         record = run_record(f"train --method {cfg.method}", to_dict(cfg), data, status="complete",
@@ -172,7 +170,7 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
                             distributed=describe(trainer, (teaching or {}).get("placement")),
                             **(teaching or {}).get("record", {}))
         if teaching:
-            _add_run_figures(record["kd"], trainer, schedule)
+            _add_run_figures(record["kd"], trainer, teaching)
         if "traces" in record["data"]:  # the prompts not trained on: eval scores fidelity on them
             held_out = setup.eval_dataset.examples if setup.eval_dataset is not None else []
             record["held_out"] = {**record["data"]["traces"], "eval_fraction": cfg.schedule.eval_fraction,
@@ -182,18 +180,6 @@ def run_training(cfg, setup=None, teaching: dict | None = None, **trainer_kwargs
               f"({summary['global_step']} steps, {summary['tokens_seen']} tokens, "
               f"final loss {summary['final_train_loss']}, eval loss {summary['final_eval_loss']})", flush=True)
     return 0
-
-
-def _aligned(teaching: dict) -> None:
-    """A teacher of another tokenizer: how the text aligned, in the log and the run record's ``kd.alignment``,
-    at the end (on-policy, the rollouts are counted in: those of the first process, in a launch of several)."""
-    from distill.teachers.align import describe
-    from distill.teachers.kd import alignment
-
-    counts = alignment(teaching["teacher"])
-    if counts is not None:
-        teaching["record"]["kd"]["alignment"] = counts
-        print(f"train: {describe(counts)}", flush=True)
 
 
 def keep_last_good(trainer, out: str, first: dict) -> dict:
@@ -215,9 +201,19 @@ def keep_last_good(trainer, out: str, first: dict) -> dict:
     return {**first, "kept": kept.name}
 
 
-def _add_run_figures(kd: dict, trainer, schedule) -> None:
-    """What only the run knows, into the record's ``kd``: each routed teacher's share of the tokens
-    and divergence, the teacher's text's degeneracy next to the rollouts', the first degenerate step."""
+def _add_run_figures(kd: dict, trainer, teaching: dict) -> None:
+    """What only the run knows, into the record's ``kd``: how a teacher of another tokenizer's text
+    aligned (also in the log; on-policy the rollouts are counted in, those of the first process in a
+    launch of several), each routed teacher's share of the tokens and divergence, the teacher's text's
+    degeneracy next to the rollouts', the first degenerate step."""
+    from distill.teachers.align import describe
+    from distill.teachers.kd import alignment
+
+    counts = alignment(teaching["teacher"])
+    if counts is not None:
+        kd["alignment"] = counts
+        print(f"train: {describe(counts)}", flush=True)
+    schedule = teaching["on_policy"]
     routed = trainer.routed_record()
     if routed:
         for name, figures in routed.items():
@@ -252,19 +248,17 @@ def kd_settings(cfg):
 def teaching(cfg, setup) -> dict:
     """The KD trainer's teacher (``teachers.kd``: what ``--teacher`` names), its loss settings and the
     on-policy schedule, with what the run record says of them and where the teacher lives."""
-    from distill.distributed import output_rows
     from distill.teachers import kd as teachers
-    from distill.teachers.spec import resolve
+    from distill.train.onpolicy.reward import VerifierReward
     from distill.train.onpolicy.schedule import OnPolicy
 
     kd = kd_settings(cfg)
     on_policy = cfg.method == "on-policy"
-    spec = resolve(cfg.teacher)
     request = teachers.Request(cfg.teacher, cfg.endpoint, kd, on_policy=on_policy, device=cfg.parallel.teacher_device)
-    student = teachers.Student(cfg.student.name, setup.tokenizer, setup.examples, output_rows(setup.model),
+    student = teachers.Student(cfg.student.name, setup.tokenizer, setup.examples, setup.rows,
                                str(setup.args.device), setup.model.config._attn_implementation, cfg.traces.path,
-                               setup.teacher_tokenizer, model=setup.model, origins=example_origins(cfg, spec))
-    built = teachers.build(spec, request, student)
+                               setup.teacher_tokenizer, model=setup.model, origins=setup.origins)
+    built = teachers.build(setup.teacher, request, student)
     record = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                      "chunk_size": kd.chunk_size, **built.record}}
     if built.record.get("tokenizers") == "cross":
@@ -272,41 +266,17 @@ def teaching(cfg, setup) -> dict:
     schedule = None
     if on_policy:
         rollouts = cfg.on_policy
+        reward = None
+        if rollouts.reward == "verify":
+            where = (f"field '{cfg.prompts.answer_field}' of {cfg.prompts.path}" if cfg.prompts.path else
+                     f"field 'reference' of {cfg.traces.path}")
+            reward = VerifierReward.of(cfg.grading, setup.tokenizer, setup.examples, setup.origins,
+                                       rollouts.reward_weight, cfg.sampling.n or 1, where)
         schedule = OnPolicy.of(rollouts, cfg.sampling, setup.model, setup.tokenizer, setup.examples,
-                               cfg.schedule.batch_size, cfg.output.out, reward=verifier(cfg, setup, student.origins),
+                               cfg.schedule.batch_size, cfg.output.out, reward=reward,
                                anchor=student.frozen() if rollouts.anchor_weight > 0 else None)
         record["kd"]["on_policy"] = {"fraction": rollouts.on_policy_fraction, "engine": schedule.engine.name,
                                      **vars(cfg.sampling), "prompts": cfg.prompts.path or "the traces' prompts",
                                      "anchor_weight": rollouts.anchor_weight, "reward": rollouts.reward,
                                      **({"reward_weight": rollouts.reward_weight} if schedule.reward else {})}
     return {"kd": kd, "teacher": built.teacher, "on_policy": schedule, "record": record, "placement": built.placement}
-
-
-def example_origins(cfg, spec) -> dict | None:
-    """Where each example came from (``origins``), read where routing, the self-teacher's context or the
-    reward needs it (each reads its own fields of the record)."""
-    from distill import origins
-
-    fields = tuple(name for name in (cfg.teacher.route_field, cfg.teacher.context) if name)
-    kinds = {spec.kind, *(member.kind for member in spec.members.values())}
-    if not ({"routed", "self"} & kinds or cfg.on_policy.reward != "none"):
-        return None
-    if cfg.prompts.path:
-        return origins.of_prompts(cfg.prompts, cfg.format, fields)
-    return origins.of_traces(cfg.traces.path, fields)
-
-
-def verifier(cfg, setup, origins: dict | None):
-    """``--reward verify``: the grader and each example's reference answer (``reward.VerifierReward``)."""
-    if cfg.on_policy.reward == "none":
-        return None
-    from distill.grading import Grader
-    from distill.train.onpolicy.reward import VerifierReward
-
-    references = {i: origin.reference for i, origin in origins.items()}
-    if not any(references[ex["example_index"]] is not None for ex in setup.examples):
-        field = f"'{cfg.prompts.answer_field}'" if cfg.prompts.path else "'reference'"
-        raise DistillError(f"--reward verify: no example has a reference answer (field {field} of "
-                           f"{cfg.prompts.path or cfg.traces.path}) to grade its rollouts against")
-    grader = Grader(timeout=cfg.grading.timeout, workers=cfg.grading.workers)
-    return VerifierReward(grader, setup.tokenizer, references, cfg.on_policy.reward_weight, cfg.sampling.n or 1)

@@ -27,6 +27,9 @@ class TrainSetup:
     student: dict = field(default_factory=dict)  # the student preset (``model`` = resolved path)
     examples: list = field(default_factory=list)  # train + eval examples, unpacked (KD checks cached logits per example)
     teacher_tokenizer: Any = None  # a KD teacher's of another tokenizer (``teachers.kd.teacher_tokenizer``)
+    teacher: Any = None  # what --teacher names (``teachers.spec.TeacherSpec``), resolved once
+    origins: dict | None = None  # where each example came from, where routing, context or the reward read it
+    rows: int = 0  # the student's output rows (its vocabulary as the LM head has it)
 
 
 def gradient_accumulation(schedule: Schedule, world_size: int) -> int:
@@ -191,6 +194,7 @@ def prepare(cfg) -> TrainSetup:
     """Resolve the student, tokenize the traces (for a KD teacher of another tokenizer, in its tokens too),
     load the model, and build ``TrainingArguments``."""
     from distill.batching import Collator, ExampleDataset, pack_examples
+    from distill.distributed import output_rows
     from distill.models import load_tokenizer, model_preset
     from distill.rendering import RenderOptions, describe_stats, load_examples
     from distill.teachers.kd import teacher_tokenizer
@@ -198,7 +202,8 @@ def prepare(cfg) -> TrainSetup:
 
     preset = model_preset("students", cfg.student.name)
     tokenizer = load_tokenizer(preset["model"])
-    teacher_tok = teacher_tokenizer(resolve(cfg.teacher), cfg.teacher, tokenizer) if cfg.teaches else None
+    spec = resolve(cfg.teacher) if cfg.teaches else None
+    teacher_tok = teacher_tokenizer(spec, cfg.teacher, tokenizer) if cfg.teaches else None
     render, sched = cfg.render, cfg.schedule
     if cfg.prompts.path:
         train, evals, stats = prompt_examples(cfg.prompts, cfg.format, tokenizer, teacher_tok)
@@ -219,11 +224,27 @@ def prepare(cfg) -> TrainSetup:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = training_arguments(cfg, has_eval=bool(evals), use_bf16=use_bf16,
                               grad_accum=gradient_accumulation(sched, world_size))
+    origins = example_origins(cfg, spec) if spec is not None else None
     model = _load_student(cfg, preset, use_bf16)
     collator = Collator(tokenizer.pad_token_id, packing=sched.packing)
     return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
                       eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
-                      args=args, stats=stats, student=preset, examples=examples, teacher_tokenizer=teacher_tok)
+                      args=args, stats=stats, student=preset, examples=examples, teacher_tokenizer=teacher_tok,
+                      teacher=spec, origins=origins, rows=output_rows(model))
+
+
+def example_origins(cfg, spec) -> dict | None:
+    """Where each example came from (``origins``), read where routing, the self-teacher's context or the
+    reward needs it (each reads its own fields of the record)."""
+    from distill import origins
+
+    fields = tuple(name for name in (cfg.teacher.route_field, cfg.teacher.context) if name)
+    kinds = {spec.kind, *(member.kind for member in spec.members.values())}
+    if not ({"routed", "self"} & kinds or cfg.on_policy.reward != "none"):
+        return None
+    if cfg.prompts.path:
+        return origins.of_prompts(cfg.prompts, cfg.format, fields)
+    return origins.of_traces(cfg.traces.path, fields)
 
 
 def prompt_examples(prompt_set: PromptSet, prompt_format: PromptFormat, tokenizer,

@@ -50,6 +50,20 @@ def leave_one_out(rewards: list[float | None], per_prompt: int) -> list[float]:
 class VerifierReward:
     """Grades rollouts against the references of their prompts (``references``: by ``example_index``)."""
 
+    @classmethod
+    def of(cls, grading, tokenizer, examples: list[dict], origins: dict, weight: float, per_prompt: int,
+           where: str) -> "VerifierReward":
+        """``--reward verify``: distill's grader (``grading``: --timeout, --workers) and each example's
+        reference answer from ``origins``; none at all fails in one line naming ``where`` they were looked for."""
+        from distill.errors import DistillError
+        from distill.grading import Grader
+
+        references = {i: origin.reference for i, origin in origins.items()}
+        if not any(references[ex["example_index"]] is not None for ex in examples):
+            raise DistillError(f"--reward verify: no example has a reference answer ({where}) to grade its "
+                               "rollouts against")
+        return cls(Grader(timeout=grading.timeout, workers=grading.workers), tokenizer, references, weight, per_prompt)
+
     def __init__(self, grader, tokenizer, references: dict[int, str | None], weight: float, per_prompt: int):
         self.grader, self.tokenizer, self.references = grader, tokenizer, references
         self.weight, self.per_prompt = weight, per_prompt
