@@ -33,7 +33,7 @@ class Prompt:
     reference: str | None
     messages: list[dict]
     row: dict = field(default_factory=dict, repr=False)  # the row it was read from
-    where: str = ""                                      # its file and line (or row)
+    where: str = field(default="", compare=False)        # its file and line (or row): provenance, not content
 
 
 def prompt_hash(text: str) -> str:
