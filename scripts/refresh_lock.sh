@@ -12,7 +12,7 @@ bash scripts/setup.sh --test --unlocked --venv "$venv"
 llama=$("$venv/bin/python" -c "import llama_cpp; print(llama_cpp.__version__)")
 {
   sed -n '/^#/p' constraints.txt
-  "$venv/bin/pip" freeze --exclude-editable | grep -viE '^(torch|llama[-_]cpp[-_]python)\b'
+  "$venv/bin/pip" freeze --exclude-editable | grep -v '^#' | grep -viE '^(torch|llama[-_]cpp[-_]python)\b'
   echo "llama-cpp-python==$llama"
 } > constraints.txt.tmp
 mv constraints.txt.tmp constraints.txt
