@@ -160,3 +160,18 @@ def family_tokenizer_dir(family: str) -> Path:
 def family_tokenizers(smollm2_dir):
     """A function: family name (``FAMILIES``, or ``smollm2``) -> its tokenizer directory."""
     return lambda family: smollm2_dir if family == "smollm2" else family_tokenizer_dir(family)
+
+
+def backward_result(loss, model):
+    """``loss.backward()``; the loss and the output embedding's gradient, to compare a trainer with a hand computation."""
+    loss.backward()
+    return loss.detach(), model.get_output_embeddings().weight.grad.clone()
+
+
+def assert_same_loss_and_gradient(results) -> None:
+    """``results``: [(hand loss, hand gradient), (our loss, our gradient)] from :func:`backward_result`."""
+    import torch
+
+    (hand_loss, hand_grad), (our_loss, our_grad) = results
+    torch.testing.assert_close(our_loss, hand_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(our_grad, hand_grad, atol=1e-5, rtol=1e-4)

@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 
 from distill.degeneracy import THRESHOLD, Degeneracy, degeneracy, pooled
 
+from conftest import assert_same_loss_and_gradient, backward_result
+
 
 def test_the_measure_counts_repeated_ngrams_by_hand():
     # 4-grams of a b c d a b c d a: abcd bcda cdab dabc abcd* bcda* -> 2 of 6 repeat
@@ -160,8 +162,5 @@ def test_the_anchor_is_the_reverse_kl_to_the_starting_student_by_hand(tmp_path, 
             trainer = KDTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
                                 kd=KDSettings(loss="rkl"), teacher=OnlineTeacher(teacher, 49152), on_policy=schedule)
             loss = trainer.compute_loss(student, dict(batch))
-        loss.backward()
-        results.append((loss.detach(), student.get_output_embeddings().weight.grad.clone()))
-    (hand_loss, hand_grad), (our_loss, our_grad) = results
-    torch.testing.assert_close(our_loss, hand_loss, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(our_grad, hand_grad, atol=1e-5, rtol=1e-4)
+        results.append(backward_result(loss, student))
+    assert_same_loss_and_gradient(results)

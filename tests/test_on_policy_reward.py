@@ -18,6 +18,7 @@ from distill.train.onpolicy.reward import VerifierReward, leave_one_out
 from distill.train.onpolicy.rollouts import Rollout
 from distill.train.trainers import KDTrainer
 
+from conftest import assert_same_loss_and_gradient, backward_result
 from test_kd import QUIET
 from test_train_sft_data import make_trace, write_traces
 
@@ -79,11 +80,8 @@ def test_the_reward_term_by_hand(tmp_path, tiny_qwen2, tiny_llama):
             trainer = KDTrainer(model=student, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
                                 kd=KDSettings(loss="rkl"), teacher=OnlineTeacher(teacher, 49152))
             loss = trainer.compute_loss(student, dict(batch))
-        loss.backward()
-        results.append((loss.detach(), student.get_output_embeddings().weight.grad.clone()))
-    (hand_loss, hand_grad), (our_loss, our_grad) = results
-    torch.testing.assert_close(our_loss, hand_loss, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(our_grad, hand_grad, atol=1e-5, rtol=1e-4)
+        results.append(backward_result(loss, student))
+    assert_same_loss_and_gradient(results)
 
 
 @pytest.fixture(scope="module")
