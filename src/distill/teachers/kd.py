@@ -7,7 +7,7 @@ the student as its own teacher) is one more entry, not another branch in the tra
 returns a :class:`Built`: the object the KD trainer asks for scores (``sources.Teacher``), what the
 run record says of it, and where it lives.
 
-A teacher of another tokenizer than the student's (:func:`teacher_tokenizer`: by vocabulary, not by
+A teacher of another tokenizer than the student's (:func:`other_tokenizers`: by vocabulary, not by
 name) is built aligned (``sources.AlignedOnlineTeacher``, ``served.AlignedServedTeacher``,
 ``sources.AlignedCachedTeacher``; ``teachers.align``); with the student's tokenizer, as before, bit
 for bit. The run record's ``kd.tokenizers`` says which (``same`` or ``cross``), and
@@ -39,6 +39,7 @@ class Student:
     attention: str | None = None
     traces: str | None = None
     teacher_tokenizer: Any = None  # the teacher's, where it is another (the examples carry its tokens too)
+    cross_teachers: frozenset = frozenset()  # the teachers that have it (``other_tokenizers``' names)
     model: Any = None
     origins: dict | None = None
     _frozen: Any = field(default=None, repr=False)
@@ -95,40 +96,38 @@ def build(spec: TeacherSpec, request: Request, student: Student) -> Built:
     return built
 
 
-def teacher_tokenizer(spec: TeacherSpec | None, options: Teacher, student_tokenizer):
-    """The teacher's tokenizer where it is another than the student's (``sources.same_tokenizer``), else
-    None. Then each example is rendered for both (``rendering.load_examples(..., teacher_tokenizer=)``)
-    and the teacher is built aligned. A local teacher's is its model's; a served one's is
-    ``--teacher-tokenizer`` or one found without the server (``sources.served_tokenizer``), else the
-    student's is taken; a logits cache holds its own vocabulary (aligned when it is opened)."""
-    from distill.teachers.sources import same_tokenizer, served_tokenizer, teacher_tokenizer as local_tokenizer
-
-    members = list(spec.members.values()) if spec is not None and spec.kind == "routed" else [spec]
-    if options.tokenizer and not any(m is not None and m.kind == "endpoint" for m in members):
-        raise DistillError(f"--teacher-tokenizer {options.tokenizer}: it names a served teacher's tokenizer "
-                           f"(--teacher-url); a local teacher or a logits cache has its own")
-    if spec is not None and spec.kind == "routed":
-        return _shared_tokenizer(spec, options, student_tokenizer)
-    if spec is None or spec.kind not in ("local", "endpoint"):
-        return None
-    tokenizer = local_tokenizer(spec.name) if spec.kind == "local" else served_tokenizer(spec, options.tokenizer)
-    return None if tokenizer is None or same_tokenizer(student_tokenizer, tokenizer) else tokenizer
-
-
-def _shared_tokenizer(spec: TeacherSpec, options: Teacher, student_tokenizer):
-    """Several teachers: the one tokenizer those of another tokenizer than the student's share (each example
-    carries one teacher side), else None; two different ones fail in one line."""
+def other_tokenizers(spec: TeacherSpec | None, options: Teacher, student_tokenizer) -> dict[str, Any]:
+    """The teachers of another tokenizer than the student's (``sources.same_tokenizer``), by name (a routed
+    teacher's members by route), with that tokenizer, loaded once here. Then each example is rendered for
+    both (``rendering.load_examples(..., teacher_tokenizer=)``) and those teachers are built aligned. A
+    local teacher's is its model's; a served one's is ``--teacher-tokenizer`` or one found without the
+    server (``sources.served_tokenizer``), else the student's is taken; a logits cache holds its own
+    vocabulary (aligned when it is opened). Several teachers may share one other tokenizer (each example
+    carries its tokens for one), not two: that fails in one line."""
     from distill.teachers.sources import same_tokenizer
 
-    others = {name: tok for name, member in spec.members.items()
-              if (tok := teacher_tokenizer(member, options, student_tokenizer)) is not None}
+    members = dict(spec.members) if spec is not None and spec.kind == "routed" else {spec.name: spec} if spec else {}
+    if options.tokenizer and not any(m.kind == "endpoint" for m in members.values()):
+        raise DistillError(f"--teacher-tokenizer {options.tokenizer}: it names a served teacher's tokenizer "
+                           f"(--teacher-url); a local teacher or a logits cache has its own")
+    others = {name: tok for name, member in members.items()
+              if (tok := _tokenizer(member, options)) is not None and not same_tokenizer(student_tokenizer, tok)}
     names = list(others)
     for name in names[1:]:
         if not same_tokenizer(others[names[0]], others[name]):
             raise DistillError(f"--teacher: teachers '{names[0]}' and '{name}' have two tokenizers, both other than "
                                f"the student's; several teachers may share one other tokenizer, not two (each "
                                f"example carries its tokens for one)")
-    return others[names[0]] if names else None
+    return others
+
+
+def _tokenizer(spec: TeacherSpec, options: Teacher):
+    """A local or served teacher's tokenizer (None: another kind, or a served one's cannot be found)."""
+    from distill.teachers.sources import served_tokenizer, teacher_tokenizer as local_tokenizer
+
+    if spec.kind == "local":
+        return local_tokenizer(spec.name)
+    return served_tokenizer(spec, options.tokenizer) if spec.kind == "endpoint" else None
 
 
 def alignment(teacher) -> dict | None:
@@ -225,7 +224,7 @@ def _routed(spec: TeacherSpec, request: Request, student: Student) -> Built:
     field, default = request.options.route_field, request.options.route_default  # checked by TrainConfig.validate
     by_example = routes(student.examples, student.origins, field, list(spec.members), default)
     by_prompt = prompt_routes(student.examples, by_example, student.origins) if request.on_policy else {}
-    built = {name: build(member, request, _for(member, request, student)) for name, member in spec.members.items()}
+    built = {name: build(member, request, _for(name, member, student)) for name, member in spec.members.items()}
     examples = {name: sum(route == name for route in by_example.values()) for name in spec.members}
     record = {"mode": "routed", "route_field": field, "route_default": default,
               "teachers": {name: {**b.record, "examples": examples[name]} for name, b in built.items()}}
@@ -233,12 +232,12 @@ def _routed(spec: TeacherSpec, request: Request, student: Student) -> Built:
                  "; ".join(f"{name}: {b.placement}" for name, b in built.items()))
 
 
-def _for(member: TeacherSpec, request: Request, student: Student) -> Student:
-    """The student as one routed teacher sees it: with the teachers' other tokenizer only where that
+def _for(name: str, member: TeacherSpec, student: Student) -> Student:
+    """The student as the routed teacher ``name`` sees it: with the teachers' other tokenizer only where that
     teacher has it (one of the student's tokenizer takes the same-tokenizer path)."""
     from dataclasses import replace
 
-    if student.teacher_tokenizer is None or teacher_tokenizer(member, request.options, student.tokenizer) is not None:
+    if student.teacher_tokenizer is None or name in student.cross_teachers:
         return student
     if member.kind == "self":
         student.frozen()  # made once, shared with the anchor

@@ -257,7 +257,8 @@ def teaching(cfg, setup) -> dict:
     request = teachers.Request(cfg.teacher, cfg.endpoint, kd, on_policy=on_policy, device=cfg.parallel.teacher_device)
     student = teachers.Student(cfg.student.name, setup.tokenizer, setup.examples, setup.rows,
                                str(setup.args.device), setup.model.config._attn_implementation, cfg.traces.path,
-                               setup.teacher_tokenizer, model=setup.model, origins=setup.origins)
+                               setup.teacher_tokenizer, setup.cross_teachers, model=setup.model,
+                               origins=setup.origins)
     built = teachers.build(setup.teacher, request, student)
     record = {"kd": {"loss": kd.loss, "beta": kd.beta, "temperature": kd.temperature, "alpha": kd.alpha,
                      "chunk_size": kd.chunk_size, **built.record}}

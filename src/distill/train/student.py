@@ -26,7 +26,8 @@ class TrainSetup:
     stats: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)  # the student preset (``model`` = resolved path)
     examples: list = field(default_factory=list)  # train + eval examples, unpacked (KD checks cached logits per example)
-    teacher_tokenizer: Any = None  # a KD teacher's of another tokenizer (``teachers.kd.teacher_tokenizer``)
+    teacher_tokenizer: Any = None  # a KD teacher's of another tokenizer (``teachers.kd.other_tokenizers``)
+    cross_teachers: frozenset = frozenset()  # the teachers that have it
     teacher: Any = None  # what --teacher names (``teachers.spec.TeacherSpec``), resolved once
     origins: dict | None = None  # where each example came from, where routing, context or the reward read it
     rows: int = 0  # the student's output rows (its vocabulary as the LM head has it)
@@ -197,13 +198,14 @@ def prepare(cfg) -> TrainSetup:
     from distill.distributed import output_rows
     from distill.models import load_tokenizer, model_preset
     from distill.rendering import RenderOptions, describe_stats, load_examples
-    from distill.teachers.kd import teacher_tokenizer
+    from distill.teachers.kd import other_tokenizers
     from distill.teachers.spec import resolve
 
     preset = model_preset("students", cfg.student.name)
     tokenizer = load_tokenizer(preset["model"])
     spec = resolve(cfg.teacher) if cfg.teaches else None
-    teacher_tok = teacher_tokenizer(spec, cfg.teacher, tokenizer) if cfg.teaches else None
+    others = other_tokenizers(spec, cfg.teacher, tokenizer) if cfg.teaches else {}
+    teacher_tok = next(iter(others.values()), None)
     render, sched = cfg.render, cfg.schedule
     if cfg.prompts.path:
         train, evals, stats = prompt_examples(cfg.prompts, cfg.format, tokenizer, teacher_tok)
@@ -230,7 +232,7 @@ def prepare(cfg) -> TrainSetup:
     return TrainSetup(model=model, tokenizer=tokenizer, train_dataset=ExampleDataset(train),
                       eval_dataset=ExampleDataset(evals) if evals else None, collator=collator,
                       args=args, stats=stats, student=preset, examples=examples, teacher_tokenizer=teacher_tok,
-                      teacher=spec, origins=origins, rows=output_rows(model))
+                      cross_teachers=frozenset(others), teacher=spec, origins=origins, rows=output_rows(model))
 
 
 def example_origins(cfg, spec) -> dict | None:
