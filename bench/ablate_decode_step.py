@@ -1,16 +1,16 @@
 """Ablation of the graph sampler's decoding step (issue #37): one variant per process, ms per step.
 
-    python bench/ablate_decode_step.py VARIANT ROWS     # e.g. base 8, fused+math 8, profile+fused 8
+    python bench/ablate_decode_step.py VARIANT ROWS     # e.g. base 8, cd 8, profile 8, base 64
 
-The sampler as committed with this script (``base``), and with its step changed by one or more of
-(joined by +): ``fused`` (q/k/v and gate/up of the copy as one linear each), ``math`` (the one-token
-attention as two matrix products around a softmax instead of SDPA's fused kernel), ``flex`` (flex
-attention's decoding kernel), ``cd`` (inductor's coordinate-descent tuning), ``autotune``
+The sampler as committed (``base``), and with its step changed by one or more of (joined by +):
+``flex`` (flex attention's decoding kernel for the one-token attention), ``cd`` (inductor's coordinate-descent tuning), ``autotune``
 (max-autotune), ``static`` (no dynamic window), ``greedy`` (temperature 0; saves the tokens to
 $OUT to compare variants), ``profile`` (a CUDA kernel table of one call, compiled without graphs).
 Qwen2.5-1.5B-architecture student in fp32 master weights (the sampler's bf16 copy), 8 random prompts
 of 249-256 tokens x ROWS/8 rollouts, 1,024 tokens each, no stop token; one untimed call (compilation),
 then two timed: ms/step = decoding seconds per step, tokens/s of whole calls. TINY=1: a CPU smoke run.
+The merged projections and the attention as two matrix products were variants here (``fused``,
+``math``; bench/RESULTS.md) before the sampler took them: see this file at d2f203d.
 """
 import json, os, sys, time
 from pathlib import Path
@@ -60,49 +60,6 @@ if "flex" in parts:
         return out.transpose(1, 2), None
     S._attention = _flex
 
-if "math" in parts:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    def _math(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        batch, heads, length, dim = query.shape
-        if length != 1:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
-        window = attention_mask.shape[-1]
-        folded = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
-        scores = (folded @ key[:, :, :window].transpose(-1, -2)).float() * scaling + attention_mask
-        out = scores.softmax(-1).to(value.dtype) @ value[:, :, :window]
-        return out.reshape(batch, 1, heads, dim), None
-    S._attention = _math
-
-class Fused(torch.nn.Module):
-    """one linear for several that read the same input; the others take their slices from ``parts``"""
-    def __init__(self, linears):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
-        b = [l.bias for l in linears]
-        self.bias = torch.nn.Parameter(torch.cat(b), requires_grad=False) if b[0] is not None else None
-        self.sizes = [l.weight.shape[0] for l in linears]
-        self.parts = {}
-    def forward(self, x):
-        out = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, -1)
-        for i, o in enumerate(out[1:]):
-            self.parts[i] = o
-        return out[0]
-class Take(torch.nn.Module):
-    def __init__(self, fused, i):
-        super().__init__()
-        self.i = i
-        self.fused = [fused]
-    def forward(self, x):
-        return self.fused[0].parts.pop(self.i)
-
-def fuse(m):
-    for layer in m.model.layers:
-        a, mlp = layer.self_attn, layer.mlp
-        f = Fused([a.q_proj, a.k_proj, a.v_proj])
-        a.q_proj, a.k_proj, a.v_proj = f, Take(f, 0), Take(f, 1)
-        g = Fused([mlp.gate_proj, mlp.up_proj])
-        mlp.gate_proj, mlp.up_proj = g, Take(g, 0)
-
 torch.manual_seed(0)
 student = model(spec, device, torch.float32)
 g = torch.Generator().manual_seed(1)
@@ -113,8 +70,6 @@ temperature = 0.0 if "greedy" in parts else 1.0
 s = S.StaticSampler(new_tokens, S.Sampling(temperature=temperature), [], 0, graphs=os.environ.get("GRAPHS", "eager" if device == "cpu" else "compile"),
                     rows=rows, prompt_tokens=prompt_tokens)
 s.refresh(student)
-if "fused" in parts:
-    fuse(s._shadow)
 t0 = time.perf_counter()
 first = s.sample(batch, 0)
 if device == "cuda":

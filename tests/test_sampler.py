@@ -17,7 +17,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from distill.errors import DistillError
 from distill.rendering import render_prompt
 from distill.train.onpolicy.rollouts import GraphRollouts, HFRollouts, RolloutSettings, rollout_engine
-from distill.train.onpolicy.sampler import Sampling, StaticSampler, cache_bytes, check_memory
+from distill.train.onpolicy.fused import Part, merge_projections
+from distill.train.onpolicy.sampler import Sampling, StaticSampler, cache_bytes, check_memory, refreshed_copy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,6 +166,30 @@ def test_the_next_rollout_reads_the_live_weights(tiny_llama):
     assert second == today.sample(model, prompt, 0)[0].completion and second != first
     assert engine.sampler.model is copy
     assert model.config._attn_implementation == "sdpa" and model.dtype == torch.float32  # the student is untouched
+
+
+@pytest.mark.parametrize("which", ["tiny_qwen2", "tiny_llama"])  # projections with biases and without
+def test_the_copy_merges_projections_and_computes_what_the_student_does(which, request):
+    """In the sampler's copy q/k/v and gate/up are one matrix each (fewer, wider kernels per step) and the
+    model's modules still call them by name: its logits are the student's, before and after the student
+    changes and the copy is refreshed in place."""
+    tok, model = load(request.getfixturevalue(which))
+    copy = refreshed_copy(model, None, torch.float32)
+    assert merge_projections(copy) == 2 * model.config.num_hidden_layers
+    attention = copy.model.layers[0].self_attn
+    merged = dict(attention.named_children())["q_proj+k_proj+v_proj"].weight
+    assert isinstance(attention.k_proj, Part) and merged.shape[0] == sum(
+        getattr(model.model.layers[0].self_attn, name).out_features for name in ("q_proj", "k_proj", "v_proj"))
+    assert sum(p.numel() for p in copy.parameters()) == sum(p.numel() for p in model.parameters())
+    ids = torch.tensor([tok("Once upon a time, in a land far away")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(copy(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        model.model.layers[0].self_attn.v_proj.weight.add_(1.0)
+        model.model.layers[1].mlp.up_proj.weight.mul_(-2.0)
+        address = merged.data_ptr()
+        refreshed_copy(model, copy)
+        assert merged.data_ptr() == address
+        torch.testing.assert_close(copy(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_call_past_the_plan_grows_it_and_a_planned_sampler_is_captured_once(tiny_llama):
