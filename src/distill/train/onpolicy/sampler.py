@@ -143,7 +143,10 @@ def refreshed_copy(model, copy=None, dtype=torch.bfloat16, attn_implementation: 
         live = dict(model.named_parameters()) | dict(model.named_buffers())
         for name, tensor in chain(copy.named_parameters(), copy.named_buffers()):
             parts = [live[part] for part in live_names(name)]  # several where the copy merged them (fused.py)
-            torch.cat(parts, out=tensor) if len(parts) > 1 else tensor.copy_(parts[0])
+            if len(parts) > 1:
+                torch.cat(parts, out=tensor)
+            else:
+                tensor.copy_(parts[0])
     return copy
 
 
@@ -154,7 +157,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     columns as its mask has are read (the step's window); and it runs as two matrix products around a
     softmax, not a fused attention kernel. At a few rows that kernel runs one block per row and head (16
     on an H100's 132 multiprocessors at 8 rows), each reading its keys in turn; the products spread the
-    columns over the GPU: 2.69 -> 2.34 ms per decoding step of a 1.5B student at 8 rows (bench/RESULTS.md)."""
+    columns over the GPU: 2.69 -> 2.34 ms per decoding step of a 1.5B student at 8 rows (bench/RESULTS.md).
+    The scores come out of the product in the copy's dtype and the softmax runs in fp32, as in
+    transformers' eager attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
