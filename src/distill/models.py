@@ -16,6 +16,12 @@ from distill.config import load_yaml
 from distill.errors import DistillError
 from distill.paths import asset_dir
 
+#: the linear layers of a decoder layer that read one input, by parent module, in the order
+#: transformers' Llama/Qwen2-style layers (and Liger's SwiGLU MLP) call them: attention's
+#: projections, then the MLP's gate and up (training sums their input gradients, the on-policy
+#: sampler merges their weights)
+ONE_INPUT_PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
 
 def ensure_hf_dir(gguf_path: str | Path) -> Path:
     """Convert a GGUF checkpoint to a safetensors model directory once; return its path."""

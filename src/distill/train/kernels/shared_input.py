@@ -18,9 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-#: the groups of a decoder layer read in this order by transformers' Llama/Qwen2-style layers (and
-#: Liger's SwiGLU MLP): attention's projections, then the MLP's gate and up projections
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+from distill.models import ONE_INPUT_PROJECTIONS
 
 
 class _LinearsOfOneInput(torch.autograd.Function):
@@ -90,7 +88,7 @@ def share_inputs(model) -> int:
     ``nn.Linear`` modules (not LoRA, not quantized) of one dtype; returns how many groups."""
     shared = 0
     for layer in model.modules():
-        for parent_name, names in GROUPS:
+        for parent_name, names in ONE_INPUT_PROJECTIONS:
             parent = getattr(layer, parent_name, None)
             modules = [getattr(parent, n, None) for n in names] if parent is not None else []
             if (modules and all(type(m) is torch.nn.Linear for m in modules)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.train.kernels.shared_input import GROUPS  # the projections of one input, as training groups them
+from distill.models import ONE_INPUT_PROJECTIONS
 
 
 class MergedLinear(torch.nn.Module):
@@ -51,11 +51,11 @@ class Part(torch.nn.Module):
 
 
 def merge_projections(model) -> int:
-    """Merge, in place, each group of ``shared_input.GROUPS`` that a module of ``model`` has as plain linears
-    of one input size and alike in bias; returns how many groups it merged (0: a model of other names)."""
+    """Merge, in place, each group of ``models.ONE_INPUT_PROJECTIONS`` that a module of ``model`` has as
+    plain linears of one input size and alike in bias; returns how many groups it merged (0: a model of other names)."""
     merged = 0
     for module in list(model.modules()):
-        for _, group in GROUPS:
+        for _, group in ONE_INPUT_PROJECTIONS:
             linears = [getattr(module, name, None) for name in group]
             if not all(type(linear) is torch.nn.Linear for linear in linears) or \
                     len({(linear.in_features, linear.bias is None) for linear in linears}) != 1:
