@@ -221,6 +221,24 @@ def test_torch_compile_runs_the_same_step(tiny_llama):
     assert engine.name == "graph:compile"
 
 
+def test_a_plan_grown_in_the_sampling_thread_is_not_compiled_there(tiny_llama):
+    """--rollout-overlap samples in a thread; a call there that outgrows the plan captures the step again,
+    and dynamo must not trace in that thread (its state is per process, and the update's thread traces):
+    the step runs as it is, with the same tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, model = load(tiny_llama)
+    settings = RolloutSettings(max_tokens=6, temperature=0.8)
+    prompts = [tok("a b c")["input_ids"], tok("x")["input_ids"]]
+    engine = GraphRollouts(tok, settings, stop_ids=[], graphs="compile")
+    engine.sample(model, prompts[:1], seed=0)  # planned and compiled for one prompt, in this thread
+    with ThreadPoolExecutor(1) as thread:
+        grown = thread.submit(engine.sample, model, prompts, 5).result()
+    assert engine.name == "graph:eager"
+    eager = GraphRollouts(tok, settings, stop_ids=[], graphs="eager").sample(model, prompts, seed=5)
+    assert [r.completion for r in grown] == [r.completion for r in eager]
+
+
 def test_a_step_torch_compile_fails_on_runs_captured_as_it_is(tiny_llama, monkeypatch, caplog):
     """Fault injection: torch.compile raising on the step. The sampler says so, runs the step as it is
     (torch.cuda.graph on a GPU, eagerly here), samples the same tokens, and its name says which ran."""

@@ -165,12 +165,8 @@ def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "a
                                f"and it cannot sample from this student: {why_not}" if why_not else
                                "not with --rollout-engine hf (generate draws from the process-wide random "
                                "generator): use --rollout-engine auto or graph"))
-    if overlap:
-        # its steps replay plain CUDA graphs: torch.compile's (dynamo's) state is per process, and a compiled
-        # step called in the sampling thread fails while the update's thread traces ("FX to symbolically
-        # trace a dynamo-optimized function", seen on an H100)
-        graphs = "cuda-graph" if torch.cuda.is_available() else "eager"
-        return GraphRollouts(tokenizer, settings, stop_ids, **{**options, "graphs": graphs})
+    if overlap:  # the sampler's replays run no Python (its step is compiled and captured in the main thread)
+        return GraphRollouts(tokenizer, settings, stop_ids, **options)
     if engine == "graph" and why_not:
         raise DistillError(f"--rollout-engine graph cannot sample from this student: {why_not}; "
                            "use --rollout-engine hf")

@@ -30,14 +30,15 @@ out of the loop, as gpt-fast (``decode_one_token``) and vLLM (``CUDAGraphRunner`
   64 rows the cache a step reads is as large as the weights.
 
 ``graphs`` says how a step runs: ``cuda-graph`` replays a ``torch.cuda.graph`` capture of it,
-``compile`` runs it through ``torch.compile(mode="reduce-overhead")`` (inductor fuses the small
-kernels; cudagraph trees replay them), ``eager`` runs the same code as is (the CPU, the tests);
-``auto`` is ``compile`` on a GPU (bench/bench_on_policy.py measures the three).
+``compile`` replays such a capture of the step as ``torch.compile`` makes it (inductor fuses the small
+kernels), ``eager`` runs the same code as is (the CPU, the tests); ``auto`` is ``compile`` on a GPU
+(bench/bench_on_policy.py measures the three). A replay runs no Python: it may run in a thread.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -369,49 +370,67 @@ class StaticSampler:
     def _capture(self) -> None:
         """``_replay(window)``: one decoding step, as ``mode`` runs it."""
         warm_up = min(WARM_UP_STEPS, self.max_tokens - 1)  # the steps after the one-token prefill stay in the output
-        if self.mode == "cuda-graph" and self._shadow.device.type != "cuda":
+        cuda = self._shadow.device.type == "cuda"
+        if self.mode == "cuda-graph" and not cuda:
             raise DistillError(f"sampler graphs cuda-graph: the student is on {self._shadow.device}, not a GPU")
+        if self.mode == "compile" and threading.current_thread() is not threading.main_thread():
+            # dynamo's state is per process: tracing here while the update's thread traces fails
+            log.info("on-policy sampler: the plan grew in the sampling thread; its step is captured as it is")
+            self.mode = "cuda-graph" if cuda else "eager"
         if self.mode == "eager" or warm_up == 0:
             self._replay = self._step
         elif self.mode == "compile":
             try:
-                self._compile(warm_up)
+                self._compile(warm_up, cuda)
             except Exception as e:  # the same step, captured as it is, still keeps the host out of the loop
-                self.mode = "cuda-graph" if self._shadow.device.type == "cuda" else "eager"
+                self.mode = "cuda-graph" if cuda else "eager"
                 log.warning("on-policy sampler: torch.compile failed on the decoding step (%s: %.300s); running it "
                             "as %s instead", type(e).__name__, e, self.mode)
                 self._capture()
         else:
-            graphs, pool = {}, None
-            for window in self._windows():
-                self._prefill([[self.pad_id]], 1)  # each capture starts where a rollout's first step does
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(warm_up):
-                        self._step(window)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = graphs[window] = torch.cuda.CUDAGraph()
-                graph.register_generator_state(self._generator)
-                # one memory pool for all windows (replays never overlap, as vLLM's graphs of batch sizes);
-                # thread_local: the Trainer's data-loader threads may touch CUDA (pinned memory) meanwhile
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    self._step(window)
-                pool = graph.pool()
-            self._replay = lambda window: graphs[window].replay()
+            self._graphs(self._step, warm_up)
 
-    def _compile(self, warm_up: int) -> None:
-        for t in (self._tokens, self._start, self._width, self._done, self._out, self._stops, self._columns,
-                  self._noise):
-            torch._dynamo.mark_static_address(t)  # cudagraph trees replay steps that mutate these in place
-        # the window changes once per WINDOW steps: after its first change dynamo compiles the step for
-        # any window (automatic dynamic shapes), and cudagraph trees record a graph per window
-        decode = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
-        self._replay = lambda window: (self._draw_noise(), decode(window))
-        for window in self._windows():
+    def _compile(self, warm_up: int, cuda: bool) -> None:
+        """The step through inductor (its fused kernels), captured in the sampler's own CUDA graphs on a
+        GPU: a replay then runs no Python, so it may run in a thread beside a training step that
+        traces (``--rollout-overlap``), which torch.compile's own graphs (cudagraph trees) may not.
+        The window changes once per ``WINDOW`` steps: after its first change dynamo compiles the step for
+        any window (automatic dynamic shapes), captured once per window."""
+        decode = torch.compile(self._decode, fullgraph=True)
+
+        def step(window: int) -> None:
+            self._draw_noise()
+            decode(window)
+
+        if cuda:
+            self._graphs(step, warm_up)
+            return
+        self._replay = step
+        for window in self._windows():  # compiled here, not in the first rollout
             self._prefill([[self.pad_id]], 1)
             for _ in range(warm_up):
-                self._replay(window)
+                step(window)
+
+    def _graphs(self, step, warm_up: int) -> None:
+        """``step`` captured in one CUDA graph per window, after ``warm_up`` runs on a side stream (where a
+        compiled step compiles)."""
+        graphs, pool = {}, None
+        for window in self._windows():
+            self._prefill([[self.pad_id]], 1)  # each capture starts where a rollout's first step does
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warm_up):
+                    step(window)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = graphs[window] = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self._generator)
+            # one memory pool for all windows (replays never overlap, as vLLM's graphs of batch sizes);
+            # thread_local: the Trainer's data-loader threads may touch CUDA (pinned memory) meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                step(window)
+            pool = graph.pool()
+        self._replay = lambda window: graphs[window].replay()
 
 
 def _cache_kwarg(model) -> str:
