@@ -344,17 +344,19 @@ class StaticSampler:
 
     def _pick(self, logits, index) -> None:
         """Draw each row's next token into column ``index`` of the output; done rows write padding."""
-        scores = logits.float()
-        if self.sampling.temperature == 0:
-            token = scores.argmax(-1)
-        else:
-            for warp in self._warpers:
-                scores = warp(None, scores)
-            token = (scores.softmax(-1) / self._noise).argmax(-1)
-        token = torch.where(self._done, self.pad_id, token)
+        token = torch.where(self._done, self.pad_id, self._draw(logits.float()))
         self._out.index_copy_(1, index.view(1), token[:, None])
         self._done |= (token[:, None] == self._stops).any(-1)
         self._tokens.copy_(token)
+
+    def _draw(self, scores):
+        """Each row's token: the largest score (greedy), else a draw from the warped distribution, p / E
+        largest with E ~ Exp(1) independent per column (the exponential race)."""
+        if self.sampling.temperature == 0:
+            return scores.argmax(-1)
+        for warp in self._warpers:
+            scores = warp(None, scores)
+        return (scores.softmax(-1) / self._noise).argmax(-1)
 
     def _draw_noise(self) -> None:
         if self.sampling.temperature != 0:  # Exp(1), kept off 0 so that p / E never divides by it
