@@ -14,7 +14,8 @@ tuning), ``autotune`` (max-autotune), ``static`` (the step compiled for each win
 ``profile`` (compiled without graphs, a table of the CUDA kernels of each timed call; its timings
 are the profiler's, not comparable). The rows, the bound and the table are bench_on_policy's
 (``--only rollouts --engines compile`` unless given otherwise; ``--tiny`` on a CPU). ``pick``, ``splitk``
-and ``decode`` first check, on the GPU, that they compute what they replace (the kernel profile of the
+and ``decode`` first check, on the GPU, that they compute what they replace (with ``micro``, they are
+timed against it, kernels alone, and no rows run) (the kernel profile of the
 night session, bench/RESULTS.md, named these three as what stands between the step and 2x the bound).
 
 The merged projections and the attention as two matrix products were variants here (``fused``,
@@ -36,7 +37,7 @@ import bench_on_policy  # noqa: E402
 from distill.train.onpolicy import sampler  # noqa: E402
 
 BASE_ATTENTION, LINEAR, DECODE = sampler._attention, torch.nn.functional.linear, None
-VARIANTS = ("base", "pick", "splitk", "decode", "flex", "cd", "autotune", "static", "profile")
+VARIANTS = ("base", "pick", "splitk", "decode", "micro", "flex", "cd", "autotune", "static", "profile")
 
 
 def compile_with(**settings) -> None:
@@ -167,17 +168,58 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out[:, None], None
 
 
+def gpu_us(fn, calls: int = 100) -> float:
+    """Microseconds of GPU time a call of ``fn`` takes: ``calls`` calls captured in one CUDA graph (no
+    launch costs, as in the sampler), the best of five replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    best = float("inf")
+    for _ in range(5):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, 1e3 * begin.elapsed_time(end) / calls)
+    return best
+
+
 def check(parts: set[str]) -> None:
-    """On a GPU: each of ``pick``, ``splitk``, ``decode`` against what it replaces, at the bench's shapes."""
+    """On a GPU: each of ``pick``, ``splitk``, ``decode`` against what it replaces, at the bench's shapes
+    (8 rows of the 1.5B student); with ``micro``, each also timed against it, both compiled, in CUDA graphs."""
     if not torch.cuda.is_available():
         return
     torch.manual_seed(0)
     new = dict(device="cuda", dtype=torch.bfloat16)
-    if "pick" in parts:
-        logits = torch.randn(8, 151936, device="cuda").round(decimals=1)  # ties
-        same = bool((spread_argmax(logits) == logits.argmax(-1)).all())
-        print(f"check pick: spread argmax equals argmax (with ties): {same}")
-        assert same
+
+    def race(name: str, old, new_, *args) -> None:
+        if "micro" in parts:
+            old, new_ = torch.compile(old), torch.compile(new_)
+            old_us, new_us = gpu_us(lambda: old(*args)), gpu_us(lambda: new_(*args))
+            print(f"micro {name}: {old_us:.1f} -> {new_us:.1f} us a call")
+
+    if "decode" in parts:
+        query, key, value = (torch.randn(8, heads, length, 128, **new)
+                             for heads, length in ((12, 1), (2, 1280), (2, 1280)))
+        for window in (256, 768, 1280):
+            allowed = torch.arange(window, device="cuda") >= torch.tensor([0, 3, 64, 65, 100, 130, 200, 255],
+                                                                           device="cuda")[:, None]
+            mask = torch.zeros(8, 1, 1, window, **new).masked_fill_(~allowed[:, None, None], float("-inf"))
+            want = BASE_ATTENTION(None, query, key, value, mask, scaling=128 ** -0.5)[0]
+            got = decode_attention(None, query, key, value, mask, scaling=128 ** -0.5)[0]
+            error = (got.float() - want.float()).abs().max().item()
+            print(f"check decode window {window}: max |error| against the sampler's attention {error:.4f}")
+            assert error < 0.05
+            race(f"attention window {window}", lambda *a: BASE_ATTENTION(None, *a, scaling=128 ** -0.5)[0],
+                 lambda *a: decode_attention(None, *a, scaling=128 ** -0.5)[0], query, key, value, mask)
     if "splitk" in parts:
         split = split_input_linear(LINEAR)
         for outputs, inputs in ((2048, 1536), (1536, 1536), (1536, 8960)):
@@ -187,18 +229,15 @@ def check(parts: set[str]) -> None:
             for name, got in (("F.linear", LINEAR(x, weight, bias)), ("split", split(x, weight, bias))):
                 error = (got.float() - want).abs().max()
                 print(f"check splitk {outputs}x{inputs} {name}: max |error| against fp32 {error:.4f}")
-    if "decode" in parts:
-        query, key, value = (torch.randn(8, heads, length, 128, **new)
-                             for heads, length in ((12, 1), (2, 1280), (2, 1280)))
-        for window in (256, 700, 1280):
-            allowed = torch.arange(window, device="cuda") >= torch.tensor([0, 3, 64, 65, 100, 130, 200, 255],
-                                                                           device="cuda")[:, None]
-            mask = torch.zeros(8, 1, 1, window, **new).masked_fill_(~allowed[:, None, None], float("-inf"))
-            want = BASE_ATTENTION(None, query, key, value, mask, scaling=128 ** -0.5)[0]
-            got = decode_attention(None, query, key, value, mask, scaling=128 ** -0.5)[0]
-            error = (got.float() - want.float()).abs().max().item()
-            print(f"check decode window {window}: max |error| vs the sampler's attention {error:.4f}")
-            assert error < 0.05
+            race(f"linear {outputs}x{inputs}", LINEAR, split, x, weight, bias)
+    if "pick" in parts:
+        logits = torch.randn(8, 151936, device="cuda").round(decimals=1)  # ties
+        same = bool((spread_argmax(logits) == logits.argmax(-1)).all())
+        print(f"check pick: spread argmax equals argmax (with ties): {same}")
+        assert same
+        noise = torch.empty_like(logits).exponential_()
+        race("pick", lambda s, e: (s.softmax(-1) / e).argmax(-1), lambda s, e: spread_argmax(s - e.log()),
+             logits, noise)
 
 
 def profiled(sample):
@@ -251,6 +290,8 @@ def main() -> None:
         DECODE = decode_kernel() if torch.cuda.is_available() else None
         sampler._attention = decode_attention
     check(parts)
+    if "micro" in parts:
+        return
     defaults = ["--only", "rollouts"] + ([] if "--tiny" in options else ["--engines", "compile"])
     sys.argv = [sys.argv[0], *defaults, *options]
     print(f"variant: {variant}")
