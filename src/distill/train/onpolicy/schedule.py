@@ -47,7 +47,9 @@ class OnPolicy:
         overlap = Overlap(rollouts.overlap_clip, settings.sampling()) if rollouts.rollout_overlap else None
         print(f"train: on-policy rollouts sampled by {engine.name}" + (
             f", overlapped with the update (--rollout-overlap: one step off-policy, truncated importance weights "
-            f"capped at {overlap.clip:g})" if overlap else ""), flush=True)
+            f"capped at {overlap.clip:g})" if overlap else "") + (
+            "; torch.compile compiles its decoding step in the first rollout (a minute or two on a GPU, again "
+            "when a batch outgrows the planned cache)" if engine.name == "graph:compile" else ""), flush=True)
         written = [target_tokens(ex) for ex in examples if n_targets(ex)]  # the teacher's text (traces)
         watch = CollapseWatch(rollouts.collapse_threshold, rollouts.stop_on_collapse,
                               teacher_text=pooled(written) if written else None)
