@@ -8,15 +8,15 @@ Gumbel-max, argmax of score - log E, spread over the vocabulary in two stages: n
 block a row), ``splitk`` (the small-output projections, q/k/v, o and down, as a batched product over
 slices of their input, summed: more blocks reading each matrix), ``decode`` (a Triton split-KV decoding
 kernel for the one-token attention, grouped query heads, the window's columns in 64-column blocks over
-the GPU), ``flex`` (flex
-attention's decoding kernel for the one-token attention), ``cd`` (inductor's coordinate-descent
-tuning), ``autotune`` (max-autotune), ``static`` (the step compiled for each window, not for any),
-``profile`` (compiled without graphs, a table of the CUDA kernels of each timed call; its timings
-are the profiler's, not comparable). The rows, the bound and the table are bench_on_policy's
-(``--only rollouts --engines compile`` unless given otherwise; ``--tiny`` on a CPU). ``pick``, ``splitk``
-and ``decode`` first check, on the GPU, that they compute what they replace (with ``micro``, they are
-timed against it, kernels alone, and no rows run) (the kernel profile of the
-night session, bench/RESULTS.md, named these three as what stands between the step and 2x the bound).
+the GPU), ``flex`` (flex attention's decoding kernel for the one-token attention), ``cd`` (inductor's
+coordinate-descent tuning), ``autotune`` (max-autotune), ``static`` (the step compiled for each window,
+not for any), ``profile`` (compiled without graphs, a table of the CUDA kernels of each timed call; its
+timings are the profiler's, not comparable). The rows, the bound and the table are bench_on_policy's
+(``--only rollouts --engines compile`` unless given otherwise; ``--tiny`` on a CPU).
+
+``pick``, ``splitk`` and ``decode`` are what the night session's kernel profile (bench/RESULTS.md) named
+as standing between the step and 2x the bound. Each first checks, on the GPU, that it computes what it
+replaces; with ``micro`` each is also timed against it, kernels alone, and no rows run.
 
 The merged projections and the attention as two matrix products were variants here (``fused``,
 ``math``; bench/RESULTS.md "Fewer, wider kernels per step") before the sampler took them: see this
@@ -50,11 +50,9 @@ def flex_attention(module, query, key, value, attention_mask, scaling=None, drop
     """``sampler._attention`` with flex attention (its decoding kernel, query heads grouped) for a one-token
     step, the additive mask as its score modification."""
     from torch.nn.attention.flex_attention import flex_attention as flex
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return BASE_ATTENTION(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     window, mask = attention_mask.shape[-1], attention_mask[:, 0, 0]
     out = flex(query, key[:, :, :window], value[:, :, :window], score_mod=lambda score, b, h, q, kv: score + mask[b, kv],
                enable_gqa=True, scale=scaling)

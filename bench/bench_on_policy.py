@@ -172,7 +172,6 @@ def rollout_row(engine: str, per_prompt: int, student, tok, prompts: list[list[i
         sync(ARGS.device)
         row["first_s"] = time.perf_counter() - started
         row["name"] = sampler.name
-        sync(ARGS.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for repeat in range(ARGS.repeats):

@@ -165,12 +165,10 @@ def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "a
                                f"and it cannot sample from this student: {why_not}" if why_not else
                                "not with --rollout-engine hf (generate draws from the process-wide random "
                                "generator): use --rollout-engine auto or graph"))
-    if overlap:  # the sampler's replays run no Python (its step is compiled and captured in the main thread)
-        return GraphRollouts(tokenizer, settings, stop_ids, **options)
     if engine == "graph" and why_not:
         raise DistillError(f"--rollout-engine graph cannot sample from this student: {why_not}; "
                            "use --rollout-engine hf")
-    if engine == "graph" or (engine == "auto" and torch.cuda.is_available() and not why_not):
+    if engine == "graph" or overlap or (engine == "auto" and torch.cuda.is_available() and not why_not):
         return GraphRollouts(tokenizer, settings, stop_ids, **options)
     cache = settings.cache
     if cache == "auto":
