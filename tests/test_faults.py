@@ -13,6 +13,7 @@ regression tests of their own.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -403,6 +404,33 @@ def test_a_signal_stops_generate_with_its_work_saved_and_its_record_saying_so(tm
     record = json.loads(Path(f"{out}.run.json").read_text())
     assert record["status"] == "interrupted" and record["summary"]["done"] == data.count(b"\n")
     assert not Path(f"{out}.lock").exists()
+
+
+def test_sigterm_inside_an_event_loop_cancels_its_task_as_ctrl_c_does():
+    """generate's API teacher runs in ``asyncio.run``: SIGTERM there cancels the task at its next await,
+    as Ctrl-C does, and the loop raises KeyboardInterrupt after it unwound. An exception raised at the
+    line the signal lands on tore the HTTP client's cancel scopes now and then (CI: "internal error:
+    Attempted to exit a cancel scope" instead of the saved stop)."""
+    from distill.cli import _interrupt
+
+    seen = []
+
+    async def work():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before the next line
+            seen.append("went on to the next await")
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(work())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["went on to the next await", "cancelled"]
 
 
 # ---------------------------------------------------------------- the issue's data-loss cases, one by one

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     received = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: (received.append(signum), _interrupt()))
+    signal.signal(signal.SIGTERM, lambda signum, frame: (received.append(signum), _interrupt(signum, frame)))
     console.quiet(args.verbose)
     try:
         if args.command == "run":
@@ -220,10 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _interrupt():
+def _interrupt(signum, frame):
     """SIGTERM (a scheduler's stop, ``kill``) ends a command as Ctrl-C does: its finally blocks close
-    the outputs and write the run record's status. train saves a checkpoint first (its own handler)."""
-    raise KeyboardInterrupt
+    the outputs and write the run record's status. train saves a checkpoint first (its own handler).
+    It goes through SIGINT's handler of the moment: inside ``asyncio.run`` that one cancels the main
+    task and the loop raises KeyboardInterrupt once the task has unwound, where an exception raised
+    at whatever line the signal lands on could tear the HTTP client's cancel scopes (an internal error
+    instead of the saved stop)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored (a background job): SIGTERM still stops
+        raise KeyboardInterrupt
+    handler(signum, frame)
 
 
 def _fail(args, message: str, error: BaseException | None = None) -> int:
