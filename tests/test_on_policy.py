@@ -54,7 +54,7 @@ def student(tmp_path_factory, smollm2_dir):
 
 def on_policy_args(student, traces, teacher, out, *extra) -> list[str]:
     return ["train", "--method", "kd", "--student", str(student), "--traces", traces, "--teacher", str(teacher),
-            "--out", str(out), "--on-policy", "1", "--rollout-max-tokens", "12", "--batch-size", "3",
+            "--out", str(out), "--on-policy", "1", "--max-tokens", "12", "--batch-size", "3",
             "--lr", "3e-3", "--warmup-ratio", "0", "--eval-fraction", "0", "--no-gradient-checkpointing",
             "--rollout-log-steps", "5", *QUIET, *extra]
 

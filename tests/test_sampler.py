@@ -281,7 +281,7 @@ def test_the_engine_falls_back_where_the_sampler_cannot_run(tiny_llama):
                                            sliding_window=8, max_window_layers=1))
     with pytest.raises(DistillError, match="sliding_attention layers"):
         rollout_engine(tok, settings, sliding, engine="graph")
-    with pytest.raises(DistillError, match="--rollout-top-p"):
+    with pytest.raises(DistillError, match=r"--top-p in \(0, 1\]"):
         rollout_engine(tok, RolloutSettings(top_p=0.0), model)
     with pytest.raises(DistillError, match="--rollout-engine: one of auto, graph, hf"):
         rollout_engine(tok, settings, model, engine="vllm")
@@ -303,7 +303,7 @@ def test_the_memory_plan_is_the_caches_size_and_refuses_what_does_not_fit(tiny_q
                             num_key_value_heads=2, vocab_size=151936)
     check_memory(qwen_1_5b, 64, 1280, torch.bfloat16, 151936, free=40 * 2**30, fraction=0.5)  # 2.3 GiB: fits
     with pytest.raises(DistillError, match=r"64 sequences x 1280 tokens needs 2\.3 GiB, over 50% of the 4\.0 GiB "
-                                           r"free on the GPU; lower --rollouts-per-prompt"):
+                                           r"free on the GPU; lower --n, the batch size or --max-tokens"):
         check_memory(qwen_1_5b, 64, 1280, torch.bfloat16, 151936, free=4 * 2**30, fraction=0.5)
 
 

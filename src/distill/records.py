@@ -33,7 +33,7 @@ class TeacherInfo(TypedDict, total=False):
     name: str             # preset name (or model id / dataset id)
     kind: str             # "api" | "local" | "import"
     model: str            # model name on the server, or model path
-    endpoint: str | None  # API base URL that wrote it (one of --base-url; api teachers)
+    endpoint: str | None  # API base URL that wrote it (one of --teacher-url; api teachers)
     path: str | None      # local model path (local teachers)
     sampling: dict        # temperature, top_p, max_tokens, seed, ... as sent
 

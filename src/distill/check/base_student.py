@@ -54,7 +54,7 @@ def check_base_student(tokenizer, *, student: str, stop_ids: list[int] | None, o
             teacher_eot = end_of_turn_id(teacher_tokenizer)
             teacher = f" (the teacher ends its turns with {token_name(teacher_tokenizer, teacher_eot)})"
         return [warning(CHECK, f"Base-style student '{student}': {why}{teacher}. Sent on-policy with no SFT step "
-                               f"first, its rollouts will not end their turn and run to --rollout-max-tokens: the "
+                               f"first, its rollouts will not end their turn and run to --max-tokens: the "
                                f"runaway-length failure (ms-swift #9526)",
                         "train it on the teacher's traces first (SFT or off-policy KD) and start on-policy from that "
                         "checkpoint, as Thinking Machines and Qwen3 do (configs/opd-qwen2.5-7b-to-1.5b.yaml)")]

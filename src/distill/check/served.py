@@ -31,7 +31,7 @@ SAME = 1e-3
 
 def check_served(base_url: str, model: str, tokenizer, *, student: str, vocab_size: int, top_k: int = 20,
                  kd_temperature: float = 1.0, timeout: float = 30.0) -> list[Verdict]:
-    """One served teacher endpoint, checked as ``distill logits --base-url`` / ``train --teacher-url`` will use it."""
+    """One served teacher endpoint, checked as ``distill logits`` / ``train --teacher-url`` will use it."""
     return asyncio.run(_check(base_url.rstrip("/"), model, tokenizer, student, vocab_size, top_k, kd_temperature,
                               timeout))
 

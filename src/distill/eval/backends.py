@@ -143,7 +143,8 @@ def build_vllm(model: str, batch_size: int, seed: int):
         import vllm  # noqa: F401
         from lm_eval.models.vllm_causallms import VLLM
     except ImportError:
-        raise DistillError("backend 'vllm' needs vLLM: pip install vllm (or serve the model and use --base-url)") from None
+        raise DistillError("backend 'vllm' needs vLLM: pip install vllm (or serve the model and use "
+                           "--model-url)") from None
     from distill.models import load_tokenizer
 
     class DistillVLLM(_ClampedBudget, VLLM):

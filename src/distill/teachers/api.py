@@ -2,7 +2,7 @@
 
 Requests go through the official async ``openai`` client with its own retries off: 408/429/5xx,
 timeouts and dropped connections are retried by ``teachers.endpoints`` (exponential backoff with
-jitter, ``Retry-After`` honoured, another endpoint first where ``--base-url`` names several). Any
+jitter, ``Retry-After`` honoured, another endpoint first where ``--teacher-url`` names several). Any
 other 4xx (bad key, unknown model, bad parameter) will fail the same way for every request, so
 it stops the run at once.
 """

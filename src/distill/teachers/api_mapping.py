@@ -4,7 +4,7 @@
 answer, as the server tokenised them), the sampled token and its K most likely alternatives with
 their log-probs, as strings (plus the raw bytes where the server gave bytes that differ from the
 string). :func:`trace_rows` turns them into the rows ``distill logits`` stores for a local teacher
-(``store``), so ``distill train --method kd --teacher-logits`` has one path whatever the teacher
+(``store``), so ``distill train --method kd --teacher CACHE`` has one path whatever the teacher
 was. It works only when the teacher's tokens are the student's:
 
 1. Vocabulary. Every sampled token and every alternative must be exactly one token of the
@@ -26,7 +26,7 @@ was. It works only when the teacher's tokens are the student's:
    most ``--top-k``; the sampled token too if it is not among them and a slot is free) and log
    tail = log(1 - sum of their probabilities). A labelled token the API did not produce (the
    think wrapper, the end-of-turn token, a seam) gets a one-hot teacher: log-prob 0 for the token
-   itself. One-hot rather than masked, because KD at ``--alpha 1`` has no cross-entropy: masked,
+   itself. One-hot rather than masked, because KD at ``--kd-weight 1`` has no cross-entropy: masked,
    the student would never be taught to close its reasoning or end its turn; and the teacher did
    produce these tokens (it stopped; it wrote the tags), so one-hot is close to its distribution
    there. Rows are padded to k with other token ids at log-prob -20 (p ~ 2e-9), and an empty tail

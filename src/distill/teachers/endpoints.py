@@ -1,6 +1,6 @@
 """Several endpoints serving one model: which one gets a request, retries, and what each did.
 
-``--base-url`` may name several OpenAI-compatible endpoints (replicas of ``vllm serve``, or
+``--teacher-url`` (``--model-url`` in eval) may name several OpenAI-compatible endpoints (replicas of ``vllm serve``, or
 providers serving the same model). Each attempt goes to the open endpoint with the fewest
 requests in flight (ties: the one asked least), so a slow replica gets less work without any
 tuning. An attempt that fails in a retryable way (408/429/5xx, timeout, dropped connection, a
@@ -80,7 +80,7 @@ def backoff_seconds(attempt: int, base: float, retry_after: float | None = None)
 
 
 def endpoint_urls(value, source: str) -> list[str]:
-    """``--base-url`` / a preset's ``base_url``: one URL, comma-separated URLs, or a YAML list."""
+    """``--teacher-url`` / ``--model-url`` / a preset's ``base_url``: one URL, comma-separated URLs, or a YAML list."""
     if isinstance(value, str):
         value = value.split(",")
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):

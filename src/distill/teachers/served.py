@@ -5,7 +5,7 @@ by the teacher we want; an inference server answers "what are your log-probs for
 for any tokens. :class:`ServedClient` asks it, for token ids in the student's tokenizer, for each
 position's top-k log-probs and the log-prob of the actual next token (:class:`ScoredRows`).
 :class:`ServedTeacher` puts that behind ``teachers.Teacher`` for training on the student's own
-rollouts, and ``distill logits --base-url`` writes the offline cache from it. A teacher of another
+rollouts, and ``distill logits --teacher-url`` writes the offline cache from it. A teacher of another
 tokenizer (:class:`AlignedServedTeacher`) is asked about its own tokens for the same text (for a
 rollout: its tokenization of the student's sampled text), with the teacher's tokenizer in place of
 the student's, and its rows are projected onto the student's positions (``teachers.align``).
@@ -287,7 +287,7 @@ class ServedClient:
             await self.http.get(f"{self.base_url}/models", timeout=min(self.timeout, 15.0))
         except httpx.TransportError as e:
             raise DistillError(f"{self.base_url}: cannot reach the teacher server ({type(e).__name__}: {e}); start "
-                               f"it (README: 'KD with a served teacher') or check --base-url") from None
+                               f"it (README: 'KD with a served teacher') or check --teacher-url") from None
         text = self._probe_text()
         ours = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         found = await self._tokenize(text, retries=CHECK_RETRIES)

@@ -156,8 +156,7 @@ def rollout_engine(tokenizer, settings: RolloutSettings, model, engine: str = "a
         raise DistillError(f"--rollout-engine: one of {', '.join(ENGINES)}; got {engine!r}")
     if settings.max_tokens < 1 or settings.per_prompt < 1 or settings.temperature < 0 or settings.top_k < 0 \
             or not 0 < settings.top_p <= 1:
-        raise DistillError("--rollout-max-tokens and --rollouts-per-prompt must be >= 1, --rollout-temperature >= 0, "
-                           "--rollout-top-k >= 0 and --rollout-top-p in (0, 1]")
+        raise DistillError("--max-tokens and --n must be >= 1, --temperature >= 0, --top-k >= 0 and --top-p in (0, 1]")
     why_not = f"the student is sharded ({sharded})" if sharded else unsupported(model)
     if overlap and (engine == "hf" or why_not):
         raise DistillError("--rollout-overlap samples with the graph sampler (a copy of the student and a random "

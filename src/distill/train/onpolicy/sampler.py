@@ -119,7 +119,7 @@ def check_memory(config, rows: int, length: int, dtype, vocab: int, free: int, f
     if need > fraction * free:
         raise DistillError(f"on-policy rollouts: the KV cache for {rows} sequences x {length} tokens needs "
                            f"{need / 2**30:.1f} GiB, over {fraction:.0%} of the {free / 2**30:.1f} GiB free on the "
-                           "GPU; lower --rollouts-per-prompt, the batch size or --rollout-max-tokens")
+                           "GPU; lower --n, the batch size or --max-tokens")
 
 
 def refreshed_copy(model, copy=None, dtype=torch.bfloat16, attn_implementation: str | None = None):
