@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 #: the name the step's attention is registered under with transformers' ``AttentionInterface``
 ATTENTION = "distill_decode"
 GRAPHS = ("auto", "cuda-graph", "compile", "eager")
-#: steps run before replays: cudagraph trees warm up, then record; torch.cuda.graph warms up on a side stream
+#: steps run before a window's capture (on a side stream, as torch.cuda.graph asks; a compiled step compiles there)
 WARM_UP_STEPS = 3
 #: a step attends over the cache in windows of this many columns (one graph each), not all of it
 WINDOW = 256
